@@ -1,0 +1,18 @@
+# Settings for slimgrad's own programs (tests, tools, benchmarks, examples): never exported.
+
+add_library(slimgrad_dev INTERFACE)
+target_link_libraries(slimgrad_dev INTERFACE slimgrad::slimgrad)
+target_compile_options(slimgrad_dev INTERFACE -Wall -Wextra -Wpedantic -Wshadow -Wconversion
+                                              $<$<BOOL:${SLIMGRAD_WERROR}>:-Werror>)
+if(SLIMGRAD_NATIVE)
+  target_compile_options(slimgrad_dev INTERFACE -march=native)
+endif()
+if(SLIMGRAD_SANITIZE)
+  target_compile_options(slimgrad_dev INTERFACE -fsanitize=address,undefined
+                                                -fno-sanitize-recover=undefined
+                                                -fno-omit-frame-pointer)
+  target_link_options(slimgrad_dev INTERFACE -fsanitize=address,undefined)
+endif()
+if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
+  set(CMAKE_BUILD_TYPE Release CACHE STRING "Build type" FORCE)
+endif()

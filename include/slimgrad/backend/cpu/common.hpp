@@ -1,0 +1,58 @@
+// slimgrad/backend/cpu/common.hpp — what every CPU loop needs: Eigen maps of views and the
+// row-parallel loop.
+#pragma once
+
+#include <Eigen/Core>
+
+#include "../../core/error.hpp"
+#include "../../core/view.hpp"
+
+namespace slimgrad::cpu {
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MapMatrix = Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+using ConstMapMatrix = Eigen::Map<const RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// An Eigen map of a host view (no copy).
+inline MapMatrix as_eigen(HostView<float> v) {
+  return MapMatrix(v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld));
+}
+inline ConstMapMatrix as_eigen(HostView<const float> v) {
+  return ConstMapMatrix(v.data, v.rows, v.cols, Eigen::OuterStride<>(v.ld));
+}
+/// A host view of an Eigen row-major matrix (no copy).
+inline HostView<float> as_view(RowMatrix& m) {
+  return HostView<float>(m.data(), m.rows(), m.cols(), m.cols());
+}
+inline HostView<const float> as_view(const RowMatrix& m) {
+  return HostView<const float>(m.data(), m.rows(), m.cols(), m.cols());
+}
+
+/// Throws unless `v` has exactly `expected` shape; `what` names the argument.
+template <class T>
+void require_shape(const HostView<T>& v, Shape expected, const char* what) {
+  require(v.rows == expected.rows && v.cols == expected.cols,
+          std::string(what) + " has shape " + std::to_string(v.rows) + "x" +
+              std::to_string(v.cols) + ", expected " + std::to_string(expected.rows) + "x" +
+              std::to_string(expected.cols));
+  require(v.ld >= v.cols, std::string(what) + " has a leading dimension smaller than its width");
+  require(v.data != nullptr || v.empty(), std::string(what) + " is null");
+}
+
+/// Runs body(i) for i in [0, n), split over OpenMP threads when there is enough work.
+template <class Body>
+void parallel_for(index_t n, index_t work_per_item, Body&& body) {
+#if defined(_OPENMP)
+  const bool worth_it = n > 1 && n * work_per_item >= (index_t{1} << 15);
+#pragma omp parallel for schedule(static) if (worth_it)
+  for (index_t i = 0; i < n; ++i)
+    body(i);
+#else
+  (void)work_per_item;
+  for (index_t i = 0; i < n; ++i)
+    body(i);
+#endif
+}
+
+}  // namespace slimgrad::cpu

@@ -1,0 +1,15 @@
+// slimgrad/cuda.cuh — umbrella for CUDA translation units: core, the host/device math of every
+// policy and (later) the CUDA backend. Eigen never enters here (design.md §3).
+#pragma once
+
+#if !defined(__CUDACC__)
+#error \
+    "slimgrad/cuda.cuh is for CUDA translation units compiled by nvcc; C++ translation units include <slimgrad/slimgrad.hpp>, or call the CUDA backend through host declarations and one .cu file that instantiates it."
+#endif
+
+#include "core/backend.hpp"
+#include "core/concepts.hpp"
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/orientation.hpp"
+#include "core/view.hpp"

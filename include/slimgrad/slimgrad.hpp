@@ -1,0 +1,12 @@
+// slimgrad/slimgrad.hpp — umbrella for C++ translation units: core, policies and the CPU
+// backend. CUDA translation units include <slimgrad/cuda.cuh> instead (no Eigen there).
+#pragma once
+
+#include "core/backend.hpp"
+#include "core/concepts.hpp"
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/orientation.hpp"
+#include "core/view.hpp"
+
+#include "backend/cpu/identity.hpp"
