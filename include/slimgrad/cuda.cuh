@@ -12,4 +12,5 @@
 #include "core/config.hpp"
 #include "core/error.hpp"
 #include "core/orientation.hpp"
+#include "core/philox.hpp"
 #include "core/view.hpp"

@@ -9,4 +9,6 @@
 #include "core/orientation.hpp"
 #include "core/view.hpp"
 
+#include "core/philox.hpp"
+
 #include "backend/cpu/identity.hpp"
