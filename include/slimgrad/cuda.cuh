@@ -13,4 +13,5 @@
 #include "core/error.hpp"
 #include "core/orientation.hpp"
 #include "core/philox.hpp"
+#include "transforms/random_projection.hpp"
 #include "core/view.hpp"

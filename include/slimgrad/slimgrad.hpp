@@ -12,3 +12,4 @@
 #include "core/philox.hpp"
 
 #include "backend/cpu/identity.hpp"
+#include "backend/cpu/random_projection.hpp"
