@@ -12,4 +12,6 @@
 #include "core/philox.hpp"
 
 #include "backend/cpu/identity.hpp"
+#include "transforms/dwt.hpp"
+#include "backend/cpu/dwt.hpp"
 #include "backend/cpu/random_projection.hpp"
