@@ -15,3 +15,6 @@
 #include "core/philox.hpp"
 #include "transforms/random_projection.hpp"
 #include "core/view.hpp"
+#include "core/numeric.hpp"
+#include "state/stores.hpp"
+#include "state/q8_math.hpp"

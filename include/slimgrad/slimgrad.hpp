@@ -15,3 +15,7 @@
 #include "transforms/dwt.hpp"
 #include "backend/cpu/dwt.hpp"
 #include "backend/cpu/random_projection.hpp"
+#include "core/numeric.hpp"
+#include "state/stores.hpp"
+#include "state/q8_math.hpp"
+#include "backend/cpu/stores.hpp"
