@@ -3,6 +3,9 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <string>
 
 #include "../../core/error.hpp"
 #include "../../core/view.hpp"
@@ -53,6 +56,65 @@ void parallel_for(index_t n, index_t work_per_item, Body&& body) {
   for (index_t i = 0; i < n; ++i)
     body(i);
 #endif
+}
+
+/// True when every element of `v` is finite.
+inline bool all_finite(HostView<const float> v) {
+  bool ok = true;
+#if defined(_OPENMP)
+#pragma omp parallel for reduction(&& : ok) schedule(static) if (v.size() > (1 << 16))
+#endif
+  for (index_t i = 0; i < v.rows; ++i) {
+    const float* r = v.row(i);
+    bool row_ok = true;
+    for (index_t j = 0; j < v.cols; ++j)
+      row_ok = row_ok && std::isfinite(r[j]);
+    ok = ok && row_ok;
+  }
+  return ok;
+}
+
+/// Frobenius norm, accumulated in double.
+inline double frobenius(HostView<const float> v) {
+  double sum = 0.0;
+#if defined(_OPENMP)
+#pragma omp parallel for reduction(+ : sum) schedule(static) if (v.size() > (1 << 16))
+#endif
+  for (index_t i = 0; i < v.rows; ++i) {
+    const float* r = v.row(i);
+    double s = 0.0;
+    for (index_t j = 0; j < v.cols; ++j)
+      s += static_cast<double>(r[j]) * r[j];
+    sum += s;
+  }
+  return std::sqrt(sum);
+}
+
+/// v ← v·f.
+inline void scale(HostView<float> v, float f) {
+  parallel_for(v.rows, v.cols, [&](index_t i) {
+    float* r = v.row(i);
+    for (index_t j = 0; j < v.cols; ++j)
+      r[j] *= f;
+  });
+}
+
+/// v ← v / d (PyTorch's `tensor / limiter`).
+inline void divide(HostView<float> v, float d) {
+  parallel_for(v.rows, v.cols, [&](index_t i) {
+    float* r = v.row(i);
+    for (index_t j = 0; j < v.cols; ++j)
+      r[j] = r[j] / d;
+  });
+}
+
+/// Zeroes every coefficient outside the leading `tracked` block of `all`.
+inline void zero_outside(HostView<float> all, Shape tracked) {
+  parallel_for(all.rows, all.cols, [&](index_t i) {
+    float* r = all.row(i);
+    const index_t keep = i < tracked.rows ? tracked.cols : 0;
+    std::fill(r + keep, r + all.cols, 0.0f);
+  });
 }
 
 }  // namespace slimgrad::cpu

@@ -1,0 +1,142 @@
+// slimgrad/backend/cpu/adam.hpp — the Adam rule on the CPU backend, for any elementwise store.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../../core/philox.hpp"
+#include "../../optim/adam.hpp"
+#include "../../state/stores.hpp"
+#include "common.hpp"
+#include "elementwise.hpp"
+
+namespace slimgrad {
+
+template <>
+struct impl<optim::Adam, backend::cpu> {
+  using Rule = optim::Adam;
+  Rule::Options options;
+
+  impl() = default;
+  explicit impl(const Rule::Options& o) : options(o) { Rule::validate(o); }
+
+  /// The moments of one tensor, in the store's format.
+  template <class Store>
+  struct State {
+    typename Store::Buffer m, v;
+  };
+
+  template <class Store>
+  State<Store> make(const Store& store, Shape tracked) const {
+    return {store.make(tracked.size(), state::Moment::first),
+            store.make(tracked.size(), state::Moment::second)};
+  }
+  template <class Store>
+  std::size_t bytes(const Store& store, const State<Store>& s) const {
+    return store.bytes(s.m) + store.bytes(s.v);
+  }
+
+  /// The bytes make() would hold for `tracked` coefficients, without allocating.
+  template <class Store>
+  static std::size_t bytes_for(const typename Store::Options& o, Shape tracked) {
+    return Store::bytes_for(tracked.size(), state::Moment::first, o) +
+           Store::bytes_for(tracked.size(), state::Moment::second, o);
+  }
+
+  /// In place: `c` holds the tracked coefficients X on entry and N = M/D on exit; `denom`
+  /// (same shape, or empty) receives D. Returns how the weight takes the step. `key` names the
+  /// random words of stochastic rounding (epoch = step). Adam does not read the weights.
+  template <class Store>
+  optim::RuleOutput update(const Store& store, State<Store>& st, HostView<float> c, std::int64_t t,
+                           HostView<float> denom, const random::Key& key,
+                           HostView<const float> /*weight*/) const {
+    const optim::AdamStep s = Rule::step_scalars(options, t);
+    const index_t cols = c.cols;
+    cpu::for_each_chunk(c.size(), Store::alignment, chunk_target, [&](index_t b, index_t e) {
+      Chunk<Store> ch(store, st, b, e);
+      cpu::for_each_segment(b, e, cols, [&](index_t off, index_t row, index_t col0, index_t len) {
+        float* x = c.row(row) + col0;
+        float* d = denom.empty() ? nullptr : denom.row(row) + col0;
+        float* m = ch.m + off;
+        float* v = ch.v + off;
+        for (index_t j = 0; j < len; ++j) {
+          optim::adam_moments(x[j], m[j], v[j], s);
+          const float dj = optim::adam_denominator(v[j], s);
+          x[j] = m[j] / dj;
+          if (d) d[j] = dj;
+        }
+      });
+      ch.commit(store, st, key);
+    });
+    return {s.weight, 0.0f};
+  }
+
+  /// The identity-transform fast path: one pass reads g, m, v, w and writes m, v, w, with
+  /// w taking u = α·m/D.
+  template <class Store>
+  void update_apply(const Store& store, State<Store>& st, HostView<const float> g,
+                    HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
+    const optim::AdamStep s = Rule::step_scalars(options, t);
+    const index_t cols = g.cols;
+    cpu::for_each_chunk(g.size(), Store::alignment, chunk_target, [&](index_t b, index_t e) {
+      Chunk<Store> ch(store, st, b, e);
+      cpu::for_each_segment(b, e, cols, [&](index_t off, index_t row, index_t col0, index_t len) {
+        const float* gr = g.row(row) + col0;
+        float* wr = w.row(row) + col0;
+        float* m = ch.m + off;
+        float* v = ch.v + off;
+        if (alpha == 1.0f) {
+          for (index_t j = 0; j < len; ++j) {
+            optim::adam_moments(gr[j], m[j], v[j], s);
+            wr[j] = optim::apply_update(wr[j], m[j] / optim::adam_denominator(v[j], s), s.weight);
+          }
+        } else {
+          for (index_t j = 0; j < len; ++j) {
+            optim::adam_moments(gr[j], m[j], v[j], s);
+            const float u = alpha * (m[j] / optim::adam_denominator(v[j], s));
+            wr[j] = optim::apply_update(wr[j], u, s.weight);
+          }
+        }
+      });
+      ch.commit(store, st, key);
+    });
+  }
+
+ private:
+  static constexpr index_t chunk_target = 8192;
+
+  // The moments of one chunk as fp32: the store's own memory when it is fp32, else a
+  // thread-local scratch that is written back by commit().
+  template <class Store>
+  struct Chunk {
+    index_t begin, end;
+    float* m;
+    float* v;
+    bool direct;
+    Chunk(const Store& store, State<Store>& st, index_t b, index_t e) : begin(b), end(e) {
+      float* dm = store.direct(st.m);
+      float* dv = store.direct(st.v);
+      direct = dm != nullptr && dv != nullptr;
+      if (direct) {
+        m = dm + b;
+        v = dv + b;
+        return;
+      }
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<std::size_t>(2 * (e - b)));
+      m = scratch.data();
+      v = scratch.data() + (e - b);
+      store.load(st.m, b, e, m);
+      store.load(st.v, b, e, v);
+    }
+    void commit(const Store& store, State<Store>& st, const random::Key& key) {
+      if (direct) return;
+      store.store(st.m, begin, end, m, key);
+      random::Key kv = key;
+      kv.stream = ~key.stream;  // independent rounding words for the second moment
+      store.store(st.v, begin, end, v, kv);
+    }
+  };
+};
+
+}  // namespace slimgrad

@@ -1,0 +1,480 @@
+// slimgrad/backend/cpu/optimizer.hpp — the optimizer engine on the CPU backend.
+//
+// One step of a compressed parameter (design.md §1):
+//   refresh the transform (basis / seed) when due → forward G into coefficients → the rule turns
+//   the tracked block into N in place → the residual policy builds U (m×n) → W takes −c·U.
+// The identity transform with Drop and no limiter takes a fused path instead: one pass over
+// g, moments and w (28 bytes per parameter for fp32 Adam).
+//
+// Workspace: the coefficient buffer, the update U and, for the policies that need them, a copy
+// of the raw tracked coefficients, the denominators and a second m×n buffer (Recovery). Each is
+// grown once to the largest parameter and reused: workspace_bytes() reports the total.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../../core/concepts.hpp"
+#include "../../core/orientation.hpp"
+#include "../../optim/adam.hpp"
+#include "../../optim/optimizer.hpp"
+#include "../../optim/residual.hpp"
+#include "../../transforms/identity.hpp"
+#include "common.hpp"
+#include "identity.hpp"
+
+namespace slimgrad {
+
+template <class Rule, class Transform, class Store, class Residual>
+class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
+ public:
+  using RuleImpl = impl<Rule, backend::cpu>;
+  using TransformImpl = impl<Transform, backend::cpu>;
+  using StoreImpl = impl<Store, backend::cpu>;
+  using RuleState = typename RuleImpl::template State<StoreImpl>;
+  using TransformState = typename TransformImpl::State;
+  static_assert(transform_policy<Transform, backend::cpu>,
+                "slimgrad: the Transform does not satisfy the transform contract (concepts.hpp)");
+
+  /// Every hyper-parameter, grouped by the policy it belongs to.
+  struct Options {
+    typename Rule::Options rule{};
+    typename Transform::Options transform{};
+    typename Store::Options store{};
+    typename Residual::Options residual{};
+    Fallback fallback{};
+    std::uint64_t seed = 0;  ///< random words of stochastic rounding
+  };
+
+  /// Per-parameter settings, given before the parameter's first step.
+  struct Override {
+    std::optional<ParamRole> role;
+    double lr_scale = 1.0;  ///< this parameter's lr = the optimizer's lr × lr_scale
+    std::optional<typename Transform::Options> transform;
+    std::optional<typename Residual::Options> residual;
+  };
+
+  explicit Optimizer(const Options& o = {})
+      : options_(o), rule_(o.rule), transform_(o.transform), store_(o.store) {
+    residual::validate(o.residual);
+    require(o.fallback.min_dim >= 1 && o.fallback.min_size >= 0 && o.fallback.max_aspect >= 1.0,
+            "optimizer: fallback thresholds must be min_dim >= 1, min_size >= 0, max_aspect >= 1");
+  }
+
+  const Options& options() const { return options_; }
+
+  /// Sets the learning rate of the next steps (schedules call this every step).
+  void set_lr(double lr) {
+    require(std::isfinite(lr) && lr >= 0, "optimizer: lr must be finite and >= 0");
+    options_.rule.lr = lr;
+    rule_.options.lr = lr;
+  }
+
+  /// Per-parameter settings. Refused once the parameter has state (they would change its
+  /// layout or its history).
+  void set_override(std::string name, Override o) {
+    require(!name.empty(), "optimizer: an override needs a parameter name");
+    require(slots_.find(name) == slots_.end(),
+            "optimizer: parameter '" + name +
+                "' already has state; set overrides before its first step");
+    require(std::isfinite(o.lr_scale) && o.lr_scale >= 0,
+            "optimizer: lr_scale of '" + name + "' must be finite and >= 0");
+    if (o.transform) TransformImpl check(*o.transform);
+    if (o.residual) residual::validate(*o.residual);
+    overrides_[std::move(name)] = std::move(o);
+  }
+
+  /// One step over `params`. Every argument is checked before anything changes; a parameter
+  /// whose gradient holds NaN or Inf is skipped (weights, state and step count untouched) and
+  /// named in the report.
+  StepReport step(std::span<const Param> params) {
+    std::vector<std::pair<std::string, Slot>> fresh;
+    std::set<std::string_view> seen;
+    for (const Param& p : params) {
+      const std::string name(p.name);
+      require(!p.name.empty(), "optimizer: a parameter has an empty name");
+      require(seen.insert(p.name).second, "optimizer: parameter '" + name + "' appears twice");
+      require(p.weight.rows > 0 && p.weight.cols > 0,
+              "optimizer: parameter '" + name + "' has zero size");
+      require(p.grad.shape() == p.weight.shape(),
+              "optimizer: gradient of '" + name + "' is " + shape_str(p.grad.shape()) +
+                  " but its weight is " + shape_str(p.weight.shape()));
+      require(p.weight.data && p.grad.data, "optimizer: parameter '" + name + "' has a null view");
+      require(p.weight.ld >= p.weight.cols && p.grad.ld >= p.grad.cols,
+              "optimizer: parameter '" + name + "' has a leading dimension below its width");
+      const auto it = slots_.find(p.name);
+      if (it != slots_.end()) {
+        require(it->second.shape == p.weight.shape(),
+                "optimizer: parameter '" + name + "' was " + shape_str(it->second.shape) +
+                    " and is now " + shape_str(p.weight.shape()));
+      } else {
+        fresh.emplace_back(name, make_slot(name, p.weight.shape()));
+      }
+    }
+
+    StepReport report;
+    std::vector<char> finite(params.size());
+    for (std::size_t i = 0; i < params.size(); ++i)
+      finite[i] = cpu::all_finite(params[i].grad);
+    for (auto& [name, slot] : fresh) {
+      const auto p = std::find_if(params.begin(), params.end(),
+                                  [&](const Param& q) { return q.name == name; });
+      if (finite[static_cast<std::size_t>(p - params.begin())])
+        slots_.emplace(name, std::move(slot));
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      if (!finite[i]) {
+        report.skipped.emplace_back(params[i].name);
+        continue;
+      }
+      Slot& slot = slots_.find(params[i].name)->second;
+      step_one(params[i], slot);
+      ++slot.step;
+      ++report.stepped;
+    }
+    return report;
+  }
+
+  /// Exact bytes of optimizer state: moments in their store format, transform state (bases,
+  /// seeds), limiter scalars and step counters.
+  std::size_t state_bytes() const {
+    std::size_t total = 0;
+    for (const auto& [name, slot] : slots_)
+      total += slot_bytes(slot);
+    return total;
+  }
+  std::size_t state_bytes(std::string_view name) const {
+    const auto it = slots_.find(name);
+    require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
+    return slot_bytes(it->second);
+  }
+  /// The state bytes a parameter of `shape` will hold, without creating it.
+  std::size_t predicted_state_bytes(std::string_view name, Shape shape) const {
+    const bool compressed = decide_compressed(name, shape);
+    std::size_t bytes = sizeof(std::int64_t);
+    if (!compressed) return bytes + RuleImpl::template bytes_for<StoreImpl>(options_.store, shape);
+    const TransformImpl& t = transform_for_name(name);
+    const Shape cs = t.coeff_shape(shape);
+    const Shape tracked = t.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape();
+    bytes +=
+        RuleImpl::template bytes_for<StoreImpl>(options_.store, tracked) + t.state_bytes(shape);
+    if (residual_options_for(name).limiter_gamma > 0) bytes += sizeof(float);
+    return bytes;
+  }
+  /// Bytes of the reusable workspace held now.
+  std::size_t workspace_bytes() const {
+    return (coeffs_.capacity() + raw_.capacity() + denom_.capacity() + update_.capacity() +
+            extra_.capacity()) *
+           sizeof(float);
+  }
+
+  /// Number of steps a parameter has taken (0 if unknown).
+  std::int64_t step_count(std::string_view name) const {
+    const auto it = slots_.find(name);
+    return it == slots_.end() ? 0 : it->second.step;
+  }
+  /// Whether a parameter goes through the transform (it must have state).
+  bool is_compressed(std::string_view name) const {
+    const auto it = slots_.find(name);
+    require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
+    return it->second.compressed;
+  }
+  std::size_t size() const { return slots_.size(); }
+
+ private:
+  struct Slot {
+    Shape shape;
+    bool compressed = false;
+    std::int64_t step = 0;
+    double lr_scale = 1.0;
+    std::unique_ptr<TransformImpl> own_transform;  // when the transform options are overridden
+    std::optional<typename Residual::Options> residual;
+    std::optional<TransformState> ts;
+    RuleState rs;
+    float limiter = -1.0f;  // norm-growth limiter memory; < 0: unset
+    std::uint64_t id = 0;   // tensor_id(name)
+  };
+
+  static std::string shape_str(Shape s) {
+    return std::to_string(s.rows) + "x" + std::to_string(s.cols);
+  }
+
+  const Override* override_for(std::string_view name) const {
+    const auto it = overrides_.find(name);
+    return it == overrides_.end() ? nullptr : &it->second;
+  }
+  const TransformImpl& transform_for_name(std::string_view name) const {
+    thread_local std::optional<TransformImpl> tmp;
+    const Override* o = override_for(name);
+    if (o && o->transform) return tmp.emplace(*o->transform);
+    return transform_;
+  }
+  const typename Residual::Options& residual_options_for(std::string_view name) const {
+    const Override* o = override_for(name);
+    return o && o->residual ? *o->residual : options_.residual;
+  }
+
+  bool decide_compressed(std::string_view name, Shape shape) const {
+    const Override* o = override_for(name);
+    const ParamRole role = o && o->role ? *o->role : ParamRole::automatic;
+    if (std::is_same_v<Transform, transforms::Identity> || role == ParamRole::plain) return false;
+    if (role == ParamRole::compressed) return true;
+    const Fallback& f = options_.fallback;
+    const index_t lo = std::min(shape.rows, shape.cols), hi = std::max(shape.rows, shape.cols);
+    if (lo < f.min_dim || shape.size() < f.min_size) return false;
+    if (static_cast<double>(hi) > f.max_aspect * static_cast<double>(lo)) return false;
+    // A transform that cannot take the shape (e.g. a rank above min(m, n)) leaves it plain.
+    try {
+      (void)transform_for_name(name).init(shape, 0);
+    } catch (const Error&) {
+      return false;
+    }
+    return true;
+  }
+
+  Slot make_slot(const std::string& name, Shape shape) const {
+    Slot s;
+    s.shape = shape;
+    s.id = tensor_id(name);
+    s.compressed = decide_compressed(name, shape);
+    if (const Override* o = override_for(name)) {
+      s.lr_scale = o->lr_scale;
+      if (o->transform) s.own_transform = std::make_unique<TransformImpl>(*o->transform);
+      s.residual = o->residual;
+    }
+    if (s.compressed) {
+      const TransformImpl& t = s.own_transform ? *s.own_transform : transform_;
+      s.ts.emplace(t.init(shape, s.id));  // throws a clear error (e.g. rank > min(m, n))
+      const Shape cs = t.coeff_shape(shape);
+      s.rs = rule_.make(store_, t.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape());
+    } else {
+      s.rs = rule_.make(store_, shape);
+    }
+    return s;
+  }
+
+  std::size_t slot_bytes(const Slot& s) const {
+    std::size_t bytes = sizeof(std::int64_t) + rule_.bytes(store_, s.rs);
+    if (s.compressed) {
+      const TransformImpl& t = s.own_transform ? *s.own_transform : transform_;
+      bytes += t.state_bytes(s.shape);
+      const auto& ro = s.residual ? *s.residual : options_.residual;
+      if (ro.limiter_gamma > 0) bytes += sizeof(float);
+    }
+    return bytes;
+  }
+
+  static HostView<float> workspace(std::vector<float>& buf, Shape s) {
+    if (buf.size() < static_cast<std::size_t>(s.size()))
+      buf.resize(static_cast<std::size_t>(s.size()));
+    return HostView<float>(buf.data(), s.rows, s.cols, s.cols);
+  }
+
+  RuleImpl rule_for(const Slot& s) const {
+    RuleImpl r = rule_;
+    r.options.lr = options_.rule.lr * s.lr_scale;
+    return r;
+  }
+
+  void step_one(const Param& p, Slot& slot) {
+    const RuleImpl rule = rule_for(slot);
+    const random::Key key{options_.seed, slot.id, static_cast<std::uint32_t>(slot.step)};
+    const std::int64_t t = slot.step + 1;
+    if (!slot.compressed) {
+      rule.update_apply(store_, slot.rs, p.grad, p.weight, t, 1.0f, key);
+      return;
+    }
+    TransformImpl& tr = slot.own_transform ? *slot.own_transform : transform_;
+    const auto& ro = slot.residual ? *slot.residual : options_.residual;
+    if constexpr (std::is_same_v<Transform, transforms::Identity> &&
+                  std::is_same_v<Residual, residual::Drop>) {
+      if (ro.limiter_gamma == 0) {
+        rule.update_apply(store_, slot.rs, p.grad, p.weight, t, static_cast<float>(ro.scale), key);
+        return;
+      }
+    }
+    TransformState& ts = *slot.ts;
+    tr.refresh(ts, p.grad, slot.step);
+    const Shape cs = tr.coeff_shape(slot.shape);
+    HostView<float> coeffs = workspace(coeffs_, cs);
+    tr.forward(ts, p.grad, coeffs);
+    HostView<float> c = tr.tracked(coeffs);
+    HostView<float> raw, denom;
+    if constexpr (Residual::needs_raw) {
+      raw = workspace(raw_, c.shape());
+      cpu::as_eigen(raw) = cpu::as_eigen(HostView<const float>(c));
+    }
+    if constexpr (Residual::needs_denominator) denom = workspace(denom_, c.shape());
+    const optim::RuleOutput out = rule.update(store_, slot.rs, c, t, denom, key, p.weight);
+    HostView<float> u = workspace(update_, slot.shape);
+    finish(tr, ts, ro, slot.limiter, p.grad, coeffs, c, raw, denom, out, u);
+    apply(p.weight, u, out.weight);
+  }
+
+  // The residual policy: builds U from N (in c), the raw coefficients and the statistics.
+  void finish(TransformImpl& tr, const TransformState& ts, const typename Residual::Options& ro,
+              float& limiter, HostView<const float> g, HostView<float> coeffs, HostView<float> c,
+              HostView<float> raw, HostView<float> denom, const optim::RuleOutput& out,
+              HostView<float> u) {
+    const float alpha = static_cast<float>(ro.scale);
+    if constexpr (std::is_same_v<Residual, residual::Drop>) {
+      if (coeffs.shape() != c.shape()) cpu::zero_outside(coeffs, c.shape());
+      limit(c, ro.limiter_gamma, limiter);
+      tr.inverse(ts, coeffs, u);
+      if (alpha != 1.0f) cpu::scale(u, alpha);
+    } else if constexpr (std::is_same_v<Residual, residual::WaveletDetails>) {
+      const float rho = limit(c, ro.limiter_gamma, limiter);
+      normalise_details(tr, g.shape(), coeffs, denom, out.detail_divisor, rho);
+      tr.inverse(ts, coeffs, u);
+      if (alpha != 1.0f) cpu::scale(u, alpha);
+    } else if constexpr (std::is_same_v<Residual, residual::Recovery>) {
+      // Λ = (G − Expand(C)) ⊙ φ, φ = ‖N‖/(‖C‖ + 1e-8) per channel of the non-projected side.
+      HostView<float> lambda = workspace(extra_, g.shape());
+      tr.inverse(ts, raw, lambda);
+      const Side side = ts.side;
+      const std::vector<float> phi = channel_ratio(c, raw, side);
+      cpu::parallel_for(g.rows, g.cols, [&](index_t i) {
+        const float* gr = g.row(i);
+        float* lr = lambda.row(i);
+        for (index_t j = 0; j < g.cols; ++j)
+          lr[j] = (gr[j] - lr[j]) * phi[static_cast<std::size_t>(side == Side::left ? j : i)];
+      });
+      limit(lambda, ro.limiter_gamma, limiter);
+      tr.inverse(ts, c, u);
+      cpu::parallel_for(u.rows, u.cols, [&](index_t i) {
+        float* ur = u.row(i);
+        const float* lr = lambda.row(i);
+        for (index_t j = 0; j < u.cols; ++j)
+          ur[j] = alpha * ur[j] + lr[j];
+      });
+    } else if constexpr (std::is_same_v<Residual, residual::ChannelScale>) {
+      // APOLLO: U = G ⊙ s; the limiter and sqrt(scale) in APOLLO's order.
+      const Side side = ts.side;
+      std::vector<float> s;
+      if (ro.granularity == residual::ScaleGranularity::channel) {
+        s = channel_ratio(c, raw, side);
+      } else {
+        s.assign(1, static_cast<float>(cpu::frobenius(c) / (cpu::frobenius(raw) + 1e-8)));
+      }
+      const bool per_tensor = s.size() == 1;
+      cpu::parallel_for(g.rows, g.cols, [&](index_t i) {
+        const float* gr = g.row(i);
+        float* ur = u.row(i);
+        for (index_t j = 0; j < g.cols; ++j) {
+          const std::size_t k =
+              per_tensor ? 0 : static_cast<std::size_t>(side == Side::left ? j : i);
+          ur[j] = gr[j] * s[k];
+        }
+      });
+      const float root = static_cast<float>(std::sqrt(ro.scale));
+      if (ro.scale_front) cpu::scale(u, root);
+      limit(u, ro.limiter_gamma, limiter);
+      if (!ro.scale_front) cpu::scale(u, root);
+    } else {
+      static_assert(
+          !std::is_same_v<Residual, Residual>,
+          "slimgrad: unknown residual policy (Drop, WaveletDetails, Recovery or ChannelScale)");
+    }
+  }
+
+  // The norm-growth limiter on v in place; returns ρ (1 when off or on its first call).
+  static float limit(HostView<float> v, double gamma, float& remembered) {
+    if (gamma <= 0) return 1.0f;
+    const double rho = residual::limiter_divisor(cpu::frobenius(v), gamma, remembered);
+    const float rf = static_cast<float>(rho);
+    if (rf != 1.0f) cpu::divide(v, rf);
+    return rf;
+  }
+
+  // ‖N‖/(‖C‖ + 1e-8) per channel of the non-projected side: columns of r×n coefficients (left),
+  // rows of m×r coefficients (right).
+  static std::vector<float> channel_ratio(HostView<const float> n, HostView<const float> c,
+                                          Side side) {
+    if (side == Side::right) {
+      std::vector<float> out(static_cast<std::size_t>(n.rows));
+      cpu::parallel_for(n.rows, n.cols, [&](index_t i) {
+        double nn = 0, cc = 0;
+        for (index_t j = 0; j < n.cols; ++j) {
+          nn += static_cast<double>(n(i, j)) * n(i, j);
+          cc += static_cast<double>(c(i, j)) * c(i, j);
+        }
+        out[static_cast<std::size_t>(i)] =
+            static_cast<float>(std::sqrt(nn) / (std::sqrt(cc) + 1e-8));
+      });
+      return out;
+    }
+    std::vector<double> nn(static_cast<std::size_t>(n.cols), 0.0), cc(nn.size(), 0.0);
+    for (index_t i = 0; i < n.rows; ++i)
+      for (index_t j = 0; j < n.cols; ++j) {
+        nn[static_cast<std::size_t>(j)] += static_cast<double>(n(i, j)) * n(i, j);
+        cc[static_cast<std::size_t>(j)] += static_cast<double>(c(i, j)) * c(i, j);
+      }
+    std::vector<float> out(nn.size());
+    for (std::size_t j = 0; j < nn.size(); ++j)
+      out[j] = static_cast<float>(std::sqrt(nn[j]) / (std::sqrt(cc[j]) + 1e-8));
+    return out;
+  }
+
+  // GWT (algorithms.md §1.2 step 4): detail j of level l is divided by (D[ancestor]·ρ), the
+  // ancestor being approximation coefficient j >> (L − l), as the official code's
+  // repeat_interleave of the denominator does.
+  static void normalise_details(const TransformImpl& tr, Shape shape, HostView<float> coeffs,
+                                HostView<float> denom, float divisor, float rho) {
+    if constexpr (requires {
+                    Transform::levels;
+                    Transform::layout(index_t{}, tr.options.mode);
+                  }) {
+      constexpr int L = Transform::levels;
+      const bool rows = tr.options.axis == transforms::Axis::rows;
+      const index_t lines = rows ? coeffs.rows : coeffs.cols;
+      const auto layout = Transform::layout(rows ? shape.cols : shape.rows, tr.options.mode);
+      cpu::parallel_for(lines, layout.total, [&](index_t line) {
+        for (int l = 1; l <= L; ++l) {
+          const index_t off = layout.detail_offset[l], len = layout.length[l];
+          const int shift = L - l;
+          for (index_t j = 0; j < len; ++j) {
+            float& d = rows ? coeffs(line, off + j) : coeffs(off + j, line);
+            if (divisor > 0) {
+              d = d / (divisor * rho);
+            } else {
+              const float den = rows ? denom(line, j >> shift) : denom(j >> shift, line);
+              d = d / (den * rho);
+            }
+          }
+        }
+      });
+    } else {
+      static_assert(!std::is_same_v<Transform, Transform>,
+                    "slimgrad: residual::WaveletDetails needs a wavelet transform (Dwt<W, L>)");
+    }
+  }
+  // W ← W − c·U with decoupled decay, in the rule's order.
+  static void apply(HostView<float> w, HostView<const float> u, const optim::WeightUpdate& wu) {
+    cpu::parallel_for(w.rows, w.cols, [&](index_t i) {
+      float* wr = w.row(i);
+      const float* ur = u.row(i);
+      for (index_t j = 0; j < w.cols; ++j)
+        wr[j] = optim::apply_update(wr[j], ur[j], wu);
+    });
+  }
+
+  Options options_;
+  RuleImpl rule_;
+  TransformImpl transform_;
+  StoreImpl store_;
+  std::map<std::string, Slot, std::less<>> slots_;
+  std::map<std::string, Override, std::less<>> overrides_;
+  std::vector<float> coeffs_, raw_, denom_, update_, extra_;
+};
+
+}  // namespace slimgrad
