@@ -15,6 +15,7 @@
 #include "transforms/dwt.hpp"
 #include "backend/cpu/dwt.hpp"
 #include "backend/cpu/random_projection.hpp"
+#include "io/safetensors.hpp"
 #include "backend/cpu/adam.hpp"
 #include "backend/cpu/optimizer.hpp"
 #include "io/safetensors.hpp"
