@@ -18,7 +18,6 @@
 #include "io/safetensors.hpp"
 #include "backend/cpu/adam.hpp"
 #include "backend/cpu/optimizer.hpp"
-#include "io/safetensors.hpp"
 #include "transforms/svd_projection.hpp"
 #include "transforms/grassmann.hpp"
 #include "backend/cpu/svd.hpp"
