@@ -50,8 +50,14 @@ struct WaveletDetails {
   static constexpr bool needs_denominator = true;
 };
 
+/// Options: `recovery_scaling` off makes it Drop (SubTrack-Grad); `projection_aware` rotates
+/// the rule's moments into the new basis at every basis change (SubTrack++ §2.3(a); needs a
+/// transform whose refresh() reports the rotation, e.g. Grassmann).
 struct Recovery {
-  struct Options : Common {};
+  struct Options : Common {
+    bool recovery_scaling = true;
+    bool projection_aware = false;
+  };
   static constexpr const char* name = "recovery";
   static constexpr bool needs_raw = true;
   static constexpr bool needs_denominator = false;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../../core/philox.hpp"
@@ -28,6 +29,9 @@ struct impl<optim::Adam, backend::cpu> {
 
   template <class Store>
   State<Store> make(const Store& store, Shape tracked) const {
+    static_assert(!std::is_same_v<Store, impl<state::Factored, backend::cpu>>,
+                  "slimgrad: Adam keeps elementwise moments; the factored second moment belongs "
+                  "to the Adafactor rule (optim::Adafactor)");
     return {store.make(tracked.size(), state::Moment::first),
             store.make(tracked.size(), state::Moment::second)};
   }
@@ -69,6 +73,30 @@ struct impl<optim::Adam, backend::cpu> {
       ch.commit(store, st, key);
     });
     return {s.weight, 0.0f};
+  }
+
+  /// Calls f(M, V) with both moments as fp32 `tracked`-shaped views (the store's memory when it
+  /// is fp32, else a widened copy that is narrowed back afterwards). For whole-tensor edits such
+  /// as SubTrack++'s moment rotation.
+  template <class Store, class F>
+  void with_moments(const Store& store, State<Store>& st, Shape tracked, const random::Key& key,
+                    F&& f) const {
+    float* dm = store.direct(st.m);
+    float* dv = store.direct(st.v);
+    if (dm && dv) {
+      f(HostView<float>(dm, tracked.rows, tracked.cols),
+        HostView<float>(dv, tracked.rows, tracked.cols));
+      return;
+    }
+    std::vector<float> m(static_cast<std::size_t>(tracked.size())), v(m.size());
+    store.load(st.m, 0, tracked.size(), m.data());
+    store.load(st.v, 0, tracked.size(), v.data());
+    f(host_view(m.data(), tracked.rows, tracked.cols),
+      host_view(v.data(), tracked.rows, tracked.cols));
+    store.store(st.m, 0, tracked.size(), m.data(), key);
+    random::Key kv = key;
+    kv.stream = ~key.stream;
+    store.store(st.v, 0, tracked.size(), v.data(), kv);
   }
 
   /// The identity-transform fast path: one pass reads g, m, v, w and writes m, v, w, with

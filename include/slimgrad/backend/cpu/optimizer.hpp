@@ -31,9 +31,21 @@
 #include "../../optim/residual.hpp"
 #include "../../transforms/identity.hpp"
 #include "common.hpp"
+#include "grassmann.hpp"
 #include "identity.hpp"
 
 namespace slimgrad {
+
+namespace detail {
+// A policy implementation's options, whether it exposes them as a member or an accessor.
+template <class Impl>
+const auto& options_of(const Impl& x) {
+  if constexpr (requires { x.options(); })
+    return x.options();
+  else
+    return x.options;
+}
+}  // namespace detail
 
 template <class Rule, class Transform, class Store, class Residual>
 class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
@@ -162,19 +174,18 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   std::size_t predicted_state_bytes(std::string_view name, Shape shape) const {
     const bool compressed = decide_compressed(name, shape);
     std::size_t bytes = sizeof(std::int64_t);
-    if (!compressed) return bytes + RuleImpl::template bytes_for<StoreImpl>(options_.store, shape);
+    if (!compressed) return bytes + rule_.template bytes_for<StoreImpl>(options_.store, shape);
     const TransformImpl& t = transform_for_name(name);
     const Shape cs = t.coeff_shape(shape);
     const Shape tracked = t.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape();
-    bytes +=
-        RuleImpl::template bytes_for<StoreImpl>(options_.store, tracked) + t.state_bytes(shape);
+    bytes += rule_.template bytes_for<StoreImpl>(options_.store, tracked) + t.state_bytes(shape);
     if (residual_options_for(name).limiter_gamma > 0) bytes += sizeof(float);
     return bytes;
   }
   /// Bytes of the reusable workspace held now.
   std::size_t workspace_bytes() const {
     return (coeffs_.capacity() + raw_.capacity() + denom_.capacity() + update_.capacity() +
-            extra_.capacity()) *
+            extra_.capacity() + rotation_.capacity()) *
            sizeof(float);
   }
 
@@ -304,8 +315,8 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       }
     }
     TransformState& ts = *slot.ts;
-    tr.refresh(ts, p.grad, slot.step);
     const Shape cs = tr.coeff_shape(slot.shape);
+    refresh(tr, ts, ro, rule, slot, p.grad, cs, key);
     HostView<float> coeffs = workspace(coeffs_, cs);
     tr.forward(ts, p.grad, coeffs);
     HostView<float> c = tr.tracked(coeffs);
@@ -319,6 +330,35 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     HostView<float> u = workspace(update_, slot.shape);
     finish(tr, ts, ro, slot.limiter, p.grad, coeffs, c, raw, denom, out, u);
     apply(p.weight, u, out.weight);
+  }
+
+  // Refreshes the transform when due; with SubTrack++'s projection-aware moments, rotates the
+  // rule's moments into the new basis: C = S_newᵀ S_old (algorithms.md §2.3(a), §8.9: at the
+  // switch, with the actual old and new bases).
+  void refresh(TransformImpl& tr, TransformState& ts, const typename Residual::Options& ro,
+               const RuleImpl& rule, Slot& slot, HostView<const float> g, Shape cs,
+               const random::Key& key) {
+    if constexpr (
+        std::is_same_v<Residual, residual::Recovery> &&
+        requires { tr.refresh(ts, g, index_t{}, HostView<float>{}); } &&
+        requires(RuleState & st) {
+          rule.with_moments(store_, st, Shape{}, key, [](HostView<float>, HostView<float>) {});
+        }) {
+      if (ro.projection_aware && slot.step > 0) {
+        const index_t r = detail::options_of(tr).rank;
+        HostView<float> rotation = workspace(rotation_, {r, r});
+        if (tr.refresh(ts, g, slot.step, rotation)) {
+          const Shape tracked = tr.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape();
+          rule.with_moments(store_, slot.rs, tracked, key,
+                            [&](HostView<float> m, HostView<float> v) {
+                              cpu::rotate_moments(ts.side, rotation, m, v);
+                            });
+        }
+        return;
+      }
+    }
+    (void)ro, (void)rule, (void)cs, (void)key;
+    tr.refresh(ts, g, slot.step);
   }
 
   // The residual policy: builds U from N (in c), the raw coefficients and the statistics.
@@ -338,6 +378,12 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       tr.inverse(ts, coeffs, u);
       if (alpha != 1.0f) cpu::scale(u, alpha);
     } else if constexpr (std::is_same_v<Residual, residual::Recovery>) {
+      if (!ro.recovery_scaling) {  // SubTrack-Grad: GaLore's back-map of N alone
+        limit(c, ro.limiter_gamma, limiter);
+        tr.inverse(ts, c, u);
+        if (alpha != 1.0f) cpu::scale(u, alpha);
+        return;
+      }
       // Λ = (G − Expand(C)) ⊙ φ, φ = ‖N‖/(‖C‖ + 1e-8) per channel of the non-projected side.
       HostView<float> lambda = workspace(extra_, g.shape());
       tr.inverse(ts, raw, lambda);
@@ -430,14 +476,12 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   // repeat_interleave of the denominator does.
   static void normalise_details(const TransformImpl& tr, Shape shape, HostView<float> coeffs,
                                 HostView<float> denom, float divisor, float rho) {
-    if constexpr (requires {
-                    Transform::levels;
-                    Transform::layout(index_t{}, tr.options.mode);
-                  }) {
+    if constexpr (requires { Transform::levels; }) {
       constexpr int L = Transform::levels;
-      const bool rows = tr.options.axis == transforms::Axis::rows;
+      const auto& o = detail::options_of(tr);
+      const bool rows = o.axis == transforms::Axis::rows;
       const index_t lines = rows ? coeffs.rows : coeffs.cols;
-      const auto layout = Transform::layout(rows ? shape.cols : shape.rows, tr.options.mode);
+      const auto layout = Transform::layout(rows ? shape.cols : shape.rows, o.mode);
       cpu::parallel_for(lines, layout.total, [&](index_t line) {
         for (int l = 1; l <= L; ++l) {
           const index_t off = layout.detail_offset[l], len = layout.length[l];
@@ -474,7 +518,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   StoreImpl store_;
   std::map<std::string, Slot, std::less<>> slots_;
   std::map<std::string, Override, std::less<>> overrides_;
-  std::vector<float> coeffs_, raw_, denom_, update_, extra_;
+  std::vector<float> coeffs_, raw_, denom_, update_, extra_, rotation_;
 };
 
 }  // namespace slimgrad
