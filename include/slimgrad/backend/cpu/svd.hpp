@@ -78,8 +78,7 @@ struct SvdWorkspace {
   /// Bytes held by this workspace now (transient memory, not per-tensor state).
   std::size_t bytes() const {
     const auto n = static_cast<std::size_t>(omega.size() + y.size() + z.size() + q.size() +
-                                            r.size() + qr.matrixQR().size() +
-                                            qr.hCoeffs().size());
+                                            r.size() + qr.matrixQR().size() + qr.hCoeffs().size());
     return n * sizeof(float);
   }
 };
@@ -126,7 +125,7 @@ inline void basis_overlap(const RowMatrix& s_new, const RowMatrix& s_old, Side s
 /// and holds the thin singular vectors of that side, about 2mn + dim0·min(m,n) floats.
 /// Returns RefreshFailure::none on success; `u` is unspecified otherwise.
 inline transforms::RefreshFailure exact_top_singular_vectors(HostView<const float> g, Side side,
-                                                              index_t rank, ColMatrix& u) {
+                                                             index_t rank, ColMatrix& u) {
   using transforms::RefreshFailure;
   if (detail::take_injected_failure()) return RefreshFailure::no_convergence;
   const unsigned options = side == Side::left ? Eigen::ComputeThinU : Eigen::ComputeThinV;
