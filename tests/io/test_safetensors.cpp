@@ -13,7 +13,7 @@
 #include <limits>
 #include <numbers>
 #include <random>
-#include <slimgrad/slimgrad.hpp>
+#include <slimgrad/io/safetensors.hpp>
 #include <string>
 #include <vector>
 
@@ -110,7 +110,9 @@ TensorFile all_dtypes() {
 
 void check_equal(const TensorFile& a, const TensorFile& b) {
   REQUIRE(a.tensors.size() == b.tensors.size());
-  for (const auto& [name, t] : a.tensors) {
+  for (const auto& entry : a.tensors) {
+    const std::string& name = entry.first;
+    const Tensor& t = entry.second;
     INFO("tensor ", name);
     REQUIRE(b.contains(name));
     const Tensor& u = b.at(name);

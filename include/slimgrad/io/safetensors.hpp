@@ -653,8 +653,7 @@ inline TensorFile read(const std::filesystem::path& path) {
 /// Writes `file` to `path` atomically (temporary file + rename; see the header comment). The
 /// tensors are validated before anything is created.
 inline void write(const std::filesystem::path& path, const TensorFile& file) {
-  auto [header, data_bytes] = detail::make_header(file);
-  (void)data_bytes;
+  const std::string header = detail::make_header(file).first;
   detail::write_atomically(path, [&](std::FILE* f) {
     const std::uint64_t n = header.size();
     detail::write_bytes(f, &n, 8);
