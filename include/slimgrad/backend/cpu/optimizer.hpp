@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -26,7 +27,10 @@
 
 #include "../../core/concepts.hpp"
 #include "../../core/orientation.hpp"
+#include "../../io/checkpoint.hpp"
+#include "../../io/safetensors.hpp"
 #include "../../optim/adam.hpp"
+#include "../../optim/fields.hpp"
 #include "../../optim/optimizer.hpp"
 #include "../../optim/residual.hpp"
 #include "../../transforms/identity.hpp"
@@ -202,6 +206,109 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   }
   std::size_t size() const { return slots_.size(); }
 
+  /// The composition as text, e.g. "adam/dwt<haar,2>/fp32/wavelet_details".
+  static std::string composition() {
+    std::string t = Transform::name;
+    if constexpr (requires {
+                    Transform::levels;
+                    Transform::wavelet::name;
+                  })
+      t += "<" + std::string(Transform::wavelet::name) + "," + std::to_string(Transform::levels) +
+           ">";
+    std::string st = Store::name;
+    if constexpr (requires { Store::block; }) st += "<" + std::to_string(Store::block) + ">";
+    return std::string(Rule::name) + "/" + t + "/" + st + "/" + Residual::name;
+  }
+
+  /// The whole optimizer state as named tensors plus metadata (see io/checkpoint.hpp).
+  io::TensorFile to_checkpoint() const {
+    io::TensorFile f;
+    nlohmann::json names = nlohmann::json::array();
+    for (const auto& [name, slot] : slots_) {
+      names.push_back(name);
+      io::StateWriter w(f, name);
+      w.values<std::int64_t>("shape", {2},
+                             std::vector<std::int64_t>{slot.shape.rows, slot.shape.cols});
+      w.i64("step", slot.step);
+      w.i64("compressed", slot.compressed ? 1 : 0);
+      w.f32("limiter", slot.limiter);
+      write_rule_state(w, slot.rs);
+      if (slot.compressed) write_transform_state(w, *slot.ts);
+    }
+    Options o = options_;
+    f.metadata["format"] = io::checkpoint_format;
+    f.metadata["version"] = io::checkpoint_version;
+    f.metadata["composition"] = composition();
+    f.metadata["options"] = nlohmann::json(fields::to_map(o)).dump();
+    f.metadata["params"] = names.dump();
+    f.metadata["checksum"] = std::to_string(io::checksum(f));
+    return f;
+  }
+
+  /// Replaces the whole state with the checkpoint's. Refuses (slimgrad::Error, nothing changed)
+  /// a file of another format, version or composition, one whose structural settings (every
+  /// transform and store option) differ from this optimizer's, one whose shapes do not match, or
+  /// one whose checksum fails. Learning rate, betas and other rule settings are this
+  /// optimizer's own (schedules may change them).
+  void from_checkpoint(const io::TensorFile& f) {
+    auto meta = [&](const char* key) -> const std::string& {
+      const auto it = f.metadata.find(key);
+      require(it != f.metadata.end(), std::string("checkpoint: metadata '") + key + "' is missing");
+      return it->second;
+    };
+    require(meta("format") == io::checkpoint_format,
+            "checkpoint: not a slimgrad optimizer checkpoint (format '" + meta("format") + "')");
+    require(meta("version") == io::checkpoint_version, "checkpoint: version " + meta("version") +
+                                                           " is not supported (this build reads " +
+                                                           io::checkpoint_version + ")");
+    require(meta("composition") == composition(),
+            "checkpoint: the composition differs: the file was written by " + meta("composition") +
+                ", this optimizer is " + composition());
+    require(meta("checksum") == std::to_string(io::checksum(f)),
+            "checkpoint: checksum mismatch (the file is corrupted)");
+    check_structural_options(meta("options"));
+    nlohmann::json names;
+    try {
+      names = nlohmann::json::parse(meta("params"));
+    } catch (const nlohmann::json::exception&) {
+      throw Error("slimgrad: checkpoint: metadata 'params' is not a JSON list of names");
+    }
+    require(names.is_array(), "checkpoint: metadata 'params' is not a JSON list of names");
+    std::map<std::string, Slot, std::less<>> fresh;
+    for (const auto& jn : names) {
+      require(jn.is_string() && !jn.get<std::string>().empty(),
+              "checkpoint: metadata 'params' holds a non-name");
+      const std::string name = jn.get<std::string>();
+      io::StateReader r(f, name);
+      std::vector<std::int64_t> shape(2);
+      r.vector("shape", shape);
+      require(shape[0] > 0 && shape[1] > 0, "checkpoint: '" + name + "' has a non-positive shape");
+      const Shape sh{static_cast<index_t>(shape[0]), static_cast<index_t>(shape[1])};
+      Slot slot = make_slot(name, sh);
+      slot.step = r.i64("step");
+      require(slot.step >= 0, "checkpoint: '" + name + "' has a negative step count");
+      require((r.i64("compressed") != 0) == slot.compressed,
+              "checkpoint: '" + name + "' was " + (slot.compressed ? "plain" : "compressed") +
+                  " when saved and is " + (slot.compressed ? "compressed" : "plain") +
+                  " here (different fallback settings or overrides)");
+      slot.limiter = r.f32("limiter");
+      read_rule_state(r, slot.rs);
+      if (slot.compressed) {
+        TransformImpl& t = slot.own_transform ? *slot.own_transform : transform_;
+        read_transform_state(r, *slot.ts);
+        if constexpr (requires { t.restore(*slot.ts); }) t.restore(*slot.ts);
+      }
+      require(fresh.emplace(name, std::move(slot)).second,
+              "checkpoint: parameter '" + name + "' is listed twice");
+    }
+    slots_.swap(fresh);
+  }
+
+  /// Writes the checkpoint atomically (a temporary file renamed into place).
+  void save(const std::filesystem::path& path) const { io::write(path, to_checkpoint()); }
+  /// Reads a checkpoint; on any error the optimizer is unchanged.
+  void load(const std::filesystem::path& path) { from_checkpoint(io::read(path)); }
+
  private:
   struct Slot {
     Shape shape;
@@ -215,6 +322,125 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     float limiter = -1.0f;  // norm-growth limiter memory; < 0: unset
     std::uint64_t id = 0;   // tensor_id(name)
   };
+
+  // Transform and store settings decide what the state means: they must match the file's.
+  void check_structural_options(const std::string& text) const {
+    nlohmann::json saved;
+    try {
+      saved = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception&) {
+      throw Error("slimgrad: checkpoint: metadata 'options' is not JSON");
+    }
+    require(saved.is_object(), "checkpoint: metadata 'options' is not a JSON object");
+    Options o = options_;
+    auto check = [&](const char* key, auto& value) {
+      const auto it = saved.find(key);
+      require(it != saved.end() && it->is_string(),
+              std::string("checkpoint: option '") + key + "' is missing from the file");
+      require(it->template get<std::string>() == fields::to_text(value),
+              std::string("checkpoint: option '") + key + "' was " +
+                  it->template get<std::string>() + " when saved and is " + fields::to_text(value) +
+                  " here");
+    };
+    if constexpr (requires { fields::visit(o.transform, check); })
+      fields::visit(o.transform, check);
+    else if constexpr (requires { o.transform.mode, o.transform.axis; }) {
+      check("mode", o.transform.mode);
+      check("axis", o.transform.axis);
+    }
+    if constexpr (requires { fields::visit(o.store, check); })
+      fields::visit(o.store, check);
+    else if constexpr (requires { o.store.min_8bit_size; })
+      check("min_8bit_size", o.store.min_8bit_size);
+    check("sr_seed", o.seed);
+  }
+
+  template <class RS>
+  static void write_rule_state(io::StateWriter& w, const RS& rs) {
+    if constexpr (requires { rs.m.has_value(); }) {  // Adafactor: v, optional m
+      io::write_buffer(w, "v", rs.v);
+      if (rs.m) io::write_buffer(w, "m", *rs.m);
+    } else if constexpr (requires { rs.m, rs.v; }) {  // Adam
+      io::write_buffer(w, "m", rs.m);
+      io::write_buffer(w, "v", rs.v);
+    } else if constexpr (requires { rs.write(w); }) {  // a user rule's own state
+      rs.write(w);
+    }
+  }
+  template <class RS>
+  static void read_rule_state(const io::StateReader& r, RS& rs) {
+    if constexpr (requires { rs.m.has_value(); }) {
+      io::read_buffer(r, "v", rs.v);
+      require(r.has("m") == rs.m.has_value(),
+              "checkpoint: the first moment is " + std::string(r.has("m") ? "present" : "absent") +
+                  " in the file but " + (rs.m ? "expected" : "not expected") + " (beta1 differs)");
+      if (rs.m) io::read_buffer(r, "m", *rs.m);
+    } else if constexpr (requires { rs.m, rs.v; }) {
+      io::read_buffer(r, "m", rs.m);
+      io::read_buffer(r, "v", rs.v);
+    } else if constexpr (requires { rs.read(r); }) {
+      rs.read(r);
+    }
+  }
+  // Bases (SvdProjection, Grassmann), epochs (RandomProjection); nothing for Dwt and Identity.
+  static void write_transform_state(io::StateWriter& w, const TransformState& ts) {
+    if constexpr (requires { ts.basis, ts.refresh_count, ts.last_refresh_step; }) {
+      w.values<float>(
+          "basis", {ts.basis.rows(), ts.basis.cols()},
+          std::span<const float>(ts.basis.data(), static_cast<std::size_t>(ts.basis.size())));
+      w.i64("refresh_count", static_cast<std::int64_t>(ts.refresh_count));
+      w.i64("failure_count", static_cast<std::int64_t>(ts.failure_count));
+      w.i64("last_refresh_step", ts.last_refresh_step);
+      w.i64("last_refresh_status", static_cast<std::int64_t>(ts.last_refresh_status));
+      w.i64("last_failure", static_cast<std::int64_t>(ts.last_failure));
+    }
+    if constexpr (requires { ts.tracking_count, ts.last_angle, ts.last_sigma; }) {
+      w.i64("tracking_count", static_cast<std::int64_t>(ts.tracking_count));
+      w.f64("last_angle", ts.last_angle);
+      w.f64("last_sigma", ts.last_sigma);
+    }
+    if constexpr (requires { ts.epoch, ts.ready; }) {
+      w.i64("epoch", ts.epoch);
+      w.i64("ready", ts.ready ? 1 : 0);
+    }
+    if constexpr (requires { ts.write(w); }) ts.write(w);
+  }
+  static void read_transform_state(const io::StateReader& r, TransformState& ts) {
+    if constexpr (requires { ts.basis, ts.refresh_count, ts.last_refresh_step; }) {
+      const auto& shape = r.shape("basis");
+      const Shape expected = transforms::SvdProjection::basis_shape(ts.shape, ts.side, ts.rank);
+      const bool empty = shape.size() == 2 && shape[0] * shape[1] == 0;
+      require(
+          shape.size() == 2 && (empty || (shape[0] == expected.rows && shape[1] == expected.cols)),
+          "checkpoint: basis has shape " + io::detail::shape_string(shape) + ", expected " +
+              std::to_string(expected.rows) + "x" + std::to_string(expected.cols));
+      ts.basis.resize(empty ? 0 : expected.rows, empty ? 0 : expected.cols);
+      r.values<float>("basis",
+                      std::span<float>(ts.basis.data(), static_cast<std::size_t>(ts.basis.size())));
+      for (index_t i = 0; i < ts.basis.size(); ++i)
+        require(std::isfinite(ts.basis.data()[i]), "checkpoint: basis holds a non-finite value");
+      ts.refresh_count = static_cast<std::uint64_t>(r.i64("refresh_count"));
+      ts.failure_count = static_cast<std::uint64_t>(r.i64("failure_count"));
+      ts.last_refresh_step = r.i64("last_refresh_step");
+      const auto status = r.i64("last_refresh_status"), failure = r.i64("last_failure");
+      require(status >= 0 && status <= 4 && failure >= 0 && failure <= 3,
+              "checkpoint: refresh status out of range");
+      ts.last_refresh_status = static_cast<transforms::RefreshStatus>(status);
+      ts.last_failure = static_cast<transforms::RefreshFailure>(failure);
+    }
+    if constexpr (requires { ts.tracking_count, ts.last_angle, ts.last_sigma; }) {
+      ts.tracking_count = static_cast<std::uint64_t>(r.i64("tracking_count"));
+      ts.last_angle = r.f64("last_angle");
+      ts.last_sigma = r.f64("last_sigma");
+    }
+    if constexpr (requires { ts.epoch, ts.ready; }) {
+      const auto epoch = r.i64("epoch");
+      require(epoch >= 0 && epoch <= 0xffffffffll, "checkpoint: projection epoch out of range");
+      ts.epoch = static_cast<std::uint32_t>(epoch);
+      ts.ready = r.i64("ready") != 0;
+    }
+    if constexpr (requires { ts.read(r); }) ts.read(r);
+  }
 
   static std::string shape_str(Shape s) {
     return std::to_string(s.rows) + "x" + std::to_string(s.cols);

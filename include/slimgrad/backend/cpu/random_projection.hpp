@@ -102,6 +102,11 @@ struct impl<transforms::RandomProjection, backend::cpu> {
       cpu::as_eigen(out).noalias() = p * cpu::as_eigen(coeffs);
   }
 
+  /// After a checkpoint load (epoch and ready restored): regenerates the kept matrix.
+  void restore(State& s) const {
+    if (s.ready && options.keep_matrix) generate(s, s.matrix);
+  }
+
   /// Writes P of the current epoch into `out` (shape from Policy::matrix_shape).
   void generate(const State& s, cpu::RowMatrix& out) const {
     const Shape p = Policy::matrix_shape(s.shape, s.side, options.rank);
