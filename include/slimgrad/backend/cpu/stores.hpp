@@ -28,45 +28,74 @@ namespace slimgrad {
 
 namespace cpu::detail {
 
+// Throws Error; [[noreturn]] so that compilers see the checked paths end here (no false
+// -Warray-bounds/-Wnonnull on the code after a failed check).
+[[noreturn]] inline void fail(const std::string& message) {
+  throw Error("slimgrad: " + message);
+}
+
 inline void check_count(index_t count, const char* store) {
-  require(count >= 0, std::string(store) + " store: element count " + std::to_string(count) +
-                          " is negative");
+  if (count < 0)
+    fail(std::string(store) + " store: element count " + std::to_string(count) + " is negative");
 }
 
 // A load/store range must lie in [0, count], start on a multiple of `alignment` and end on one or
-// at count; the fp32 side must be non-null when the range is not empty.
+// at count; the fp32 side must be non-null when the range is not empty. Messages are built only
+// on failure: this runs on every call of the hot path.
 inline void check_range(index_t count, index_t begin, index_t end, index_t alignment,
                         const void* fp32, const char* store, const char* op) {
+  const bool inside = 0 <= begin && begin <= end && end <= count;
+  const bool aligned_begin = begin % alignment == 0;
+  const bool aligned_end = end % alignment == 0 || end == count;
+  const bool pointer = fp32 != nullptr || begin == end;
+  if (inside && aligned_begin && aligned_end && pointer) return;
   const std::string where = std::string(store) + " store " + op + ": ";
-  require(0 <= begin && begin <= end && end <= count,
-          where + "range [" + std::to_string(begin) + ", " + std::to_string(end) +
-              ") is not inside [0, " + std::to_string(count) + ")");
-  require(begin % alignment == 0, where + "range start " + std::to_string(begin) +
-                                      " is not a multiple of the alignment " +
-                                      std::to_string(alignment));
-  require(end % alignment == 0 || end == count,
-          where + "range end " + std::to_string(end) + " is neither a multiple of the alignment " +
-              std::to_string(alignment) + " nor the element count " + std::to_string(count));
-  require(fp32 != nullptr || begin == end, where + "the fp32 pointer is null");
+  if (!inside)
+    fail(where + "range [" + std::to_string(begin) + ", " + std::to_string(end) +
+         ") is not inside [0, " + std::to_string(count) + ")");
+  if (!aligned_begin)
+    fail(where + "range start " + std::to_string(begin) + " is not a multiple of the alignment " +
+         std::to_string(alignment));
+  if (!aligned_end)
+    fail(where + "range end " + std::to_string(end) + " is neither a multiple of the alignment " +
+         std::to_string(alignment) + " nor the element count " + std::to_string(count));
+  fail(where + "the fp32 pointer is null");
 }
 
 // Runs body(b, e) over [begin, end) cut into chunks of `chunk` elements (the first chunk starts at
-// begin, so a chunk that is a multiple of the alignment keeps every chunk aligned), in parallel.
+// begin, so a chunk that is a multiple of the alignment keeps every chunk aligned). Threads are
+// used only when (end − begin)·cost reaches parallel_work: below that (a 64Ki-element tile of a
+// conversion that runs at ~1 element/ns) starting a parallel region costs more than it saves, and
+// an engine that already runs tiles in parallel gets no nested regions.
+inline constexpr index_t parallel_work = index_t{1} << 18;
+
 template <class Body>
-void for_chunks(index_t begin, index_t end, index_t chunk, Body&& body) {
+void for_chunks(index_t begin, index_t end, index_t chunk, index_t cost, Body&& body) {
   const index_t n = end - begin;
   if (n <= 0) return;
   const index_t chunks = (n + chunk - 1) / chunk;
-  parallel_for(chunks, chunk, [&](index_t k) {
+  auto run = [&](index_t k) {
     const index_t b = begin + k * chunk;
     const index_t e = b + chunk < end ? b + chunk : end;
     body(b, e);
-  });
+  };
+#if defined(_OPENMP)
+  const bool worth_it = chunks > 1 && n * cost >= parallel_work;
+#pragma omp parallel for schedule(static) if (worth_it)
+  for (index_t k = 0; k < chunks; ++k)
+    run(k);
+#else
+  (void)cost;
+  for (index_t k = 0; k < chunks; ++k)
+    run(k);
+#endif
 }
 
 inline constexpr index_t stream_chunk = index_t{1} << 14;  // elements per parallel work item
 
-inline std::size_t to_size(index_t n) { return static_cast<std::size_t>(n); }
+inline std::size_t to_size(index_t n) {
+  return static_cast<std::size_t>(n);
+}
 
 }  // namespace cpu::detail
 
@@ -152,7 +181,7 @@ struct impl<state::Bf16, backend::cpu> {
   void load(const Buffer& b, index_t begin, index_t end, float* out) const {
     cpu::detail::check_range(b.count, begin, end, alignment, out, state::Bf16::name, "load");
     const std::uint16_t* src = b.data.data();
-    cpu::detail::for_chunks(begin, end, cpu::detail::stream_chunk, [&](index_t lo, index_t hi) {
+    cpu::detail::for_chunks(begin, end, cpu::detail::stream_chunk, 1, [&](index_t lo, index_t hi) {
       for (index_t e = lo; e < hi; ++e)
         out[e - begin] = numeric::bf16_to_float(src[e]);
     });
@@ -161,22 +190,22 @@ struct impl<state::Bf16, backend::cpu> {
   /// Rounds in[0 .. end−begin) into elements [begin, end). With stochastic rounding, element e
   /// uses word e % 4 of Philox block e / 4 under `key` (random::block_bits), so the result depends
   /// only on (key, e, value): any tiling or thread count gives the same bits.
-  void store(Buffer& b, index_t begin, index_t end, const float* in,
-             const random::Key& key) const {
+  void store(Buffer& b, index_t begin, index_t end, const float* in, const random::Key& key) const {
     cpu::detail::check_range(b.count, begin, end, alignment, in, state::Bf16::name, "store");
     std::uint16_t* dst = b.data.data();
     if (!options_.stochastic_rounding) {
-      cpu::detail::for_chunks(begin, end, cpu::detail::stream_chunk, [&](index_t lo, index_t hi) {
-        for (index_t e = lo; e < hi; ++e)
-          dst[e] = numeric::bf16_bits_rne(in[e - begin]);
-      });
+      cpu::detail::for_chunks(begin, end, cpu::detail::stream_chunk, 1,
+                              [&](index_t lo, index_t hi) {
+                                for (index_t e = lo; e < hi; ++e)
+                                  dst[e] = numeric::bf16_bits_rne(in[e - begin]);
+                              });
       return;
     }
-    require(static_cast<std::uint64_t>(end) <= random::max_elements,
-            "bf16 store: stochastic rounding addresses at most 2^34 elements per key");
+    if (static_cast<std::uint64_t>(end) > random::max_elements)
+      cpu::detail::fail("bf16 store: stochastic rounding addresses at most 2^34 elements per key");
     // Chunks start on multiples of 4 after the first, so each Philox block is drawn once.
     const index_t first = begin - begin % 4;
-    cpu::detail::for_chunks(first, end, cpu::detail::stream_chunk, [&](index_t lo, index_t hi) {
+    cpu::detail::for_chunks(first, end, cpu::detail::stream_chunk, 4, [&](index_t lo, index_t hi) {
       for (index_t blk = lo; blk < hi; blk += 4) {
         const random::Block4 bits = random::block_bits(key, static_cast<std::uint64_t>(blk / 4));
         const index_t e0 = blk < begin ? begin : blk;
@@ -260,13 +289,13 @@ struct impl<state::Q8Block<B>, backend::cpu> {
         std::memmove(out, b.fp32.data() + begin, cpu::detail::to_size(end - begin) * sizeof(float));
       return;
     }
-    const float* code = state::q8::code_map(b.kind);
-    cpu::detail::for_chunks(begin, end, chunk, [&](index_t lo, index_t hi) {
+    const state::q8::CodeMap& map = state::q8::code_map(b.kind);
+    cpu::detail::for_chunks(begin, end, chunk, cost_load, [&](index_t lo, index_t hi) {
       for (index_t blk = lo; blk < hi; blk += B) {
         const float a = b.absmax[cpu::detail::to_size(blk / B)];
         const index_t stop = blk + B < hi ? blk + B : hi;
         for (index_t e = blk; e < stop; ++e)
-          out[e - begin] = state::q8::dequantize(code, b.codes[cpu::detail::to_size(e)], a);
+          out[e - begin] = state::q8::dequantize(map, b.codes[cpu::detail::to_size(e)], a);
       }
     });
   }
@@ -282,8 +311,8 @@ struct impl<state::Q8Block<B>, backend::cpu> {
       return;
     }
     const bool is_signed = b.kind == state::Moment::first;
-    const float* code = state::q8::code_map(b.kind);
-    cpu::detail::for_chunks(begin, end, chunk, [&](index_t lo, index_t hi) {
+    const state::q8::CodeMap& map = state::q8::code_map(b.kind);
+    cpu::detail::for_chunks(begin, end, chunk, cost_store, [&](index_t lo, index_t hi) {
       for (index_t blk = lo; blk < hi; blk += B) {
         const index_t stop = blk + B < hi ? blk + B : hi;
         const float* x = in + (blk - begin);
@@ -291,9 +320,7 @@ struct impl<state::Q8Block<B>, backend::cpu> {
         for (index_t i = 0; i < stop - blk; ++i)
           a = state::q8::absmax_update(a, x[i]);
         b.absmax[cpu::detail::to_size(blk / B)] = a;
-        std::uint8_t* c = b.codes.data() + blk;
-        for (index_t i = 0; i < stop - blk; ++i)
-          c[i] = state::q8::quantize(code, is_signed, x[i], a);
+        state::q8::quantize_n(map, is_signed, x, stop - blk, a, b.codes.data() + blk);
       }
     });
   }
@@ -301,6 +328,8 @@ struct impl<state::Q8Block<B>, backend::cpu> {
  private:
   static constexpr index_t chunk =
       ((cpu::detail::stream_chunk + B - 1) / B) * B;  // whole blocks per work item
+  static constexpr index_t cost_load = 1;             // relative cost per element (see for_chunks)
+  static constexpr index_t cost_store = 8;            // a division and an 8-step search per element
 
   static index_t blocks(index_t count) { return (count + B - 1) / B; }
   static std::uint8_t zero_code(state::Moment kind) {
@@ -372,8 +401,7 @@ struct impl<state::Factored, backend::cpu> {
   }
   static std::size_t bytes_for(Shape shape, state::Moment kind, const Options&) {
     check_shape(shape);
-    if (factors(shape, kind))
-      return cpu::detail::to_size(shape.rows + shape.cols) * sizeof(float);
+    if (factors(shape, kind)) return cpu::detail::to_size(shape.rows + shape.cols) * sizeof(float);
     return cpu::detail::to_size(shape.rows * shape.cols) * sizeof(float);
   }
   static std::size_t bytes_for(index_t count, state::Moment kind, const Options& options) {
@@ -385,15 +413,19 @@ struct impl<state::Factored, backend::cpu> {
   float* direct(Buffer& b) const { return b.factored ? nullptr : b.full.data(); }
 
   void load(const Buffer& b, index_t begin, index_t end, float* out) const {
-    require(!b.factored, "factored store load: a factored second moment has no elements to load; "
-                         "use inverse_sqrt_factors");
+    if (b.factored)
+      cpu::detail::fail(
+          "factored store load: a factored second moment has no elements to load; "
+          "use inverse_sqrt_factors");
     cpu::detail::check_range(b.count, begin, end, alignment, out, state::Factored::name, "load");
     if (end > begin)
       std::memmove(out, b.full.data() + begin, cpu::detail::to_size(end - begin) * sizeof(float));
   }
   void store(Buffer& b, index_t begin, index_t end, const float* in, const random::Key&) const {
-    require(!b.factored, "factored store store: a factored second moment is updated only by "
-                         "accumulate");
+    if (b.factored)
+      cpu::detail::fail(
+          "factored store store: a factored second moment is updated only by "
+          "accumulate");
     cpu::detail::check_range(b.count, begin, end, alignment, in, state::Factored::name, "store");
     if (end > begin && in != b.full.data() + begin)
       std::memmove(b.full.data() + begin, in, cpu::detail::to_size(end - begin) * sizeof(float));
@@ -401,17 +433,25 @@ struct impl<state::Factored, backend::cpu> {
 
   /// One Adafactor second-moment step with Q = g⊙g + eps1 (each in float, as torch's
   /// `grad**2 + eps1`): factored, r ← β̂·r + (1−β̂)·rowmean(Q) and c ← β̂·c + (1−β̂)·colmean(Q);
-  /// elementwise, v ← β̂·v + (1−β̂)·Q. The means sum in double and round once, so they are within
-  /// an ulp or so of torch's float32 mean (pairwise float sums). `beta2_hat` is 1 − t^−0.8 in
-  /// Adafactor (0 at t = 1); it must be in [0, 1].
-  void accumulate(Buffer& b, HostView<const float> g, float beta2_hat) {
-    require(b.kind == state::Moment::second,
-            "factored store accumulate: the buffer holds a first moment");
-    cpu::require_shape(g, b.shape, "factored store accumulate gradient");
-    require(beta2_hat >= 0.0f && beta2_hat <= 1.0f,
-            "factored store accumulate: beta2_hat must be in [0, 1]");
-    const float beta = beta2_hat;
-    const float alpha = 1.0f - beta2_hat;
+  /// elementwise, v ← β̂·v + (1−β̂)·Q. `beta2_hat` is 1 − t^−0.8 in Adafactor (0 at t = 1) and
+  /// must be in [0, 1].
+  ///
+  /// Rounding follows HF's `x.mul_(beta2t).add_(mean, alpha=1.0 - beta2t)` on torch's CPU (AVX2)
+  /// kernels: β and α = 1 − β̂ are each rounded once to float, x·β is rounded, then
+  /// fma(mean, α, x·β). Pass β̂ in double (as HF's Python float) to get α exactly as torch does;
+  /// the float overload uses α = 1 − float(β̂), which for β̂ near 1 (late steps) differs from
+  /// float(1 − β̂) by up to 2^-25/(1 − β̂) relative. The means sum in double and round once, so
+  /// they are within an ulp of torch's float32 mean (a pairwise float sum).
+  void accumulate(Buffer& b, HostView<const float> g, double beta2_hat) {
+    if (b.kind != state::Moment::second)
+      cpu::detail::fail("factored store accumulate: the buffer holds a first moment");
+    if (g.rows != b.shape.rows || g.cols != b.shape.cols || g.ld < g.cols ||
+        (g.data == nullptr && !g.empty()))
+      cpu::require_shape(g, b.shape, "factored store accumulate gradient");  // throws, says why
+    if (!(beta2_hat >= 0.0 && beta2_hat <= 1.0))
+      cpu::detail::fail("factored store accumulate: beta2_hat must be in [0, 1]");
+    const float beta = static_cast<float>(beta2_hat);
+    const float alpha = static_cast<float>(1.0 - beta2_hat);
     const float eps1 = options_.eps1;
     const index_t m = b.shape.rows, n = b.shape.cols;
     if (!b.factored) {
@@ -419,10 +459,8 @@ struct impl<state::Factored, backend::cpu> {
       cpu::parallel_for(m, n, [&](index_t i) {
         const float* gi = g.row(i);
         float* vi = v + i * n;
-        for (index_t j = 0; j < n; ++j) {
-          const float q = gi[j] * gi[j] + eps1;
-          vi[j] = vi[j] * beta + alpha * q;
-        }
+        for (index_t j = 0; j < n; ++j)
+          vi[j] = blend(vi[j], beta, alpha, square_plus(gi[j], eps1));
       });
       return;
     }
@@ -430,11 +468,18 @@ struct impl<state::Factored, backend::cpu> {
     float* r = b.row.data();
     cpu::parallel_for(m, n, [&](index_t i) {
       const float* gi = g.row(i);
-      double sum = 0.0;
-      for (index_t j = 0; j < n; ++j)
-        sum += static_cast<double>(square_plus(gi[j], eps1));
+      // Four double partial sums: a dependency chain four times shorter; the double sum differs
+      // from a one-accumulator sum far below a float ulp (double carries 29 more bits).
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      index_t j = 0;
+      for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k)
+          acc[k] += static_cast<double>(square_plus(gi[j + k], eps1));
+      for (; j < n; ++j)
+        acc[0] += static_cast<double>(square_plus(gi[j], eps1));
+      const double sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       const float mean = static_cast<float>(sum / static_cast<double>(n));
-      r[i] = r[i] * beta + alpha * mean;
+      r[i] = blend(r[i], beta, alpha, mean);
     });
     // Column means: column strips of `strip` columns per work item, rows in order.
     col_sums_.assign(cpu::detail::to_size(n), 0.0);
@@ -452,17 +497,22 @@ struct impl<state::Factored, backend::cpu> {
     float* c = b.col.data();
     for (index_t j = 0; j < n; ++j) {
       const float mean = static_cast<float>(sums[j] / static_cast<double>(m));
-      c[j] = c[j] * beta + alpha * mean;
+      c[j] = blend(c[j], beta, alpha, mean);
     }
+  }
+  /// The same with β̂ in float (α = 1 − β̂ computed in float; see above).
+  void accumulate(Buffer& b, HostView<const float> g, float beta2_hat) {
+    accumulate(b, g, static_cast<double>(beta2_hat));
   }
 
   /// HF Adafactor's _approx_sq_grad factors of a factored buffer: row_factor_i =
   /// rsqrt(r_i / mean(r)) (m values) and col_factor_j = rsqrt(c_j) (n values), each rsqrt
   /// computed as 1/sqrt in float like torch's, so that 1/sqrt(v̂_ij) = row_factor_i·col_factor_j.
   void inverse_sqrt_factors(const Buffer& b, float* row_factor, float* col_factor) const {
-    require(b.factored, "factored store inverse_sqrt_factors: the buffer is not factored");
-    require(row_factor != nullptr && col_factor != nullptr,
-            "factored store inverse_sqrt_factors: null output");
+    if (!b.factored)
+      cpu::detail::fail("factored store inverse_sqrt_factors: the buffer is not factored");
+    if (row_factor == nullptr || col_factor == nullptr)
+      cpu::detail::fail("factored store inverse_sqrt_factors: null output");
     const index_t m = b.shape.rows, n = b.shape.cols;
     double sum = 0.0;
     for (index_t i = 0; i < m; ++i)
@@ -479,6 +529,10 @@ struct impl<state::Factored, backend::cpu> {
     require(shape.rows >= 0 && shape.cols >= 0,
             "factored store: shape " + std::to_string(shape.rows) + "x" +
                 std::to_string(shape.cols) + " has a negative dimension");
+  }
+  // x·β rounded, then fma(q, α, x·β): torch's mul_(β) then add_(q, alpha=α) (vec::fmadd).
+  static float blend(float x, float beta, float alpha, float q) {
+    return std::fma(q, alpha, x * beta);
   }
   // g² rounded to float, then + eps1 rounded to float: torch's `grad**2 + eps1`, two ops. The
   // empty asm makes the product exist as a float, so -ffp-contract cannot fuse it into an FMA.
