@@ -15,7 +15,7 @@ build=${SLIMGRAD_BUILD_DIR:-build}  # build directory (default build/)
 py=/usr/bin/python3
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$py" >/dev/null
 targets=(slimgrad_cli)
-if cmake --build "$build" --target help | grep -q slimgrad_bench; then
+if cmake --build "$build" --target help | grep slimgrad_bench >/dev/null; then  # no -q: SIGPIPE
   targets+=(slimgrad_bench)
 fi
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
