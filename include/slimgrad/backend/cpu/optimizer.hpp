@@ -142,11 +142,12 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     std::vector<char> finite(params.size());
     for (std::size_t i = 0; i < params.size(); ++i)
       finite[i] = cpu::all_finite(params[i].grad);
-    for (auto& [name, slot] : fresh) {
+    for (auto& entry : fresh) {  // (no structured binding: clang 14 cannot capture one)
+      const std::string& name = entry.first;
       const auto p = std::find_if(params.begin(), params.end(),
                                   [&](const Param& q) { return q.name == name; });
       if (finite[static_cast<std::size_t>(p - params.begin())])
-        slots_.emplace(name, std::move(slot));
+        slots_.emplace(name, std::move(entry.second));
     }
     for (std::size_t i = 0; i < params.size(); ++i) {
       if (!finite[i]) {
@@ -176,13 +177,9 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   }
   /// The state bytes a parameter of `shape` will hold, without creating it.
   std::size_t predicted_state_bytes(std::string_view name, Shape shape) const {
-    const bool compressed = decide_compressed(name, shape);
-    std::size_t bytes = sizeof(std::int64_t);
-    if (!compressed) return bytes + rule_.template bytes_for<StoreImpl>(options_.store, shape);
-    const TransformImpl& t = transform_for_name(name);
-    const Shape cs = t.coeff_shape(shape);
-    const Shape tracked = t.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape();
-    bytes += rule_.template bytes_for<StoreImpl>(options_.store, tracked) + t.state_bytes(shape);
+    std::size_t bytes = sizeof(std::int64_t) + rule_state_bytes(name, shape);
+    if (!decide_compressed(name, shape)) return bytes;
+    bytes += transform_for_name(name).state_bytes(shape);
     if (residual_options_for(name).limiter_gamma > 0) bytes += sizeof(float);
     return bytes;
   }
@@ -274,6 +271,9 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       throw Error("slimgrad: checkpoint: metadata 'params' is not a JSON list of names");
     }
     require(names.is_array(), "checkpoint: metadata 'params' is not a JSON list of names");
+    std::size_t data_bytes = 0;
+    for (const auto& entry : f.tensors)
+      data_bytes += entry.second.data.size();
     std::map<std::string, Slot, std::less<>> fresh;
     for (const auto& jn : names) {
       require(jn.is_string() && !jn.get<std::string>().empty(),
@@ -283,7 +283,13 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       std::vector<std::int64_t> shape(2);
       r.vector("shape", shape);
       require(shape[0] > 0 && shape[1] > 0, "checkpoint: '" + name + "' has a non-positive shape");
+      require(shape[0] <= (std::int64_t{1} << 40) / shape[1],
+              "checkpoint: '" + name + "' has an impossible shape");
       const Shape sh{static_cast<index_t>(shape[0]), static_cast<index_t>(shape[1])};
+      // The moments must be in the file: a shape whose state would exceed the file's bytes is
+      // a corrupt (or hostile) file, refused before anything is allocated.
+      require(rule_state_bytes(name, sh) <= data_bytes,
+              "checkpoint: '" + name + "' claims a shape whose state is larger than the file");
       Slot slot = make_slot(name, sh);
       slot.step = r.i64("step");
       require(slot.step >= 0, "checkpoint: '" + name + "' has a negative step count");
@@ -440,6 +446,16 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       ts.ready = r.i64("ready") != 0;
     }
     if constexpr (requires { ts.read(r); }) ts.read(r);
+  }
+
+  // The bytes of the rule's state (moments) of a parameter, without creating it.
+  std::size_t rule_state_bytes(std::string_view name, Shape shape) const {
+    if (!decide_compressed(name, shape))
+      return rule_.template bytes_for<StoreImpl>(options_.store, shape);
+    const TransformImpl& t = transform_for_name(name);
+    const Shape cs = t.coeff_shape(shape);
+    const Shape tracked = t.tracked(HostView<float>(nullptr, cs.rows, cs.cols)).shape();
+    return rule_.template bytes_for<StoreImpl>(options_.store, tracked);
   }
 
   static std::string shape_str(Shape s) {
