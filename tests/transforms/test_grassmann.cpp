@@ -321,6 +321,27 @@ TEST_CASE("grassmann: non-finite gradient at a tracking step keeps the basis") {
   CHECK(s.last_failure == RefreshFailure::non_finite_result);
 }
 
+TEST_CASE("grassmann: a failed first SVD is retried at the next due step, not tracked") {
+  const Shape shape{30, 20};
+  Gr gr({.rank = 4, .update_gap = 2});
+  Svd svd({.rank = 4, .update_gap = 2});
+  auto s = gr.init(shape, 1);
+  auto bad = gaussian(30, 20, 63);
+  bad[0] = std::numeric_limits<float>::infinity();
+  CHECK(gr.refresh(s, host_view(bad.data(), 30, 20), 0));
+  CHECK(s.last_refresh_status == RefreshStatus::identity_basis);
+  CHECK(s.provisional);
+  const auto good = gaussian(30, 20, 64);
+  CHECK(!gr.refresh(s, host_view(good.data(), 30, 20), 1));  // not due
+  CHECK(gr.refresh(s, host_view(good.data(), 30, 20), 2));
+  CHECK(s.last_refresh_status == RefreshStatus::ok);
+  CHECK(!s.provisional);
+  CHECK(s.tracking_count == 0);
+  auto ref = svd.init(shape, 1);
+  svd.refresh(ref, host_view(good.data(), 30, 20), 2);
+  CHECK(s.basis == ref.basis);
+}
+
 TEST_CASE("grassmann: moment rotation against a double loop") {
   // Left: M, V are r×n; right: m×r. 300 channels cross the 256-channel blocking.
   const index_t r = 5, channels = 300;

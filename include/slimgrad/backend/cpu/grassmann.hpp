@@ -195,7 +195,8 @@ struct impl<transforms::Grassmann, backend::cpu> {
   HostView<const float> tracked(HostView<const float> coeffs) const { return coeffs; }
 
   /// k = 0 or no basis yet: the top-r SVD (SvdProjection's refresh, with its fallbacks).
-  /// k % T == 0, k > 0: one geodesic tracking step on `g`. Returns true when the basis changed.
+  /// k % T == 0, k > 0: one geodesic tracking step on `g` (or the SVD again while the basis is
+  /// the identity fallback of a failed first refresh). Returns true when the basis changed.
   bool refresh(State& s, HostView<const float> g, index_t k) { return refresh(s, g, k, {}); }
 
   /// As refresh(s, g, k), and writes C = S_newᵀ S_old (r×r) into `rotation` when non-empty
@@ -207,6 +208,7 @@ struct impl<transforms::Grassmann, backend::cpu> {
       if (!rotation.empty()) cpu::as_eigen(rotation).setIdentity();
       return false;
     }
+    if (s.provisional) return svd_.refresh_now(s, g, k, rotation);  // retry the initial SVD
     return track_now(s, g, k, rotation);
   }
 
@@ -348,7 +350,8 @@ struct impl<transforms::Grassmann, backend::cpu> {
       w_.noalias() -= s * sw_;
     }
     btb_.noalias() = w_.transpose() * w_;
-    if (!std::isfinite(wnorm) || !btb_.allFinite()) return RefreshFailure::non_finite_result;
+    if (!std::isfinite(wnorm) || !cpu::all_finite_dense(btb_))
+      return RefreshFailure::non_finite_result;
     btb_d_ = btb_.cast<double>();
     eig_.compute(btb_d_, Eigen::ComputeEigenvectors);
     if (eig_.info() != Eigen::Success) return RefreshFailure::no_convergence;
@@ -366,7 +369,7 @@ struct impl<transforms::Grassmann, backend::cpu> {
     const double theta = options.eta * st.last_sigma;
     bv_ *= static_cast<float>(-1.0 / nb);  // u = −Bv/‖Bv‖
     geodesic_update(s, bv_, v_, theta, sv_, wvec_);
-    if (!s.allFinite()) return RefreshFailure::non_finite_result;
+    if (!cpu::all_finite_dense(st.basis)) return RefreshFailure::non_finite_result;
     st.last_angle = theta;
     return RefreshFailure::none;
   }

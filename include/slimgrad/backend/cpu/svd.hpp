@@ -36,6 +36,13 @@ inline bool take_injected_failure() {
 }
 }  // namespace detail
 
+/// True when every element of a dense Eigen matrix is finite (common.hpp's all_finite on its
+/// storage; Eigen's allFinite() evaluates x − x for every element and does not stop early).
+template <class Derived>
+bool all_finite_dense(const Eigen::PlainObjectBase<Derived>& m) {
+  return all_finite(HostView<const float>(m.data(), 1, m.size(), m.size()));
+}
+
 /// Applies transforms::canonical_sign_flip to every column of `u` (column-major, contiguous
 /// columns) and flips the matching column of `partner` with it when `partner` is given (the
 /// other side of an SVD: the pair (u_i, v_i) flips together; the basis side decides).
@@ -100,6 +107,9 @@ struct BasisState {
   transforms::RefreshStatus last_refresh_status = transforms::RefreshStatus::none;
   transforms::RefreshFailure last_failure = transforms::RefreshFailure::none;
   index_t last_refresh_step = -1;  ///< k of the last refresh that ran
+  /// True while the basis is the identity fallback of a failed first refresh: Grassmann then
+  /// runs the SVD again at its next due step instead of tracking from coordinate vectors.
+  bool provisional = false;
 
   /// True once a basis exists (forward/inverse may run).
   bool ready() const { return basis.size() > 0; }
@@ -133,7 +143,7 @@ inline transforms::RefreshFailure exact_top_singular_vectors(HostView<const floa
   if (svd.info() == Eigen::InvalidInput) return RefreshFailure::non_finite_gradient;
   if (svd.info() != Eigen::Success) return RefreshFailure::no_convergence;
   u = side == Side::left ? svd.matrixU().leftCols(rank) : svd.matrixV().leftCols(rank);
-  if (!u.allFinite()) return RefreshFailure::non_finite_result;
+  if (!all_finite_dense(u)) return RefreshFailure::non_finite_result;
   canonicalize_signs(u);
   return RefreshFailure::none;
 }
@@ -170,7 +180,7 @@ transforms::RefreshFailure randomized_top_singular_vectors(const GHat& ghat, ind
   }
   orthonormalize_columns(ws.y, ws.qr, ws.q);
   ws.z.noalias() = ghat.transpose() * ws.y;  // Bᵀ
-  if (!ws.z.allFinite()) return RefreshFailure::non_finite_result;
+  if (!all_finite_dense(ws.z)) return RefreshFailure::non_finite_result;
   ws.qr.compute(ws.z);
   ws.r = ws.qr.matrixQR().topRows(ell).template triangularView<Eigen::Upper>();
   Eigen::BDCSVD<ColMatrix> small(ws.r, Eigen::ComputeThinV);
@@ -178,7 +188,7 @@ transforms::RefreshFailure randomized_top_singular_vectors(const GHat& ghat, ind
   if (small.info() != Eigen::Success) return RefreshFailure::no_convergence;
   u.resize(dim0, rank);
   u.noalias() = ws.y * small.matrixV().leftCols(rank);
-  if (!u.allFinite()) return RefreshFailure::non_finite_result;
+  if (!all_finite_dense(u)) return RefreshFailure::non_finite_result;
   canonicalize_signs(u);
   return RefreshFailure::none;
 }

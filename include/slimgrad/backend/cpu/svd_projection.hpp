@@ -131,6 +131,7 @@ struct impl<transforms::SvdProjection, backend::cpu> {
     }
     s.last_refresh_status = status;
     s.last_failure = failure;
+    s.provisional = status == RefreshStatus::identity_basis;
     install(s, u_, rotation);
     return true;
   }
