@@ -37,6 +37,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../../core/concepts.hpp"
 #include "../../transforms/dwt.hpp"
@@ -225,8 +228,9 @@ inline void filter_inverse_line(const float* __restrict a, const float* __restri
 
 /// Per-thread scratch of the row kernels, carved out of one float buffer.
 struct RowScratch {
-  float* in;    // copy of the input line (in place only): K floats
-  float* ping;  // intermediate approximations: max N_l floats each
+  float* in;     // copy of the input line (in place only): K floats
+  float* stage;  // the finished output line before its streaming copy: K floats
+  float* ping;   // intermediate approximations: max N_l floats each
   float* pong;
   float* ye;  // forward polyphase halves: max N_l + F/2 floats each
   float* yo;
@@ -239,7 +243,7 @@ struct RowScratch {
     const auto k = static_cast<std::size_t>(lay.total);
     const auto nm = static_cast<std::size_t>(lay.max_level_length());
     const auto h = static_cast<std::size_t>(lay.filter_length / 2);
-    return round_up(k) + 2 * round_up(nm) + 4 * round_up(nm + h) + round_up(2 * nm);
+    return 2 * round_up(k) + 2 * round_up(nm) + 4 * round_up(nm + h) + round_up(2 * nm);
   }
   static RowScratch carve(float* base, const DwtLayout& lay) {
     const auto k = static_cast<std::size_t>(lay.total);
@@ -248,6 +252,7 @@ struct RowScratch {
     RowScratch s{};
     float* p = base;
     s.in = p, p += round_up(k);
+    s.stage = p, p += round_up(k);
     s.ping = p, p += round_up(nm);
     s.pong = p, p += round_up(nm);
     s.ye = p, p += round_up(nm + h);
@@ -292,6 +297,45 @@ inline void inverse_row(const float* c, float* x, const DwtLayout& lay, const Ro
       filter_inverse_line<W>(a, d, m, t, lay.mode, s.aext, s.dext, s.v, dst);
     a = dst;
   }
+}
+
+// ---- streaming stores -------------------------------------------------------------------------
+
+/// Output matrices at least this large are written with non-temporal stores: they do not fit
+/// in the last-level cache anyway, and skipping the read-for-ownership of every written line
+/// cuts the memory traffic of a pass from 3 to 2 matrix sizes. Smaller outputs are written
+/// normally so that the next step (Adam on a_L) finds them in cache.
+inline constexpr std::size_t dwt_streaming_bytes = std::size_t{16} << 20;
+
+/// dst[0, n) = src[0, n) with non-temporal stores where the target is 16-byte aligned (SSE2,
+/// the x86-64 baseline); a plain copy elsewhere. Call store_fence() before others read dst.
+inline void stream_copy(float* dst, const float* src, index_t n) {
+#if defined(__SSE2__)
+  index_t i = 0;
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 15u) != 0; ++i)
+    dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) {
+    const __m128 a = _mm_loadu_ps(src + i), b = _mm_loadu_ps(src + i + 4);
+    const __m128 c = _mm_loadu_ps(src + i + 8), d = _mm_loadu_ps(src + i + 12);
+    _mm_stream_ps(dst + i, a);
+    _mm_stream_ps(dst + i + 4, b);
+    _mm_stream_ps(dst + i + 8, c);
+    _mm_stream_ps(dst + i + 12, d);
+  }
+  for (; i + 4 <= n; i += 4)
+    _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i < n; ++i)
+    dst[i] = src[i];
+#else
+  std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));
+#endif
+}
+
+/// Orders this thread's non-temporal stores before its later stores (and the barrier after).
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // ---- column strips ------------------------------------------------------------------------------
@@ -518,6 +562,10 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
     return rows ? coeffs.block(0, 0, coeffs.rows, a) : coeffs.block(0, 0, a, coeffs.cols);
   }
 
+  static bool streaming(HostView<float> out) {
+    return static_cast<std::size_t>(out.size()) * sizeof(float) >= cpu::detail::dwt_streaming_bytes;
+  }
+
   /// Runs body(i, scratch) for i in [0, count) over OpenMP threads, each with its own slice of
   /// `per_thread` floats of the grown-once scratch.
   template <class Body>
@@ -535,19 +583,24 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
       float* mine = base + per_thread * static_cast<std::size_t>(omp_get_thread_num());
-#pragma omp for schedule(static)
+      // Dynamic chunks of contiguous lines: a thread that loses its core on a shared machine
+      // does not hold the others up at the barrier, and each chunk is still a sequential stream.
+#pragma omp for schedule(dynamic, 8) nowait
       for (index_t i = 0; i < count; ++i)
         body(i, mine);
+      cpu::detail::store_fence();
     }
 #else
     for (index_t i = 0; i < count; ++i)
       body(i, base);
+    cpu::detail::store_fence();
 #endif
   }
 
   void forward_rows(HostView<const float> g, HostView<float> c, const transforms::DwtLayout& lay,
                     bool in_place) {
     using cpu::detail::RowScratch;
+    const bool stream = streaming(c);
     run(g.rows, g.cols * 2, RowScratch::floats(lay), [&](index_t i, float* ws) {
       const RowScratch s = RowScratch::carve(ws, lay);
       const float* x = g.row(i);
@@ -555,13 +608,19 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
         std::memcpy(s.in, x, static_cast<std::size_t>(g.cols) * sizeof(float));
         x = s.in;
       }
-      cpu::detail::forward_row<Wavelet>(x, c.row(i), lay, s);
+      if (stream) {
+        cpu::detail::forward_row<Wavelet>(x, s.stage, lay, s);
+        cpu::detail::stream_copy(c.row(i), s.stage, c.cols);
+      } else {
+        cpu::detail::forward_row<Wavelet>(x, c.row(i), lay, s);
+      }
     });
   }
 
   void inverse_rows(HostView<const float> c, HostView<float> out, const transforms::DwtLayout& lay,
                     bool in_place) {
     using cpu::detail::RowScratch;
+    const bool stream = streaming(out);
     run(out.rows, out.cols * 2, RowScratch::floats(lay), [&](index_t i, float* ws) {
       const RowScratch s = RowScratch::carve(ws, lay);
       const float* ci = c.row(i);
@@ -569,7 +628,12 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
         std::memcpy(s.in, ci, static_cast<std::size_t>(c.cols) * sizeof(float));
         ci = s.in;
       }
-      cpu::detail::inverse_row<Wavelet>(ci, out.row(i), lay, s);
+      if (stream) {
+        cpu::detail::inverse_row<Wavelet>(ci, s.stage, lay, s);
+        cpu::detail::stream_copy(out.row(i), s.stage, out.cols);
+      } else {
+        cpu::detail::inverse_row<Wavelet>(ci, out.row(i), lay, s);
+      }
     });
   }
 
