@@ -64,10 +64,12 @@ inline void check_range(index_t count, index_t begin, index_t end, index_t align
 
 // Runs body(b, e) over [begin, end) cut into chunks of `chunk` elements (the first chunk starts at
 // begin, so a chunk that is a multiple of the alignment keeps every chunk aligned). Threads are
-// used only when (end − begin)·cost reaches parallel_work: below that (a 64Ki-element tile of a
-// conversion that runs at ~1 element/ns) starting a parallel region costs more than it saves, and
-// an engine that already runs tiles in parallel gets no nested regions.
-inline constexpr index_t parallel_work = index_t{1} << 18;
+// used only when (end − begin)·cost reaches parallel_work, cost being the relative time per
+// element (1 for a widening/narrowing at ~0.7 ns, 4 for stochastic rounding, 16 for 8-bit
+// quantisation): about half a millisecond of work. Below that a parallel region costs more than
+// it saves, and an engine that runs small tiles from its own parallel loop gets no nested
+// regions.
+inline constexpr index_t parallel_work = index_t{1} << 20;
 
 template <class Body>
 void for_chunks(index_t begin, index_t end, index_t chunk, index_t cost, Body&& body) {
@@ -177,6 +179,7 @@ struct impl<state::Bf16, backend::cpu> {
   }
   /// bf16 is not fp32: the rule loads and stores.
   float* direct(Buffer&) const { return nullptr; }
+  const float* direct(const Buffer&) const { return nullptr; }
 
   void load(const Buffer& b, index_t begin, index_t end, float* out) const {
     cpu::detail::check_range(b.count, begin, end, alignment, out, state::Bf16::name, "load");
@@ -254,7 +257,8 @@ struct impl<state::Q8Block<B>, backend::cpu> {
   }
 
   /// A buffer of `count` zeros: codes point at the map's 0.0 entry (index 127 signed, 0
-  /// unsigned) with absmax 0, so load() gives +0.0.
+  /// unsigned) with absmax 0, so load() gives +0.0 (bitsandbytes zero-fills the codes, which
+  /// reads back as −0.0 for the signed map: the same value).
   Buffer make(index_t count, state::Moment kind) const {
     cpu::detail::check_count(count, Store::name);
     Buffer b;
@@ -280,6 +284,7 @@ struct impl<state::Q8Block<B>, backend::cpu> {
   }
   /// The fp32 data for a small tensor, nullptr for a quantized one.
   float* direct(Buffer& b) const { return b.quantized ? nullptr : b.fp32.data(); }
+  const float* direct(const Buffer& b) const { return b.quantized ? nullptr : b.fp32.data(); }
 
   /// Dequantises elements [begin, end): map[code]·absmax of the element's block.
   void load(const Buffer& b, index_t begin, index_t end, float* out) const {
@@ -329,7 +334,7 @@ struct impl<state::Q8Block<B>, backend::cpu> {
   static constexpr index_t chunk =
       ((cpu::detail::stream_chunk + B - 1) / B) * B;  // whole blocks per work item
   static constexpr index_t cost_load = 1;             // relative cost per element (see for_chunks)
-  static constexpr index_t cost_store = 8;            // a division and an 8-step search per element
+  static constexpr index_t cost_store = 16;           // a division and an 8-step search per element
 
   static index_t blocks(index_t count) { return (count + B - 1) / B; }
   static std::uint8_t zero_code(state::Moment kind) {
@@ -411,6 +416,7 @@ struct impl<state::Factored, backend::cpu> {
 
   /// The fp32 elementwise data, or nullptr for a factored buffer.
   float* direct(Buffer& b) const { return b.factored ? nullptr : b.full.data(); }
+  const float* direct(const Buffer& b) const { return b.factored ? nullptr : b.full.data(); }
 
   void load(const Buffer& b, index_t begin, index_t end, float* out) const {
     if (b.factored)
