@@ -14,7 +14,8 @@ Writes
 --bnb-functional PATH: cross-check our copy of create_dynamic_map against the function in a
 bitsandbytes functional.py (e.g. from `pip download bitsandbytes`, unpacked); the function is
 extracted with ast and run, bitsandbytes itself is not imported.
---print-cpp: print the two 256-entry tables in the hex-float form used in state/q8_math.hpp.
+--print-cpp: print the two 256-entry tables in the hex-float form used in state/q8_math.hpp
+(paste them into signed_code_map()/unsigned_code_map(), then clang-format-14).
 """
 import argparse
 import ast
