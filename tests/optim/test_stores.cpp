@@ -705,10 +705,11 @@ TEST_CASE("Factored: HF Adafactor row/column statistics and factors match torch"
   }
   MESSAGE("factored: worst r/c distance " << worst_rc << " ulp, factors " << worst_factor
                                           << " ulp");
-  // Float rounding: means differ from torch's pairwise float sums by an ulp or two, the β-blend
-  // and rsqrt(r/mean r) add a few more.
-  CHECK(worst_rc <= 4);
-  CHECK(worst_factor <= 6);
+  // Float rounding: our means (double sums, rounded once) differ from torch's float sums by an
+  // ulp at times, which the β-blend keeps and rsqrt(r / mean r) can double (measured: 2 and 2
+  // ulp with g++ 12 and clang 14; the bounds leave one ulp for other compilers).
+  CHECK(worst_rc <= 3);
+  CHECK(worst_factor <= 4);
 
   // Elementwise second moment of a vector: v ← β̂v + (1−β̂)(g² + eps1).
   const auto& e = doc["elementwise"];
@@ -725,7 +726,7 @@ TEST_CASE("Factored: HF Adafactor row/column statistics and factors match torch"
       worst_v = std::max(worst_v, ulp_distance(v.full[sz(j)], want[sz(j)]));
   }
   MESSAGE("elementwise: worst distance " << worst_v << " ulp");
-  CHECK(worst_v <= 2);
+  CHECK(worst_v <= 1);  // measured 0: fma(q, α, v·β) as torch's AVX2 kernel
 }
 
 TEST_CASE("Factored: layouts, strided gradients, bytes") {
