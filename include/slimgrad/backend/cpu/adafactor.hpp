@@ -57,7 +57,7 @@ struct impl<optim::Adafactor, backend::cpu> {
     const double rms_w = cpu::frobenius(weight) / std::sqrt(static_cast<double>(weight.size()));
     const double rho = Rule::step_size(options, t, rms_w);
     FactoredImpl f = factored();
-    f.accumulate(st.v, c, static_cast<float>(Rule::beta2_hat(options, t)));
+    f.accumulate(st.v, c, Rule::beta2_hat(options, t));  // double: α = 1 − β̂ rounds once, as torch
     // u = X / sqrt(v̂), as HF's _approx_sq_grad(...).mul_(grad) or exp_avg_sq.rsqrt().mul_(grad).
     if (st.v.factored) {
       std::vector<float> rf(static_cast<std::size_t>(c.rows)), cf(static_cast<std::size_t>(c.cols));
