@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__SSE2__) || defined(__AVX__)
 #include <immintrin.h>
@@ -106,19 +107,22 @@ inline bool all_finite(HostView<const float> v) {
   return bad == 0;
 }
 
-/// Frobenius norm, accumulated in double.
+/// Frobenius norm, accumulated in double: per-row sums (in parallel), then the rows in order,
+/// so the result does not depend on the thread count (the limiter's ρ feeds bit-exact resume).
 inline double frobenius(HostView<const float> v) {
-  double sum = 0.0;
-#if defined(_OPENMP)
-#pragma omp parallel for reduction(+ : sum) schedule(static) if (v.size() > (1 << 16))
-#endif
-  for (index_t i = 0; i < v.rows; ++i) {
+  thread_local std::vector<double> rows;
+  rows.assign(static_cast<std::size_t>(v.rows), 0.0);
+  double* out = rows.data();
+  parallel_for(v.rows, v.cols, [&](index_t i) {
     const float* r = v.row(i);
     double s = 0.0;
     for (index_t j = 0; j < v.cols; ++j)
       s += static_cast<double>(r[j]) * r[j];
+    out[i] = s;
+  });
+  double sum = 0.0;
+  for (double s : rows)
     sum += s;
-  }
   return std::sqrt(sum);
 }
 

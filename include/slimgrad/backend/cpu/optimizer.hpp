@@ -36,6 +36,7 @@
 #include "../../transforms/identity.hpp"
 #include "common.hpp"
 #include "grassmann.hpp"
+#include "gwt_fused.hpp"
 #include "identity.hpp"
 
 namespace slimgrad {
@@ -70,6 +71,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     typename Residual::Options residual{};
     Fallback fallback{};
     std::uint64_t seed = 0;  ///< random words of stochastic rounding
+    bool fused = true;       ///< fused kernels where they exist (bit-identical; off for tests)
   };
 
   /// Per-parameter settings, given before the parameter's first step.
@@ -139,25 +141,20 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     }
 
     StepReport report;
-    std::vector<char> finite(params.size());
-    for (std::size_t i = 0; i < params.size(); ++i)
-      finite[i] = cpu::all_finite(params[i].grad);
-    for (auto& entry : fresh) {  // (no structured binding: clang 14 cannot capture one)
-      const std::string& name = entry.first;
-      const auto p = std::find_if(params.begin(), params.end(),
-                                  [&](const Param& q) { return q.name == name; });
-      if (finite[static_cast<std::size_t>(p - params.begin())])
-        slots_.emplace(name, std::move(entry.second));
+    std::set<std::string, std::less<>> fresh_names;
+    for (auto& entry : fresh) {
+      fresh_names.insert(entry.first);
+      slots_.emplace(entry.first, std::move(entry.second));
     }
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      if (!finite[i]) {
-        report.skipped.emplace_back(params[i].name);
-        continue;
+    for (const Param& p : params) {
+      const auto it = slots_.find(p.name);
+      if (step_one(p, it->second)) {
+        ++it->second.step;
+        ++report.stepped;
+      } else {
+        report.skipped.emplace_back(p.name);
+        if (fresh_names.count(p.name)) slots_.erase(it);  // a new parameter leaves no trace
       }
-      Slot& slot = slots_.find(params[i].name)->second;
-      step_one(params[i], slot);
-      ++slot.step;
-      ++report.stepped;
     }
     return report;
   }
@@ -539,21 +536,37 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     return r;
   }
 
-  void step_one(const Param& p, Slot& slot) {
+  // One parameter's step. False, with nothing changed, when its gradient holds NaN or Inf.
+  bool step_one(const Param& p, Slot& slot) {
     const RuleImpl rule = rule_for(slot);
     const random::Key key{options_.seed, slot.id, static_cast<std::uint32_t>(slot.step)};
     const std::int64_t t = slot.step + 1;
-    if (!slot.compressed) {
-      rule.update_apply(store_, slot.rs, p.grad, p.weight, t, 1.0f, key);
-      return;
-    }
     TransformImpl& tr = slot.own_transform ? *slot.own_transform : transform_;
     const auto& ro = slot.residual ? *slot.residual : options_.residual;
+    if constexpr (requires {
+                    Transform::levels;
+                    typename Transform::wavelet;
+                  } &&
+                  std::is_same_v<Residual, residual::WaveletDetails> &&
+                  std::is_same_v<Rule, optim::Adam>) {
+      if (slot.compressed && options_.fused) {
+        const std::optional<bool> taken =
+            cpu::gwt_adam_fused_step<typename Transform::wavelet, Transform::levels>(
+                rule, store_, slot.rs, detail::options_of(tr), p.grad, p.weight, t, ro.scale,
+                ro.limiter_gamma, slot.limiter);
+        if (taken) return *taken;
+      }
+    }
+    if (!cpu::all_finite(p.grad)) return false;
+    if (!slot.compressed) {
+      rule.update_apply(store_, slot.rs, p.grad, p.weight, t, 1.0f, key);
+      return true;
+    }
     if constexpr (std::is_same_v<Transform, transforms::Identity> &&
                   std::is_same_v<Residual, residual::Drop>) {
       if (ro.limiter_gamma == 0) {
         rule.update_apply(store_, slot.rs, p.grad, p.weight, t, static_cast<float>(ro.scale), key);
-        return;
+        return true;
       }
     }
     TransformState& ts = *slot.ts;
@@ -572,6 +585,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     HostView<float> u = workspace(update_, slot.shape);
     finish(tr, ts, ro, slot.limiter, p.grad, coeffs, c, raw, denom, out, u);
     apply(p.weight, u, out.weight);
+    return true;
   }
 
   // Refreshes the transform when due; with SubTrack++'s projection-aware moments, rotates the
