@@ -450,6 +450,20 @@ struct StripScratch {
   }
 };
 
+/// require() without building the message unless it fails: forward/inverse run every step,
+/// and slimgrad::require takes a std::string (a heap allocation for any long message).
+inline void dwt_require(bool ok, const char* message) {
+  if (!ok) require(false, message);
+}
+
+/// cpu::require_shape, with its message built only on failure.
+template <class T>
+void dwt_require_shape(const HostView<T>& v, Shape expected, const char* what) {
+  if (v.rows != expected.rows || v.cols != expected.cols || v.ld < v.cols ||
+      (v.data == nullptr && !v.empty()))
+    require_shape(v, expected, what);
+}
+
 /// First address past the last element of a view (as an integer, to compare any two views).
 template <class T>
 std::uintptr_t view_end(const HostView<T>& v) {
@@ -466,10 +480,10 @@ inline bool check_aliasing(HostView<const float> in, HostView<float> out, const 
   if (in.empty() || out.empty()) return false;
   const bool disjoint = view_end(in) <= view_begin(out) || view_end(out) <= view_begin(in);
   if (disjoint) return false;
-  require(in.data == out.data && in.ld == out.ld,
-          std::string(what) +
-              ": input and output overlap; in place they must start at the same address with "
-              "the same leading dimension");
+  if (in.data != out.data || in.ld != out.ld)
+    require(false, std::string(what) +
+                       ": input and output overlap; in place they must start at the same address "
+                       "with the same leading dimension");
   return true;
 }
 
@@ -525,9 +539,10 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
   /// coeffs = wavedec(G) in the packed layout. In place when coeffs starts at G's address
   /// with G's leading dimension (see the top of this file).
   void forward(const State&, HostView<const float> g, HostView<float> coeffs) {
-    require(g.rows > 0 && g.cols > 0, "dwt forward: zero-size gradient");
-    require(g.ld >= g.cols && g.data != nullptr, "dwt forward: invalid gradient view");
-    cpu::require_shape(coeffs, coeff_shape(g.shape()), "dwt forward output");
+    cpu::detail::dwt_require(g.rows > 0 && g.cols > 0, "dwt forward: zero-size gradient");
+    cpu::detail::dwt_require(g.ld >= g.cols && g.data != nullptr,
+                             "dwt forward: invalid gradient view");
+    cpu::detail::dwt_require_shape(coeffs, coeff_shape(g.shape()), "dwt forward output");
     const bool in_place = cpu::detail::check_aliasing(g, coeffs, "dwt forward");
     const transforms::DwtLayout lay = layout(g.shape());
     if (options_.axis == transforms::Axis::rows)
@@ -539,9 +554,10 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
   /// out = waverec(coeffs)[:, :n] (or [:m, :] for cols). In place when out starts at
   /// coeffs' address with coeffs' leading dimension.
   void inverse(const State&, HostView<const float> coeffs, HostView<float> out) {
-    require(out.rows > 0 && out.cols > 0, "dwt inverse: zero-size output");
-    require(out.ld >= out.cols && out.data != nullptr, "dwt inverse: invalid output view");
-    cpu::require_shape(coeffs, coeff_shape(out.shape()), "dwt inverse coefficients");
+    cpu::detail::dwt_require(out.rows > 0 && out.cols > 0, "dwt inverse: zero-size output");
+    cpu::detail::dwt_require(out.ld >= out.cols && out.data != nullptr,
+                             "dwt inverse: invalid output view");
+    cpu::detail::dwt_require_shape(coeffs, coeff_shape(out.shape()), "dwt inverse coefficients");
     const bool in_place = cpu::detail::check_aliasing(coeffs, out, "dwt inverse");
     const transforms::DwtLayout lay = layout(out.shape());
     if (options_.axis == transforms::Axis::rows)
@@ -557,8 +573,9 @@ struct impl<transforms::Dwt<Wavelet, Levels>, backend::cpu> {
     const index_t k = rows ? coeffs.cols : coeffs.rows;
     const index_t a =
         transforms::dwt_approx_length_for_total(k, Transform::filter_length, Levels, options_.mode);
-    require(a > 0, "dwt tracked: the coefficient buffer's extent " + std::to_string(k) +
-                       " is not the packed length of any input");
+    if (a <= 0)
+      require(false, "dwt tracked: the coefficient buffer's extent " + std::to_string(k) +
+                         " is not the packed length of any input");
     return rows ? coeffs.block(0, 0, coeffs.rows, a) : coeffs.block(0, 0, a, coeffs.cols);
   }
 
