@@ -5,7 +5,8 @@
 #   (b) `slimgrad transform` (GWT's Haar DWT, level 2): energy in approximation vs details,
 #       then `--inverse` and the round-trip error
 #   (c) `slimgrad bench transform`: Haar level 2 on 4096x4096
-#   (d) [next issue] `slimgrad memory`: the optimizer-memory table for LLaMA-1B
+#   (d) `slimgrad memory --all`: the optimizer-state table of every recipe for LLaMA-1B
+#   (e) `slimgrad bench step`: one AdamW and one GWT step over all of LLaMA-60M
 # About a minute on 2 cores after the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,11 +47,15 @@ echo
 echo "== (c) Speed: forward + inverse on a 4096x4096 float32 matrix (LLaMA-7B attention size)"
 show slimgrad bench transform --wavelet haar --levels 2 --shape 4096x4096 --repeat 10
 
-# ==== (d) MEMORY TABLE FOR LLaMA-1B — placeholder ===========================================
-# The next issue adds `slimgrad memory` (optimizer state, gradients and activations of a
-# LLaMA-1B-like model for adamw, adam8bit, galore, gwt, apollo, ...). Add its call here, e.g.
-#   show slimgrad memory --model llama-1b
-# ============================================================================================
+echo
+echo "== (d) Optimizer state for LLaMA-1B (1.34B parameters), every recipe, exact bytes"
+echo "   (attention and MLP matrices through the transform; embedding, lm_head, norms plain)"
+show slimgrad memory --all --model llama-1b
+
+echo
+echo "== (e) One optimizer step over every weight of LLaMA-60M (58M parameters, embeddings too)"
+show slimgrad bench step --optimizer adamw --model llama-60m
+show slimgrad bench step --optimizer gwt --model llama-60m
 
 echo
 echo "== done. Try: $build/tools/slimgrad --help"

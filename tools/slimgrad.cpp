@@ -7,6 +7,15 @@
 
 #include "cli.hpp"
 
+namespace slimgrad::tools {
+/// `slimgrad replay`: tools/replay.cpp.
+void add_replay_command(CLI::App& app);
+/// `slimgrad memory`: tools/memory.cpp.
+void add_memory_command(CLI::App& app);
+/// `slimgrad bench step`: tools/bench_step.cpp.
+void add_bench_step_command(CLI::App& bench);
+}  // namespace slimgrad::tools
+
 namespace {
 
 /// Prints "slimgrad: error: <message>" as exactly one line (the library's messages start with
@@ -47,7 +56,8 @@ std::string check_command_words(CLI::App& app, int argc, char** argv) {
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "slimgrad: memory-efficient training tools (wavelet transforms of gradients, benchmarks)",
+      "slimgrad: memory-efficient training tools (wavelet transforms of gradients, optimizer "
+      "replay, memory accounting, benchmarks)",
       "slimgrad"};
   app.set_version_flag("--version", std::string("slimgrad ") +
                                         std::to_string(SLIMGRAD_VERSION_MAJOR) + "." +
@@ -59,7 +69,10 @@ int main(int argc, char** argv) {
   slimgrad::tools::add_transform_command(app);
   CLI::App& bench = slimgrad::tools::add_bench_command(app);
   slimgrad::tools::add_bench_transform_command(bench);
-  // Next: add_memory_command(app), add_replay_command(app), add_bench_step_command(bench).
+  bench.description("Microbenchmarks of slimgrad's transforms and optimizer steps");
+  slimgrad::tools::add_bench_step_command(bench);
+  slimgrad::tools::add_replay_command(app);
+  slimgrad::tools::add_memory_command(app);
 
   if (std::string problem = check_command_words(app, argc, argv); !problem.empty()) {
     print_error(problem);

@@ -9,6 +9,13 @@ Checks
   * `transform --inverse` = pywt.waverec on coefficients made by pywt, and transform followed
     by --inverse gives the input back;
   * `bench transform` (text and --json), --help of every subcommand, --version;
+  * `replay` against the peers' outputs stored in tests/data/optim_reference.safetensors
+    (tests/reference/gen_optim.py): torch.optim.AdamW and GWT's WaveAdamW step, to the tolerance
+    of tests/optim/test_peers.cpp, and a changed semantic detail must break that tolerance;
+    without the file, a torch.optim.AdamW reference made live (torch 1.13);
+  * `memory` against hand computations of the state bytes on llama-60m (adamw, adam8bit,
+    galore, gwt) and given shapes; `--all`; `bench step` (--json keys, its byte formula, its
+    state equal to memory's);
   * the error contract: non-zero exit, exactly one stderr line "slimgrad: error: ...", no OUT
     file created (and an existing OUT left untouched), no temporary file left behind.
 Safetensors files are written and read here with numpy + json + struct only.
@@ -89,6 +96,123 @@ def close(got, ref, what, rel=2e-5):
     err = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
     tol = rel * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
     check(err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}")
+
+
+# ---- optimizer references (replay) ----------------------------------------------------------------
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
+                         "optim_reference.safetensors")
+ULP = 2.0 ** -23
+ELEMENTWISE_ULPS = 4  # per step, as tests/optim/test_peers.cpp (its header says why)
+
+
+def peer_case(ref, meta, case):
+    """Case `case` of the reference file as (meta, replay input {w.P, g.P.k}, {P: peer output})."""
+    m = json.loads(meta["case." + case])
+    tensors, out = {}, {}
+    for p in m["params"]:
+        tensors["w." + p] = ref[f"w.{case}.{p}"]
+        for k in range(m["K"]):
+            tensors[f"g.{p}.{k}"] = ref[f"g.{case}.{p}.{k}"]
+        out[p] = ref[f"out.{case}.{p}"]
+    return m, tensors, out
+
+
+def live_adamw_case(rng):
+    """The reference file's adamw case made here with torch.optim.AdamW (used when the file is
+    missing): two matrices with row scales down to 1e-9 (ε matters there) and a bias, K = 8."""
+    import torch
+    m = {"K": 8, "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1,
+         "params": ["a", "b", "bias"]}
+    shapes = {"a": (10, 16), "b": (16, 10), "bias": (16,)}
+    tensors, tparams = {}, []
+    for p in m["params"]:
+        w = rng.standard_normal(shapes[p]).astype(np.float32)
+        tensors["w." + p] = w
+        rows = 10.0 ** rng.uniform(-9, 0, size=shapes[p][0])
+        for k in range(m["K"]):
+            g = rng.standard_normal(shapes[p]) * 10.0 ** rng.uniform(-0.5, 0.5)
+            g = g * (rows[:, None] if len(shapes[p]) == 2 else rows)
+            tensors[f"g.{p}.{k}"] = g.astype(np.float32)
+        tparams.append(torch.nn.Parameter(torch.from_numpy(w.copy())))
+    opt = torch.optim.AdamW(tparams, lr=m["lr"], betas=(m["beta1"], m["beta2"]), eps=m["eps"],
+                            weight_decay=m["weight_decay"], amsgrad=False, foreach=False)
+    for k in range(m["K"]):
+        for tp, p in zip(tparams, m["params"]):
+            tp.grad = torch.from_numpy(tensors[f"g.{p}.{k}"].copy())
+        opt.step()
+    return m, tensors, {p: tp.detach().numpy().copy() for tp, p in zip(tparams, m["params"])}
+
+
+def replay_deviation(tmp, tag, tensors, peer, argv):
+    """Runs `slimgrad replay` on tensors; returns {P: (max|w - w_peer|, max|w_peer|)} or None."""
+    src = os.path.join(tmp, f"replay_{tag}_in.safetensors")
+    dst = os.path.join(tmp, f"replay_{tag}_out.safetensors")
+    write_st(src, tensors)
+    r = run("replay", *argv, src, dst)
+    check(r.returncode == 0 and r.stderr == "", f"replay {tag}: exit {r.returncode} "
+          f"{r.stderr.strip()}")
+    if r.returncode != 0:
+        return None
+    got, meta = read_st(dst)
+    check(set(got) == {"w." + p for p in peer}, f"replay {tag}: names {sorted(got)}")
+    check(meta.get("slimgrad.steps") == str(len([k for k in tensors if k.startswith("g.")]) //
+                                             len(peer)), f"replay {tag}: steps metadata {meta}")
+    dev = {}
+    for p, ref in peer.items():
+        w = got.get("w." + p)
+        if w is None or w.shape != ref.shape or w.dtype != np.float32:
+            check(False, f"replay {tag}: w.{p} is {None if w is None else (w.shape, w.dtype)}, "
+                  f"expected {ref.shape} float32")
+            return None
+        dev[p] = (float(np.max(np.abs(w.astype(np.float64) - ref))),
+                  float(np.max(np.abs(ref.astype(np.float64)))))
+    return dev
+
+
+def within(dev, steps):
+    """Every parameter within ELEMENTWISE_ULPS·K·u·max|w_peer| (tests/optim/test_peers.cpp)."""
+    return all(d <= ELEMENTWISE_ULPS * steps * ULP * mx for d, mx in dev.values())
+
+
+def ulps(dev):
+    return ", ".join(f"{p} {d / (ULP * mx):.2f} ulp" for p, (d, mx) in dev.items())
+
+
+def llama_tensors(hidden, inter, layers, vocab=32000):
+    """(shape, compressed) of every weight of the GaLore-benchmark LLaMA (algorithms.md §0.5)."""
+    t = [((vocab, hidden), False)]
+    for _ in range(layers):
+        t += [((hidden, hidden), True)] * 4 + [((inter, hidden), True)] * 2
+        t += [((hidden, inter), True), ((hidden,), False), ((hidden,), False)]
+    return t + [((hidden,), False), ((vocab, hidden), False)]
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def size(shape):
+    return int(np.prod(shape))
+
+
+def plain_adam_bytes(shape):
+    return 8 * size(shape) + 8  # fp32 m and v, the 8-byte step counter
+
+
+def expected_state(recipe, shape, compressed):
+    """Hand-computed optimizer-state bytes of one tensor (the engine's state_bytes() doc)."""
+    n = size(shape)
+    if recipe == "adamw" or (not compressed and recipe in ("gwt", "galore")):
+        return plain_adam_bytes(shape)
+    if recipe == "adam8bit":  # uint8 codes + fp32 absmax per 256-block; fp32 under 4096
+        return 2 * (n + 4 * -(-n // 256)) + 8 if n >= 4096 else plain_adam_bytes(shape)
+    m, c = shape
+    if recipe == "gwt":  # Haar level 2, zero mode: m × ceil(ceil(n/2)/2) coefficients
+        return 2 * m * ceil_div(ceil_div(c, 2), 2) * 4 + 8 + 4  # + limiter scalar
+    if recipe == "galore":  # rank 128: basis r·min(m,n), moments of r·max(m,n)
+        r = 128
+        return 4 * r * min(m, c) + 8 * r * max(m, c) + 8
+    raise ValueError(recipe)
 
 
 def main():
@@ -198,7 +322,179 @@ def main():
         r = run("bench", "transform", "--shape", "32x32", "--repeat", 2)
         check(r.returncode == 0 and "GB/s" in r.stdout, f"bench text output: {r.stdout!r}")
 
-        for cmd in ([], ["transform"], ["bench"], ["bench", "transform"]):
+        # ---- replay against the peers ---------------------------------------------------------
+        if os.path.exists(REFERENCE):
+            ref, ref_meta = read_st(REFERENCE)
+            adamw = peer_case(ref, ref_meta, "adamw")
+            gwt = peer_case(ref, ref_meta, "gwt")
+            print(f"replay references: {REFERENCE} (seed {ref_meta.get('seed')})")
+        else:
+            print(f"replay references: {REFERENCE} is missing: torch.optim.AdamW made live, "
+                  "GWT not checked")
+            adamw, gwt = live_adamw_case(rng), None
+        m, tensors, peer = adamw
+        adam_keys = ["lr", "beta1", "beta2", "eps", "weight_decay"]
+        argv = ["--optimizer", "adamw"] + [a for k in adam_keys for a in ("--set", f"{k}={m[k]}")]
+        dev = replay_deviation(tmp, "adamw", tensors, peer, argv)
+        if dev is not None:
+            print(f"replay adamw vs torch.optim.AdamW: {ulps(dev)} of max|w| "
+                  f"(tolerance {ELEMENTWISE_ULPS * m['K']} ulp)")
+            check(within(dev, m["K"]), f"replay adamw vs torch.optim.AdamW: {dev}")
+        # The tolerance can fail: HF's ε placement instead of torch's moves the tiny-gradient rows.
+        dev = replay_deviation(tmp, "adamw_hf", tensors, peer, argv + ["--set", "adam_mode=hf"])
+        check(dev is not None and not within(dev, m["K"]),
+              f"replay adamw with adam_mode=hf must miss torch.optim.AdamW: {dev}")
+        if gwt is not None:
+            m, tensors, peer = gwt
+            base = ["--optimizer", "gwt", "--set", f"wavelet={m['wavelet']}", "--set",
+                    f"levels={m['level']}", "--set", f"mode={m['boundary']}", "--set",
+                    f"scale={m['scale']}", "--set", f"limiter_gamma={m['limiter']}"]
+            base += [a for k in adam_keys for a in ("--set", f"{k}={m[k]}")]
+            # The peer transforms every matrix of its group, however small.
+            argv = base + ["--set", "fallback_min_size=0"]
+            dev = replay_deviation(tmp, "gwt", tensors, peer, argv)
+            if dev is not None:
+                print(f"replay gwt vs GWT's WaveAdamW: {ulps(dev)} of max|w| "
+                      f"(tolerance {ELEMENTWISE_ULPS * m['K']} ulp)")
+                check(within(dev, m["K"]), f"replay gwt vs WaveAdamW: {dev}")
+            # Without the norm-growth limiter the result must leave the tolerance.
+            dev = replay_deviation(tmp, "gwt_nolimit", tensors, peer,
+                                   argv + ["--set", "limiter_gamma=0"])
+            check(dev is not None and not within(dev, m["K"]),
+                  f"replay gwt without the limiter must miss WaveAdamW: {dev}")
+            # The default fallback (min size 4096) keeps these small matrices on plain AdamW.
+            dev = replay_deviation(tmp, "gwt_fallback", tensors, peer, base)
+            check(dev is not None and not within(dev, m["K"]),
+                  f"replay gwt with the default fallback must miss WaveAdamW: {dev}")
+
+        # Type-level keys choose another instantiation; the metadata names it.
+        m, tensors, peer = adamw
+        dst = os.path.join(tmp, "replay_db2.safetensors")
+        write_st(os.path.join(tmp, "replay_in.safetensors"), tensors)
+        r = run("replay", "--optimizer", "gwt", "--set", "wavelet=db2", "--set", "levels=3",
+                "--set", "fallback_min_size=0", "--quiet",
+                os.path.join(tmp, "replay_in.safetensors"), dst)
+        check(r.returncode == 0 and r.stdout == "", f"replay gwt db2 L3: {r.stderr.strip()}")
+        if r.returncode == 0:
+            got, meta = read_st(dst)
+            check(meta.get("slimgrad.composition") == "adam/dwt<db2,3>/fp32/wavelet_details",
+                  f"replay gwt db2 L3: composition {meta.get('slimgrad.composition')}")
+            opts = json.loads(meta.get("slimgrad.options", "{}"))
+            check(opts.get("wavelet") == "db2" and opts.get("levels") == "3" and
+                  opts.get("fallback_min_size") == "0", f"replay options metadata {opts}")
+            check(all(got["w." + p].shape == peer[p].shape for p in peer) and
+                  all(np.all(np.isfinite(v)) for v in got.values()), "replay gwt db2 L3 output")
+        for recipe in ("adam8bit", "adafactor", "galore", "subtrack", "subtrack++", "apollo",
+                       "apollo-mini"):
+            extra = ["--set", "rank=4"] if recipe in ("galore", "subtrack", "subtrack++",
+                                                      "apollo") else []
+            r = run("replay", "--optimizer", recipe, "--set", "fallback_min_size=0", *extra,
+                    os.path.join(tmp, "replay_in.safetensors"), dst)
+            check(r.returncode == 0 and ("compressed" in r.stdout or recipe in
+                                         ("adam8bit", "adafactor")),
+                  f"replay {recipe}: {r.stderr.strip()} {r.stdout}")
+
+        # ---- memory: hand computations ----------------------------------------------------------
+        llama60 = llama_tensors(512, 1376, 8)
+        params60 = sum(size(s) for s, _ in llama60)
+        check(params60 == 58073600, f"llama-60m has {params60} parameters")
+        adamw60 = sum(expected_state("adamw", s, c) for s, c in llama60)
+        for recipe in ("adamw", "adam8bit", "galore", "gwt"):
+            r = run("memory", "--optimizer", recipe, "--model", "llama-60m", "--json")
+            check(r.returncode == 0, f"memory {recipe}: {r.stderr.strip()}")
+            if r.returncode != 0:
+                continue
+            lines = r.stdout.strip().splitlines()
+            check(len(lines) == 1, f"memory --json prints one line, got {len(lines)}")
+            j = json.loads(r.stdout)
+            for key in ("total_bytes", "params", "bytes_per_param", "fraction_of_adamw", "groups",
+                        "adamw_bytes", "composition", "tensors"):
+                check(key in j, f"memory --json has '{key}'")
+            want = sum(expected_state(recipe, s, c) for s, c in llama60)
+            check(j.get("total_bytes") == want, f"memory {recipe} llama-60m: total "
+                  f"{j.get('total_bytes')} != hand computation {want}")
+            check(j.get("params") == params60 and j.get("tensors") == len(llama60) and
+                  j.get("adamw_bytes") == adamw60, f"memory {recipe}: counts {j}")
+            check(abs(j.get("fraction_of_adamw", 0) - want / adamw60) < 1e-12 and
+                  abs(j.get("bytes_per_param", 0) - want / params60) < 1e-12,
+                  f"memory {recipe}: ratios {j.get('fraction_of_adamw')}")
+            groups = j.get("groups", [])
+            check(sum(g["bytes"] for g in groups) == want and
+                  sum(g["params"] for g in groups) == params60,
+                  f"memory {recipe}: groups do not add up: {groups}")
+            roles = {g["name"]: g["role"] for g in groups}
+            check(roles.get("attn q,k,v,o") == "compressed" and roles.get("embed_tokens") ==
+                  "plain" and roles.get("norms") == "plain" and roles.get("lm_head") == "plain",
+                  f"memory {recipe}: roles {roles}")
+        print(f"memory llama-60m: adamw {adamw60} bytes (8 per parameter + 8 per tensor), gwt "
+              f"{sum(expected_state('gwt', s, c) for s, c in llama60)} bytes by hand")
+        r = run("memory", "--optimizer", "gwt", "--model", "llama-60m")
+        check(r.returncode == 0 and "total" in r.stdout and "of AdamW" in r.stdout,
+              f"memory text output: {r.stdout!r}")
+        r = run("memory", "--all", "--model", "llama-7b", "--json")
+        check(r.returncode == 0, f"memory --all llama-7b: {r.stderr.strip()}")
+        if r.returncode == 0:
+            j = json.loads(r.stdout)
+            names = [x["optimizer"] for x in j.get("recipes", [])]
+            check(names == ["adamw", "adam8bit", "adafactor", "galore", "gwt", "subtrack",
+                            "subtrack++", "apollo", "apollo-mini"], f"memory --all: {names}")
+            params7 = sum(size(s) for s, _ in llama_tensors(4096, 11008, 32))
+            check(j.get("params") == params7, f"memory --all llama-7b params {j.get('params')}")
+            gwt7 = sum(expected_state("gwt", s, c) for s, c in llama_tensors(4096, 11008, 32))
+            check([x["total_bytes"] for x in j["recipes"] if x["optimizer"] == "gwt"] == [gwt7],
+                  "memory --all llama-7b gwt total")
+            check(j["recipes"][0]["fraction_of_adamw"] == 1.0, "memory --all adamw fraction")
+        r = run("memory", "--all", "--model", "llama-1b")
+        check(r.returncode == 0 and "apollo-mini" in r.stdout, f"memory --all text: {r.stdout!r}")
+        # --shapes: the recipe's fallback rules decide (the vector and the small matrix: plain).
+        r = run("memory", "--optimizer", "gwt", "--shapes", "256x96,96,8x8", "--json")
+        check(r.returncode == 0, f"memory --shapes: {r.stderr.strip()}")
+        if r.returncode == 0:
+            j = json.loads(r.stdout)
+            want = (expected_state("gwt", (256, 96), True) + plain_adam_bytes((96,)) +
+                    plain_adam_bytes((8, 8)))
+            check(j.get("total_bytes") == want, f"memory --shapes total {j.get('total_bytes')} "
+                  f"!= {want}")
+            check([g["role"] for g in j.get("groups", [])] == ["compressed", "plain", "plain"],
+                  f"memory --shapes roles {j.get('groups')}")
+
+        # ---- bench step ----------------------------------------------------------------------
+        shapes = "96x64,64"
+        for recipe, extra in (("adamw", []), ("galore", ["--set", "rank=8", "--set",
+                                                         "svd=randomized"])):
+            r = run("bench", "step", "--optimizer", recipe, "--shapes", shapes, "--repeat", 3,
+                    *extra, "--json")
+            check(r.returncode == 0, f"bench step {recipe}: {r.stderr.strip()}")
+            if r.returncode != 0:
+                continue
+            check(len(r.stdout.strip().splitlines()) == 1, "bench step --json prints one line")
+            j = json.loads(r.stdout)
+            for key in ("median_ms", "bytes", "gbps", "state_bytes", "params", "min_ms",
+                        "first_step_ms", "threads", "composition"):
+                check(key in j, f"bench step {recipe} --json has '{key}'")
+            check(j.get("params") == 96 * 64 + 64 and j.get("median_ms", 0) > 0 and
+                  j.get("gbps", 0) > 0, f"bench step {recipe} values {j}")
+            check(j.get("bytes") == 2 * j.get("state_bytes", 0) + 12 * j.get("params", 0),
+                  f"bench step {recipe}: bytes {j.get('bytes')} != 2 state + 12 params")
+            mem = run("memory", "--optimizer", recipe, "--shapes", shapes, *extra, "--json")
+            check(mem.returncode == 0 and json.loads(mem.stdout).get("total_bytes") ==
+                  j.get("state_bytes"), f"bench step {recipe}: state {j.get('state_bytes')} "
+                  f"!= memory's {mem.stdout.strip()[:80]}")
+            if recipe == "galore":
+                check(j.get("update_gap") == 200 and j.get("compressed_tensors") == 1,
+                      f"bench step galore: {j}")
+                t = j.get("update_gap", 1)
+                amort = (j.get("refresh_ms", 0) + (t - 1) * j.get("median_ms", 0)) / t
+                check("amortized_ms" in j and abs(j["amortized_ms"] - amort) <= 1e-9 * amort,
+                      f"bench step galore amortized_ms {j.get('amortized_ms')} != {amort}")
+            else:
+                check("amortized_ms" not in j, "bench step adamw has no amortised time")
+        r = run("bench", "step", "--optimizer", "gwt", "--shapes", "64x64", "--repeat", 2)
+        check(r.returncode == 0 and "GB/s" in r.stdout and "bytes = 2 x state" in r.stdout,
+              f"bench step text output: {r.stdout!r}")
+
+        for cmd in ([], ["transform"], ["bench"], ["bench", "transform"], ["bench", "step"],
+                    ["replay"], ["memory"]):
             r = run(*cmd, "--help")
             check(r.returncode == 0 and "Usage" in r.stdout, f"{cmd} --help")
         r = run("--version")
@@ -264,10 +560,35 @@ def main():
             ("bench: bad shape", ["bench", "transform", "--shape", "64by64"], "shape"),
             ("bench: zero repeat", ["bench", "transform", "--shape", "8x8", "--repeat", 0],
              "--repeat"),
-            ("no command", [], "needs a command: transform, bench"),
+            ("no command", [], "needs a command: transform, bench, replay, memory"),
             ("unknown command", ["frobnicate"], "unknown command 'frobnicate'"),
             ("bench without a command", ["bench"], "'slimgrad bench' needs a command"),
             ("unknown bench command", ["bench", "step2"], "unknown command 'step2'"),
+            # memory and bench step (no OUT)
+            ("memory: unknown model", ["memory", "--optimizer", "adamw", "--model", "llama-3b"],
+             "unknown model 'llama-3b'"),
+            ("memory: no model", ["memory", "--optimizer", "adamw"], "exactly one of --model"),
+            ("memory: model and shapes", ["memory", "--optimizer", "adamw", "--model",
+                                          "llama-60m", "--shapes", "8x8"], "exactly one of"),
+            ("memory: no optimizer", ["memory", "--model", "llama-60m"], "--optimizer NAME"),
+            ("memory: --all and --optimizer", ["memory", "--all", "--optimizer", "gwt",
+                                               "--model", "llama-60m"], "--all"),
+            ("memory: --all and --set", ["memory", "--all", "--set", "lr=1", "--model",
+                                         "llama-60m"], "--set applies to one optimizer"),
+            ("memory: unknown optimizer", ["memory", "--optimizer", "lion", "--model",
+                                           "llama-60m"], "unknown optimizer 'lion'"),
+            ("memory: rank above min(m, n)", ["memory", "--optimizer", "galore", "--set",
+                                              "rank=600", "--model", "llama-60m"],
+             "rank 600 exceeds"),
+            ("memory: bad shapes", ["memory", "--optimizer", "gwt", "--shapes", "12y4"],
+             "--shapes expects"),
+            ("bench step: no model", ["bench", "step", "--optimizer", "adamw"],
+             "exactly one of --model"),
+            ("bench step: no optimizer", ["bench", "step", "--model", "llama-60m"], "--optimizer"),
+            ("bench step: zero repeat", ["bench", "step", "--optimizer", "adamw", "--shapes",
+                                         "8x8", "--repeat", 0], "--repeat"),
+            ("bench step: unknown key", ["bench", "step", "--optimizer", "adamw", "--set",
+                                         "rank=4", "--model", "llama-60m"], "unknown option 'rank'"),
         ]
         for what, argv, text in cases:
             out = os.path.join(tmp, "out.safetensors")
@@ -281,6 +602,85 @@ def main():
                   f"error case '{what}': stderr {r.stderr!r}")
             check(text in r.stderr, f"error case '{what}': {text!r} not in {r.stderr!r}")
             check(not os.path.exists(out), f"error case '{what}': OUT was created")
+
+        # replay: every input problem is one line, before anything is written.
+        m, tensors, _ = adamw
+        good = os.path.join(tmp, "replay_good.safetensors")
+        write_st(good, tensors)
+
+        def variant(tag, change):
+            t = dict(tensors)
+            change(t)
+            path = os.path.join(tmp, f"replay_{tag}.safetensors")
+            write_st(path, t)
+            return path
+
+        def drop(*names):
+            return lambda t: [t.pop(n) for n in names]
+
+        def put(name, value):
+            return lambda t: t.__setitem__(name, value)
+
+        last = m["K"] - 1
+        replay_cases = [
+            ("unknown optimizer", ["--optimizer", "adamx"], good, "unknown optimizer 'adamx'"),
+            ("flora", ["--optimizer", "flora"], good, "'flora' is not implemented yet"),
+            ("compact", ["--optimizer", "compact"], good, "'compact' is not implemented yet"),
+            ("unknown key", ["--optimizer", "adamw", "--set", "rank=4"], good,
+             "unknown option 'rank' for optimizer adamw (known: "),
+            ("bad value", ["--optimizer", "adamw", "--set", "lr=fast"], good,
+             "option 'lr' expects a finite number, got 'fast'"),
+            ("value out of range", ["--optimizer", "adamw", "--set", "beta1=1.5"], good, "beta1"),
+            ("bad enum value", ["--optimizer", "galore", "--set", "svd=qr"], good,
+             "expects one of exact, randomized"),
+            ("no '='", ["--optimizer", "adamw", "--set", "lr"], good, "key=value"),
+            ("unknown wavelet", ["--optimizer", "gwt", "--set", "wavelet=db7"], good,
+             "expects haar, db2 or db4, got 'db7'"),
+            ("levels 4", ["--optimizer", "gwt", "--set", "levels=4"], good,
+             "expects 1, 2 or 3"),
+            ("block 512", ["--optimizer", "adam8bit", "--set", "block=512"], good,
+             "expects 256 or 2048"),
+            ("wavelet for adamw", ["--optimizer", "adamw", "--set", "wavelet=haar"], good,
+             "unknown option 'wavelet'"),
+            ("no --optimizer", [], good, "--optimizer"),
+            ("missing IN", ["--optimizer", "adamw"], os.path.join(tmp, "nope.safetensors"),
+             "does not exist"),
+            ("missing gradient", ["--optimizer", "adamw"], variant("gap", drop("g.a.3")),
+             "gradient 'g.a.3' is missing"),
+            ("K differs", ["--optimizer", "adamw"], variant("short", drop(f"g.b.{last}")),
+             f"'b' has {last} gradients but 'a' has {m['K']}"),
+            ("shape mismatch", ["--optimizer", "adamw"],
+             variant("shape", put("g.a.0", np.zeros((16, 10), np.float32))),
+             "gradient 'g.a.0' is [16, 10] but 'w.a' is [10, 16]"),
+            ("F64 weights", ["--optimizer", "adamw"],
+             variant("f64", put("w.a", tensors["w.a"].astype(np.float64))),
+             "tensor 'w.a' is F64, expected F32"),
+            ("F64 gradient", ["--optimizer", "adamw"],
+             variant("f64g", put("g.b.2", tensors["g.b.2"].astype(np.float64))),
+             "tensor 'g.b.2' is F64, expected F32"),
+            ("3-D weights", ["--optimizer", "adamw"],
+             variant("3d", put("w.a", np.zeros((2, 5, 16), np.float32))), "expected 1 or 2"),
+            ("gradient without weights", ["--optimizer", "adamw"],
+             variant("orphan", drop("w.b")), "gradient 'g.b.0' has no weights 'w.b'"),
+            ("stray tensor", ["--optimizer", "adamw"],
+             variant("stray", put("momentum.a", tensors["w.a"])),
+             "'momentum.a' is neither weights"),
+            ("bad step index", ["--optimizer", "adamw"],
+             variant("k", put("g.a.01", tensors["g.a.1"])), "'g.a.01' is neither"),
+            ("no parameters", ["--optimizer", "adamw"], empty, "holds no weights"),
+            ("no gradients", ["--optimizer", "adamw"],
+             variant("nograd", lambda t: [t.pop(k) for k in list(t) if k.startswith("g.")]),
+             "holds no gradients"),
+        ]
+        for what, argv, src_file, text in replay_cases:
+            out = os.path.join(tmp, "replay_out.safetensors")
+            r = run("replay", *argv, src_file, out)
+            lines = r.stderr.splitlines()
+            check(r.returncode != 0, f"replay error '{what}': exit status {r.returncode}")
+            check(len(lines) == 1 and lines[0].startswith("slimgrad: error: "),
+                  f"replay error '{what}': stderr {r.stderr!r}")
+            check(text in r.stderr, f"replay error '{what}': {text!r} not in {r.stderr!r}")
+            check(not os.path.exists(out), f"replay error '{what}': OUT was created")
 
         # A failed run leaves an existing OUT untouched; OUT in a missing directory fails cleanly.
         out = os.path.join(tmp, "keep.safetensors")

@@ -1,0 +1,331 @@
+// tools/registry.cpp — the instantiations behind tools/registry.hpp: one Erased<Optimizer<...>>
+// per recipe and type-level choice, and the LLaMA shapes of algorithms.md §0.5.
+#include "registry.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <slimgrad/slimgrad.hpp>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace slimgrad::tools {
+namespace {
+
+/// The type-erased wrapper: forwards to the one optimizer it holds.
+template <class Opt>
+class Erased final : public AnyOptimizer {
+ public:
+  Erased(std::string name, const typename Opt::Options& o,
+         std::map<std::string, std::string> type_keys)
+      : name_(std::move(name)), type_keys_(std::move(type_keys)), opt_(o) {}
+
+  const std::string& name() const override { return name_; }
+  std::string composition() const override { return Opt::composition(); }
+  std::map<std::string, std::string> options() const override {
+    typename Opt::Options o = opt_.options();
+    auto m = fields::to_map(o);
+    m.insert(type_keys_.begin(), type_keys_.end());
+    return m;
+  }
+  index_t update_gap() const override {
+    if constexpr (requires { opt_.options().transform.update_gap; })
+      return opt_.options().transform.update_gap;
+    else
+      return 0;
+  }
+  void set_role(const std::string& param, Shape shape, ParamRole role) override {
+    using Transform = typename Opt::TransformImpl;
+    if (role == ParamRole::compressed &&
+        !std::is_same_v<Transform, impl<transforms::Identity, backend::cpu>>) {
+      const Transform t(opt_.options().transform);
+      try {
+        (void)t.init(shape, 0);  // the transform's own sentence, e.g. rank above min(m, n)
+      } catch (const Error& e) {
+        std::string why = e.what();
+        if (why.rfind("slimgrad: ", 0) == 0) why.erase(0, 10);
+        throw Error("slimgrad: parameter '" + param + "' cannot be compressed by " + name_ + ": " +
+                    why);
+      }
+    }
+    typename Opt::Override o;
+    o.role = role;
+    opt_.set_override(param, o);
+  }
+  StepReport step(std::span<const Param> params) override { return opt_.step(params); }
+  std::size_t state_bytes() const override { return opt_.state_bytes(); }
+  std::size_t state_bytes(std::string_view param) const override { return opt_.state_bytes(param); }
+  std::size_t predicted_state_bytes(std::string_view param, Shape shape) const override {
+    return opt_.predicted_state_bytes(param, shape);
+  }
+  bool is_compressed(std::string_view param) const override { return opt_.is_compressed(param); }
+  std::size_t workspace_bytes() const override { return opt_.workspace_bytes(); }
+
+ private:
+  std::string name_;
+  std::map<std::string, std::string> type_keys_;
+  Opt opt_;
+};
+
+const char* const gwt_keys = "wavelet (haar|db2|db4), levels (1..3)";
+const char* const adam8bit_keys = "block (256|2048)";
+
+const std::vector<RecipeInfo> recipes_ = {
+    {"adamw", "torch.optim.AdamW: fp32 m and v (8 bytes per parameter)", "", "fp32 m, v"},
+    {"adam8bit", "bitsandbytes' blockwise 8-bit AdamW (about 2 bytes per parameter)", adam8bit_keys,
+     "block 256"},
+    {"adafactor", "HF transformers' Adafactor: factored second moment, no beta1", "",
+     "factored v, no m"},
+    {"galore", "GaLore: Adam on top-r SVD coefficients, refreshed every T steps", "",
+     "rank 128, T 200, exact SVD"},
+    {"gwt", "GWT: Adam on the Haar approximation, details normalised", gwt_keys, "haar, 2 levels"},
+    {"subtrack", "SubTrack-Grad: Grassmann-tracked rank-r subspace", "", "rank 128, T 200"},
+    {"subtrack++", "SubTrack++: subtrack + recovery scaling, projection-aware moments, limiter", "",
+     "rank 128, T 200"},
+    {"apollo", "APOLLO: channel-wise scale from Adam in a random rank-r space", "",
+     "rank 256, channel"},
+    {"apollo-mini", "APOLLO-Mini: rank 1, tensor-wise scale", "", "rank 1, tensor"},
+};
+
+// Recipes named by the papers that the library does not implement yet.
+const char* const planned[] = {"flora", "compact"};
+
+/// Applies the run-time settings (type-level keys are skipped: the caller consumed them).
+template <class Options>
+void apply(Options& o, const std::string& recipe, const std::vector<Setting>& settings,
+           const std::vector<std::string>& type_keys) {
+  const auto known = fields::to_map(o);
+  for (const Setting& s : settings) {
+    if (std::find(type_keys.begin(), type_keys.end(), s.key) != type_keys.end()) continue;
+    if (known.find(s.key) == known.end()) {
+      std::string list;
+      for (const auto& [k, v] : known)
+        list += (list.empty() ? "" : ", ") + k;
+      for (const auto& k : type_keys)
+        list += ", " + k;
+      throw Error("slimgrad: unknown option '" + s.key + "' for optimizer " + recipe +
+                  " (known: " + list + ")");
+    }
+    fields::set(o, s.key, s.value);
+  }
+}
+
+/// The last value given for `key`, or `fallback`.
+std::string last_value(const std::vector<Setting>& settings, const std::string& key,
+                       const std::string& fallback) {
+  std::string v = fallback;
+  for (const Setting& s : settings)
+    if (s.key == key) v = s.value;
+  return v;
+}
+
+template <class Opt>
+std::unique_ptr<AnyOptimizer> build(const std::string& recipe, typename Opt::Options o,
+                                    const std::vector<Setting>& settings,
+                                    std::map<std::string, std::string> type_keys = {}) {
+  std::vector<std::string> keys;
+  for (const auto& kv : type_keys)
+    keys.push_back(kv.first);
+  apply(o, recipe, settings, keys);
+  return std::make_unique<Erased<Opt>>(recipe, o, std::move(type_keys));
+}
+
+template <class W, int L>
+std::unique_ptr<AnyOptimizer> build_gwt(const std::vector<Setting>& settings,
+                                        std::map<std::string, std::string> type_keys) {
+  using Opt = Optimizer<optim::Adam, transforms::Dwt<W, L>, state::Fp32, backend::cpu,
+                        residual::WaveletDetails>;
+  const auto d = recipes::gwt_options();  // Haar level 2: every field but the transform's type
+  typename Opt::Options o;
+  o.rule = d.rule;
+  o.transform.mode = d.transform.mode;
+  o.transform.axis = d.transform.axis;
+  o.store = d.store;
+  o.residual = d.residual;
+  o.fallback = d.fallback;
+  o.seed = d.seed;
+  return build<Opt>("gwt", o, settings, std::move(type_keys));
+}
+
+template <class W>
+std::unique_ptr<AnyOptimizer> gwt_levels(int levels, const std::vector<Setting>& settings,
+                                         std::map<std::string, std::string> type_keys) {
+  switch (levels) {
+    case 1:
+      return build_gwt<W, 1>(settings, std::move(type_keys));
+    case 2:
+      return build_gwt<W, 2>(settings, std::move(type_keys));
+    default:
+      return build_gwt<W, 3>(settings, std::move(type_keys));
+  }
+}
+
+std::unique_ptr<AnyOptimizer> make_gwt(const std::vector<Setting>& settings) {
+  const std::string wavelet = last_value(settings, "wavelet", "haar");
+  const std::string levels = last_value(settings, "levels", "2");
+  require(wavelet == "haar" || wavelet == "db2" || wavelet == "db4",
+          "option 'wavelet' of gwt expects haar, db2 or db4, got '" + wavelet + "'");
+  require(levels == "1" || levels == "2" || levels == "3",
+          "option 'levels' of gwt expects 1, 2 or 3, got '" + levels + "'");
+  const int l = levels[0] - '0';
+  std::map<std::string, std::string> keys{{"wavelet", wavelet}, {"levels", levels}};
+  if (wavelet == "haar") return gwt_levels<transforms::Haar>(l, settings, std::move(keys));
+  if (wavelet == "db2") return gwt_levels<transforms::Db2>(l, settings, std::move(keys));
+  return gwt_levels<transforms::Db4>(l, settings, std::move(keys));
+}
+
+template <int B>
+std::unique_ptr<AnyOptimizer> build_adam8bit(const std::vector<Setting>& settings) {
+  using Opt = Optimizer<optim::Adam, transforms::Identity, state::Q8Block<B>, backend::cpu>;
+  const auto d = recipes::adam8bit_options();
+  typename Opt::Options o;
+  o.rule = d.rule;
+  o.store.min_8bit_size = d.store.min_8bit_size;
+  o.residual = d.residual;
+  o.fallback = d.fallback;
+  o.seed = d.seed;
+  return build<Opt>("adam8bit", o, settings, {{"block", std::to_string(B)}});
+}
+
+std::unique_ptr<AnyOptimizer> make_adam8bit(const std::vector<Setting>& settings) {
+  const std::string block = last_value(settings, "block", "256");
+  if (block == "256") return build_adam8bit<256>(settings);
+  require(block == "2048", "option 'block' of adam8bit expects 256 or 2048, got '" + block + "'");
+  return build_adam8bit<2048>(settings);
+}
+
+}  // namespace
+
+std::vector<Setting> parse_settings(const std::vector<std::string>& texts) {
+  std::vector<Setting> out;
+  for (const std::string& t : texts) {
+    const auto eq = t.find('=');
+    require(eq != std::string::npos && eq > 0,
+            "--set expects key=value (e.g. --set lr=0.01), got '" + t + "'");
+    out.push_back({t.substr(0, eq), t.substr(eq + 1)});
+  }
+  return out;
+}
+
+const std::vector<RecipeInfo>& recipe_list() {
+  return recipes_;
+}
+
+std::string recipe_names() {
+  std::string s;
+  for (const RecipeInfo& r : recipes_)
+    s += (s.empty() ? "" : ", ") + std::string(r.name);
+  return s;
+}
+
+std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
+                                             const std::vector<Setting>& settings) {
+  if (recipe == "adamw") return build<recipes::AdamW<>>(recipe, recipes::adamw_options(), settings);
+  if (recipe == "adam8bit") return make_adam8bit(settings);
+  if (recipe == "adafactor")
+    return build<recipes::Adafactor<>>(recipe, recipes::adafactor_options(), settings);
+  if (recipe == "galore")
+    return build<recipes::GaLore<>>(recipe, recipes::galore_options(), settings);
+  if (recipe == "gwt") return make_gwt(settings);
+  if (recipe == "subtrack" || recipe == "subtrack++")
+    return build<recipes::SubTrack<>>(recipe, recipes::subtrack_options(recipe == "subtrack++"),
+                                      settings);
+  if (recipe == "apollo")
+    return build<recipes::Apollo<>>(recipe, recipes::apollo_options(), settings);
+  if (recipe == "apollo-mini")
+    return build<recipes::Apollo<>>(recipe, recipes::apollo_mini_options(), settings);
+  for (const char* p : planned)
+    require(recipe != p, "optimizer '" + recipe +
+                             "' is not implemented yet (available: " + recipe_names() + ")");
+  throw Error("slimgrad: unknown optimizer '" + recipe + "' (expected one of " + recipe_names() +
+              ")");
+}
+
+// ---- model shapes ------------------------------------------------------------------------------
+
+const std::vector<LlamaConfig>& llama_models() {
+  static const std::vector<LlamaConfig> models = {
+      {"llama-60m", 512, 1376, 8, 8, 32000},     {"llama-130m", 768, 2048, 12, 12, 32000},
+      {"llama-350m", 1024, 2736, 16, 24, 32000}, {"llama-1b", 2048, 5461, 32, 24, 32000},
+      {"llama-7b", 4096, 11008, 32, 32, 32000},
+  };
+  return models;
+}
+
+const LlamaConfig& llama_model(const std::string& name) {
+  std::string known;
+  for (const LlamaConfig& c : llama_models()) {
+    if (name == c.name) return c;
+    known += (known.empty() ? "" : ", ") + std::string(c.name);
+  }
+  throw Error("slimgrad: unknown model '" + name + "' (expected one of " + known + ")");
+}
+
+std::vector<ModelTensor> llama_tensors(const LlamaConfig& c) {
+  const index_t h = c.hidden, f = c.intermediate;
+  std::vector<ModelTensor> t;
+  t.push_back({"embed_tokens", {c.vocabulary, h}, false, "embed_tokens", ParamRole::plain});
+  for (index_t l = 0; l < c.layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"})
+      t.push_back({p + "self_attn." + n, {h, h}, false, "attn q,k,v,o", ParamRole::compressed});
+    t.push_back({p + "mlp.gate_proj", {f, h}, false, "mlp gate,up", ParamRole::compressed});
+    t.push_back({p + "mlp.up_proj", {f, h}, false, "mlp gate,up", ParamRole::compressed});
+    t.push_back({p + "mlp.down_proj", {h, f}, false, "mlp down", ParamRole::compressed});
+    t.push_back({p + "input_layernorm", {1, h}, true, "norms", ParamRole::plain});
+    t.push_back({p + "post_attention_layernorm", {1, h}, true, "norms", ParamRole::plain});
+  }
+  t.push_back({"norm", {1, h}, true, "norms", ParamRole::plain});
+  t.push_back({"lm_head", {c.vocabulary, h}, false, "lm_head", ParamRole::plain});
+  return t;
+}
+
+std::vector<ModelTensor> shape_tensors(const std::string& list) {
+  const std::string usage =
+      "--shapes expects a comma-separated list of ROWSxCOLS or N (e.g. 4096x4096,4096), got '" +
+      list + "'";
+  auto number = [&](const std::string& s) -> index_t {
+    const bool digits = !s.empty() && s.size() <= 9 && std::all_of(s.begin(), s.end(), [](char ch) {
+      return ch >= '0' && ch <= '9';
+    });
+    require(digits && std::stol(s) > 0, usage);
+    return std::stol(s);
+  };
+  std::vector<ModelTensor> out;
+  std::size_t begin = 0;
+  while (true) {
+    const auto comma = list.find(',', begin);
+    const std::string item = list.substr(begin, comma == std::string::npos ? comma : comma - begin);
+    const auto x = item.find_first_of("xX");
+    ModelTensor t;
+    if (x == std::string::npos) {
+      t.shape = {1, number(item)};
+      t.vector = true;
+    } else {
+      t.shape = {number(item.substr(0, x)), number(item.substr(x + 1))};
+      t.vector = false;
+    }
+    t.name = "shape" + std::to_string(out.size()) + "." + item;
+    t.group = item;
+    t.role = ParamRole::automatic;
+    out.push_back(std::move(t));
+    if (comma == std::string::npos) break;
+    begin = comma + 1;
+  }
+  return out;
+}
+
+std::vector<std::string> group_order(const std::vector<ModelTensor>& tensors) {
+  std::vector<std::string> groups;
+  for (const ModelTensor& t : tensors)
+    if (std::find(groups.begin(), groups.end(), t.group) == groups.end()) groups.push_back(t.group);
+  return groups;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace slimgrad::tools
