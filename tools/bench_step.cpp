@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -99,10 +101,20 @@ void run_bench_step(const BenchStepArgs& args) {
           "bench step needs exactly one of --model (llama-60m ... llama-7b) and --shapes");
   std::vector<ModelTensor> tensors =
       args.model.empty() ? shape_tensors(args.shapes) : llama_tensors(llama_model(args.model));
-  {  // every settings or shape error before the allocation
+  {  // every settings or shape error, and a model too large for memory, before the allocation
     auto check = make_optimizer(args.optimizer, settings);
-    for (const ModelTensor& t : tensors)
+    double need = 0;
+    for (const ModelTensor& t : tensors) {
       check->set_role(t.name, t.shape, t.role);
+      need += 8.0 * static_cast<double>(t.shape.size()) +
+              static_cast<double>(check->predicted_state_bytes(t.name, t.shape));
+    }
+    const double have =
+        static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+    require(have <= 0 || need < have,
+            "bench step: this needs " + std::to_string(static_cast<long>(need / 0x1p30)) +
+                " GiB (fp32 weights, gradients and optimizer state) but the machine has " +
+                std::to_string(static_cast<long>(have / 0x1p30)) + " GiB");
   }
   const std::string model = args.model.empty() ? "shapes " + args.shapes : args.model;
   Workload w(std::move(tensors), args.seed);

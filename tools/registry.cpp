@@ -1,71 +1,15 @@
-// tools/registry.cpp — the instantiations behind tools/registry.hpp: one Erased<Optimizer<...>>
-// per recipe and type-level choice, and the LLaMA shapes of algorithms.md §0.5.
-#include "registry.hpp"
-
+// tools/registry.cpp — the instantiations behind tools/registry.hpp (all but GWT's, which are in
+// tools/registry_gwt.cpp), the recipe list and the LLaMA shapes of algorithms.md §0.5.
 #include <algorithm>
-#include <cstdint>
-#include <slimgrad/slimgrad.hpp>
 #include <string>
-#include <type_traits>
-#include <utility>
+
+#include "registry_impl.hpp"
 
 namespace slimgrad::tools {
 namespace {
 
-/// The type-erased wrapper: forwards to the one optimizer it holds.
-template <class Opt>
-class Erased final : public AnyOptimizer {
- public:
-  Erased(std::string name, const typename Opt::Options& o,
-         std::map<std::string, std::string> type_keys)
-      : name_(std::move(name)), type_keys_(std::move(type_keys)), opt_(o) {}
-
-  const std::string& name() const override { return name_; }
-  std::string composition() const override { return Opt::composition(); }
-  std::map<std::string, std::string> options() const override {
-    typename Opt::Options o = opt_.options();
-    auto m = fields::to_map(o);
-    m.insert(type_keys_.begin(), type_keys_.end());
-    return m;
-  }
-  index_t update_gap() const override {
-    if constexpr (requires { opt_.options().transform.update_gap; })
-      return opt_.options().transform.update_gap;
-    else
-      return 0;
-  }
-  void set_role(const std::string& param, Shape shape, ParamRole role) override {
-    using Transform = typename Opt::TransformImpl;
-    if (role == ParamRole::compressed &&
-        !std::is_same_v<Transform, impl<transforms::Identity, backend::cpu>>) {
-      const Transform t(opt_.options().transform);
-      try {
-        (void)t.init(shape, 0);  // the transform's own sentence, e.g. rank above min(m, n)
-      } catch (const Error& e) {
-        std::string why = e.what();
-        if (why.rfind("slimgrad: ", 0) == 0) why.erase(0, 10);
-        throw Error("slimgrad: parameter '" + param + "' cannot be compressed by " + name_ + ": " +
-                    why);
-      }
-    }
-    typename Opt::Override o;
-    o.role = role;
-    opt_.set_override(param, o);
-  }
-  StepReport step(std::span<const Param> params) override { return opt_.step(params); }
-  std::size_t state_bytes() const override { return opt_.state_bytes(); }
-  std::size_t state_bytes(std::string_view param) const override { return opt_.state_bytes(param); }
-  std::size_t predicted_state_bytes(std::string_view param, Shape shape) const override {
-    return opt_.predicted_state_bytes(param, shape);
-  }
-  bool is_compressed(std::string_view param) const override { return opt_.is_compressed(param); }
-  std::size_t workspace_bytes() const override { return opt_.workspace_bytes(); }
-
- private:
-  std::string name_;
-  std::map<std::string, std::string> type_keys_;
-  Opt opt_;
-};
+using detail::build;
+using detail::last_value;
 
 const char* const gwt_keys = "wavelet (haar|db2|db4), levels (1..3)";
 const char* const adam8bit_keys = "block (256|2048)";
@@ -89,90 +33,6 @@ const std::vector<RecipeInfo> recipes_ = {
 
 // Recipes named by the papers that the library does not implement yet.
 const char* const planned[] = {"flora", "compact"};
-
-/// Applies the run-time settings (type-level keys are skipped: the caller consumed them).
-template <class Options>
-void apply(Options& o, const std::string& recipe, const std::vector<Setting>& settings,
-           const std::vector<std::string>& type_keys) {
-  const auto known = fields::to_map(o);
-  for (const Setting& s : settings) {
-    if (std::find(type_keys.begin(), type_keys.end(), s.key) != type_keys.end()) continue;
-    if (known.find(s.key) == known.end()) {
-      std::string list;
-      for (const auto& [k, v] : known)
-        list += (list.empty() ? "" : ", ") + k;
-      for (const auto& k : type_keys)
-        list += ", " + k;
-      throw Error("slimgrad: unknown option '" + s.key + "' for optimizer " + recipe +
-                  " (known: " + list + ")");
-    }
-    fields::set(o, s.key, s.value);
-  }
-}
-
-/// The last value given for `key`, or `fallback`.
-std::string last_value(const std::vector<Setting>& settings, const std::string& key,
-                       const std::string& fallback) {
-  std::string v = fallback;
-  for (const Setting& s : settings)
-    if (s.key == key) v = s.value;
-  return v;
-}
-
-template <class Opt>
-std::unique_ptr<AnyOptimizer> build(const std::string& recipe, typename Opt::Options o,
-                                    const std::vector<Setting>& settings,
-                                    std::map<std::string, std::string> type_keys = {}) {
-  std::vector<std::string> keys;
-  for (const auto& kv : type_keys)
-    keys.push_back(kv.first);
-  apply(o, recipe, settings, keys);
-  return std::make_unique<Erased<Opt>>(recipe, o, std::move(type_keys));
-}
-
-template <class W, int L>
-std::unique_ptr<AnyOptimizer> build_gwt(const std::vector<Setting>& settings,
-                                        std::map<std::string, std::string> type_keys) {
-  using Opt = Optimizer<optim::Adam, transforms::Dwt<W, L>, state::Fp32, backend::cpu,
-                        residual::WaveletDetails>;
-  const auto d = recipes::gwt_options();  // Haar level 2: every field but the transform's type
-  typename Opt::Options o;
-  o.rule = d.rule;
-  o.transform.mode = d.transform.mode;
-  o.transform.axis = d.transform.axis;
-  o.store = d.store;
-  o.residual = d.residual;
-  o.fallback = d.fallback;
-  o.seed = d.seed;
-  return build<Opt>("gwt", o, settings, std::move(type_keys));
-}
-
-template <class W>
-std::unique_ptr<AnyOptimizer> gwt_levels(int levels, const std::vector<Setting>& settings,
-                                         std::map<std::string, std::string> type_keys) {
-  switch (levels) {
-    case 1:
-      return build_gwt<W, 1>(settings, std::move(type_keys));
-    case 2:
-      return build_gwt<W, 2>(settings, std::move(type_keys));
-    default:
-      return build_gwt<W, 3>(settings, std::move(type_keys));
-  }
-}
-
-std::unique_ptr<AnyOptimizer> make_gwt(const std::vector<Setting>& settings) {
-  const std::string wavelet = last_value(settings, "wavelet", "haar");
-  const std::string levels = last_value(settings, "levels", "2");
-  require(wavelet == "haar" || wavelet == "db2" || wavelet == "db4",
-          "option 'wavelet' of gwt expects haar, db2 or db4, got '" + wavelet + "'");
-  require(levels == "1" || levels == "2" || levels == "3",
-          "option 'levels' of gwt expects 1, 2 or 3, got '" + levels + "'");
-  const int l = levels[0] - '0';
-  std::map<std::string, std::string> keys{{"wavelet", wavelet}, {"levels", levels}};
-  if (wavelet == "haar") return gwt_levels<transforms::Haar>(l, settings, std::move(keys));
-  if (wavelet == "db2") return gwt_levels<transforms::Db2>(l, settings, std::move(keys));
-  return gwt_levels<transforms::Db4>(l, settings, std::move(keys));
-}
 
 template <int B>
 std::unique_ptr<AnyOptimizer> build_adam8bit(const std::vector<Setting>& settings) {
@@ -226,7 +86,7 @@ std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
     return build<recipes::Adafactor<>>(recipe, recipes::adafactor_options(), settings);
   if (recipe == "galore")
     return build<recipes::GaLore<>>(recipe, recipes::galore_options(), settings);
-  if (recipe == "gwt") return make_gwt(settings);
+  if (recipe == "gwt") return detail::make_gwt(settings);
   if (recipe == "subtrack" || recipe == "subtrack++")
     return build<recipes::SubTrack<>>(recipe, recipes::subtrack_options(recipe == "subtrack++"),
                                       settings);

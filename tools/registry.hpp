@@ -5,7 +5,8 @@
 // one at run time. AnyOptimizer is a small type-erased interface over Optimizer<...>, and
 // make_optimizer() maps a recipe name plus `--set key=value` settings onto one instantiation. The
 // instantiations (16: adamw, adam8bit × 2 block sizes, adafactor, galore, gwt × 3 wavelets × 3
-// levels, subtrack, apollo) live in tools/registry.cpp only, so the subcommands that use them
+// levels, subtrack, apollo) live in tools/registry.cpp and tools/registry_gwt.cpp only (two
+// translation units that a 2-core build compiles side by side), so the subcommands that use them
 // compile quickly.
 //
 // Settings: the run-time keys are those of optim/fields.hpp (fields::set); a few keys choose the
