@@ -5,6 +5,9 @@
 //          sqrt(V)/sqrt(1−β2^t) + ε; step size lr/(1−β1^t).
 //   hf     (the GaLore/GWT/APOLLO/SubTrack "HF-AdamW"): denominator sqrt(V) + ε on the raw V;
 //          step size lr·sqrt(1−β2^t)/(1−β1^t); decay W ← W − lr·λ·W after the update.
+//   bnb    (bitsandbytes' Adam kernels, 8-bit blockwise and 32-bit; algorithms.md §6.5):
+//          denominator sqrt(V) + ε·sqrt(1−β2^t); step size lr·sqrt(1−β2^t)/(1−β1^t); decay
+//          W ← W·(1 − lr·λ) after the update; scalars computed in float as the kernels do.
 // State: two moment tensors of the tracked coefficients, held by the StateStore (fp32: 8 bytes
 // per tracked coefficient).
 #pragma once
@@ -18,7 +21,7 @@
 
 namespace slimgrad::optim {
 
-enum class AdamConvention : std::uint8_t { torch, hf };
+enum class AdamConvention : std::uint8_t { torch, hf, bnb };
 
 /// How a weight takes its update u: w ← w − step_size·u, with decoupled weight decay before or
 /// after it. Scalars are computed in double and rounded once to float, as PyTorch rounds a
@@ -84,6 +87,24 @@ struct Adam {
       s.weight.step_size = static_cast<float>(o.lr / bc1);
       s.weight.decay_multiplier = static_cast<float>(1.0 - o.lr * o.weight_decay);
       s.weight.decay_before = true;
+    } else if (o.convention == AdamConvention::bnb) {
+      // bitsandbytes (csrc/kernels.cu, kOptimizerStatic8bit2StateBlockwise and
+      // kOptimizer32bit2State): the weight decays after the step, and every scalar is a float
+      // expression. (1.0f − β) matters beyond rounding: 1 − 0.999f is 0.00099998713, 1.3e-5
+      // away from 0.001, and the moments it feeds are re-quantised every step, so torch's
+      // scalars would land a fraction of the elements on other 8-bit codes.
+      const float b1 = s.beta1, b2 = s.beta2, lr = static_cast<float>(o.lr);
+      const float tf = static_cast<float>(t);
+      const float c1 = 1.0f - std::pow(b1, tf);
+      const float c2 = std::sqrt(1.0f - std::pow(b2, tf));
+      s.one_minus_beta1 = 1.0f - b1;
+      s.one_minus_beta2 = 1.0f - b2;
+      s.eps = c2 * static_cast<float>(o.eps);
+      s.denom_divisor = 1.0f;
+      s.weight.step_size = (lr * c2) / c1;
+      if (o.weight_decay > 0)
+        s.weight.decay_multiplier = 1.0f - lr * static_cast<float>(o.weight_decay);
+      s.weight.decay_before = false;
     } else {
       s.denom_divisor = 1.0f;
       s.weight.step_size = static_cast<float>(o.lr * std::sqrt(bc2) / bc1);

@@ -38,7 +38,9 @@ struct enum_names;
 template <>
 struct enum_names<optim::AdamConvention> {
   static constexpr std::pair<optim::AdamConvention, const char*> values[] = {
-      {optim::AdamConvention::torch, "torch"}, {optim::AdamConvention::hf, "hf"}};
+      {optim::AdamConvention::torch, "torch"},
+      {optim::AdamConvention::hf, "hf"},
+      {optim::AdamConvention::bnb, "bnb"}};
 };
 template <>
 struct enum_names<ProjType> {

@@ -72,10 +72,14 @@ typename AdamW<B>::Options adamw_options() {
   return {};
 }
 
-/// bitsandbytes' AdamW8bit defaults (lr 1e-3, ε 1e-8, λ 0.01), torch convention.
+/// bitsandbytes' AdamW8bit defaults (lr 1e-3, ε 1e-8, λ 0.01) in its kernels' convention
+/// (ε·sqrt(1−β2^t), decay after the step, float scalars; tests/optim/test_peers.cpp checks it
+/// against the kernels' arithmetic).
 template <class B = backend::cpu>
 typename Adam8bit<B>::Options adam8bit_options() {
-  return {};
+  typename Adam8bit<B>::Options o;
+  o.rule.convention = optim::AdamConvention::bnb;
+  return o;
 }
 
 /// HF transformers' Adafactor defaults: relative step, parameter scaling, no β1.
