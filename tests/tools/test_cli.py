@@ -10,8 +10,9 @@ Checks
     by --inverse gives the input back;
   * `bench transform` (text and --json), --help of every subcommand, --version;
   * `replay` against the peers' outputs stored in tests/data/optim_reference.safetensors
-    (tests/reference/gen_optim.py): torch.optim.AdamW and GWT's WaveAdamW step, to the tolerance
-    of tests/optim/test_peers.cpp, and a changed semantic detail must break that tolerance;
+    (tests/reference/gen_optim.py): torch.optim.AdamW, GWT's WaveAdamW step and bitsandbytes'
+    8-bit AdamW kernels, to the tolerance of tests/optim/test_peers.cpp, and a changed semantic
+    detail must break that tolerance;
     without the file, a torch.optim.AdamW reference made live (torch 1.13);
   * `memory` against hand computations of the state bytes on llama-60m (adamw, adam8bit,
     galore, gwt) and given shapes; `--all`; `bench step` (--json keys, its byte formula, its
@@ -327,11 +328,12 @@ def main():
             ref, ref_meta = read_st(REFERENCE)
             adamw = peer_case(ref, ref_meta, "adamw")
             gwt = peer_case(ref, ref_meta, "gwt")
+            adam8bit = peer_case(ref, ref_meta, "adam8bit")
             print(f"replay references: {REFERENCE} (seed {ref_meta.get('seed')})")
         else:
             print(f"replay references: {REFERENCE} is missing: torch.optim.AdamW made live, "
                   "GWT not checked")
-            adamw, gwt = live_adamw_case(rng), None
+            adamw, gwt, adam8bit = live_adamw_case(rng), None, None
         m, tensors, peer = adamw
         adam_keys = ["lr", "beta1", "beta2", "eps", "weight_decay"]
         argv = ["--optimizer", "adamw"] + [a for k in adam_keys for a in ("--set", f"{k}={m[k]}")]
@@ -366,6 +368,21 @@ def main():
             dev = replay_deviation(tmp, "gwt_fallback", tensors, peer, base)
             check(dev is not None and not within(dev, m["K"]),
                   f"replay gwt with the default fallback must miss WaveAdamW: {dev}")
+        if adam8bit is not None:  # bitsandbytes' kernels (8-bit matrix, 32-bit bias)
+            m, tensors, peer = adam8bit
+            argv = ["--optimizer", "adam8bit", "--set", f"block={m['block']}", "--set",
+                    f"min_8bit_size={m['min_8bit_size']}"]
+            argv += [a for k in adam_keys for a in ("--set", f"{k}={m[k]}")]
+            dev = replay_deviation(tmp, "adam8bit", tensors, peer, argv)
+            if dev is not None:
+                print(f"replay adam8bit vs bitsandbytes' kernels: {ulps(dev)} of max|w| "
+                      f"(tolerance {ELEMENTWISE_ULPS * m['K']} ulp)")
+                check(within(dev, m["K"]), f"replay adam8bit vs bitsandbytes: {dev}")
+            # torch's ε placement and decay order instead of the kernels' must miss.
+            dev = replay_deviation(tmp, "adam8bit_torch", tensors, peer,
+                                   argv + ["--set", "adam_mode=torch"])
+            check(dev is not None and not within(dev, m["K"]),
+                  f"replay adam8bit with adam_mode=torch must miss bitsandbytes: {dev}")
 
         # Type-level keys choose another instantiation; the metadata names it.
         m, tensors, peer = adamw
