@@ -27,6 +27,26 @@
 
 namespace slimgrad::cpu {
 
+/// w ← apply_update(w, u) over a row, with the convention's branches taken once per row (so
+/// the loops vectorise). Same operations as optim::apply_update.
+inline void apply_row(float* w, const float* u, index_t n, const optim::WeightUpdate& p) {
+  const float c = -p.step_size;
+  if (p.decay_before && p.decay_multiplier != 1.0f)
+    for (index_t j = 0; j < n; ++j)
+      w[j] = w[j] * p.decay_multiplier;
+  if (p.decay_before && p.decay_alpha != 0.0f)
+    for (index_t j = 0; j < n; ++j)
+      w[j] = w[j] + p.decay_alpha * w[j];
+  for (index_t j = 0; j < n; ++j)
+    w[j] = w[j] + c * u[j];
+  if (!p.decay_before && p.decay_multiplier != 1.0f)
+    for (index_t j = 0; j < n; ++j)
+      w[j] = w[j] * p.decay_multiplier;
+  if (!p.decay_before && p.decay_alpha != 0.0f)
+    for (index_t j = 0; j < n; ++j)
+      w[j] = w[j] + p.decay_alpha * w[j];
+}
+
 /// Runs one fused GWT step if it applies (axis rows, fp32 moments the store exposes directly).
 /// Returns nullopt when it does not apply (the caller takes the generic path), false when the
 /// gradient holds a non-finite value (nothing changed), true when the step was taken.
@@ -47,7 +67,7 @@ std::optional<bool> gwt_adam_fused_step(const impl<optim::Adam, backend::cpu>& r
   const std::size_t scratch_floats = detail::RowScratch::floats(lay);
 
   struct Buffers {
-    std::vector<float> scratch, coef, u, denom;
+    std::vector<float> scratch, coef, u, denom, up;
   };
   auto buffers = [&]() -> Buffers& {
     thread_local Buffers b;
@@ -55,6 +75,7 @@ std::optional<bool> gwt_adam_fused_step(const impl<optim::Adam, backend::cpu>& r
     b.coef.resize(static_cast<std::size_t>(k));
     b.u.resize(static_cast<std::size_t>(n));
     b.denom.resize(static_cast<std::size_t>(na));
+    b.up.resize(static_cast<std::size_t>(lay.max_level_length()));
     return b;
   };
 
@@ -120,21 +141,28 @@ std::optional<bool> gwt_adam_fused_step(const impl<optim::Adam, backend::cpu>& r
     for (index_t j = 0; j < na; ++j) {
       den[j] = den[j] / s.denom_divisor + s.eps;
       coef[j] = mi[j] / den[j];
-      if (rho != 1.0f) coef[j] = coef[j] / rho;
     }
+    if (rho != 1.0f)
+      for (index_t j = 0; j < na; ++j)
+        coef[j] = coef[j] / rho;
+    // Details: the ancestor's D·ρ, up-sampled into a contiguous row first so that the divisions
+    // vectorise (a divide per element through an index shift does not).
+    float* up = b.up.data();
     for (int l = 1; l <= Levels; ++l) {
       float* d = coef + lay.detail_offset[l];
       const int shift = Levels - l;
-      for (index_t j = 0; j < lay.length[l]; ++j)
-        d[j] = d[j] / (den[j >> shift] * rho);
+      const index_t len = lay.length[l];
+      for (index_t j = 0; j < len; ++j)
+        up[j] = den[j >> shift] * rho;
+      for (index_t j = 0; j < len; ++j)
+        d[j] = d[j] / up[j];
     }
     float* u = b.u.data();
     detail::inverse_row<Wavelet>(coef, u, lay, sc);
-    float* wi = w.row(i);
-    for (index_t j = 0; j < n; ++j) {
-      const float uj = alpha != 1.0f ? u[j] * alpha : u[j];
-      wi[j] = optim::apply_update(wi[j], uj, s.weight);
-    }
+    if (alpha != 1.0f)
+      for (index_t j = 0; j < n; ++j)
+        u[j] = u[j] * alpha;
+    apply_row(w.row(i), u, n, s.weight);
   });
   return true;
 }

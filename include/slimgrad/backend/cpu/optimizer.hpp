@@ -760,12 +760,8 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   }
   // W ← W − c·U with decoupled decay, in the rule's order.
   static void apply(HostView<float> w, HostView<const float> u, const optim::WeightUpdate& wu) {
-    cpu::parallel_for(w.rows, w.cols, [&](index_t i) {
-      float* wr = w.row(i);
-      const float* ur = u.row(i);
-      for (index_t j = 0; j < w.cols; ++j)
-        wr[j] = optim::apply_update(wr[j], ur[j], wu);
-    });
+    cpu::parallel_for(w.rows, w.cols,
+                      [&](index_t i) { cpu::apply_row(w.row(i), u.row(i), w.cols, wu); });
   }
 
   Options options_;
