@@ -7,14 +7,17 @@
     "slimgrad/cuda.cuh is for CUDA translation units compiled by nvcc; C++ translation units include <slimgrad/slimgrad.hpp>, or call the CUDA backend through host declarations and one .cu file that instantiates it."
 #endif
 
+// Core and the host/device math of the policies (no Eigen, nothing host-only).
 #include "core/backend.hpp"
 #include "core/concepts.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/numeric.hpp"
 #include "core/orientation.hpp"
 #include "core/philox.hpp"
-#include "transforms/random_projection.hpp"
 #include "core/view.hpp"
-#include "core/numeric.hpp"
-#include "state/stores.hpp"
+#include "optim/adam.hpp"
 #include "state/q8_math.hpp"
+#include "state/stores.hpp"
+#include "transforms/dwt.hpp"
+#include "transforms/random_projection.hpp"
