@@ -183,14 +183,17 @@ struct impl<transforms::Grassmann, backend::cpu> {
             "grassmann: reorth_every must be non-negative, got " + std::to_string(o.reorth_every));
   }
 
+  /// A fresh state (no basis yet); throws unless g is non-empty and rank <= min(m, n).
   State init(Shape g, std::uint64_t tensor_id) const {
     State s;
     static_cast<cpu::BasisState&>(s) = Svd::init_state(g, tensor_id, svd_.options);
     return s;
   }
+  /// Shape forward() writes: r×n (left) or m×r (right), as SvdProjection.
   Shape coeff_shape(Shape g) const { return svd_.coeff_shape(g); }
   /// Bytes of the stored basis: r·projected_dim·4.
   std::size_t state_bytes(Shape g) const { return svd_.state_bytes(g); }
+  /// Every coefficient carries optimizer state.
   HostView<float> tracked(HostView<float> coeffs) const { return coeffs; }
   HostView<const float> tracked(HostView<const float> coeffs) const { return coeffs; }
 
@@ -258,9 +261,11 @@ struct impl<transforms::Grassmann, backend::cpu> {
     return moved;
   }
 
+  /// coeffs = Sᵀ G (left) or G Pᵀ (right): SvdProjection's forward on the tracked basis.
   void forward(const State& s, HostView<const float> g, HostView<float> coeffs) {
     svd_.forward(s, g, coeffs);
   }
+  /// out = S N (left) or N P (right), without SubTrack's scale α (the optimizer applies it).
   void inverse(const State& s, HostView<const float> coeffs, HostView<float> out) {
     svd_.inverse(s, coeffs, out);
   }

@@ -17,7 +17,8 @@ namespace slimgrad {
 /// canonical signs; forward is Sᵀ G (left) or G Pᵀ (right), inverse S N or N P.
 /// State: r·projected_dim·4 bytes per tensor (the fp32 basis). One impl object serves many
 /// tensors; its scratch (the randomized sketch, the previous basis of the last refresh) is
-/// grown once to the largest tensor seen and is not per-tensor state.
+/// grown once to the largest tensor seen and is not per-tensor state; for the same reason one
+/// impl object must not be used from two threads at once.
 template <>
 struct impl<transforms::SvdProjection, backend::cpu> {
   using Policy = transforms::SvdProjection;
@@ -50,6 +51,7 @@ struct impl<transforms::SvdProjection, backend::cpu> {
   /// Throws unless g is non-empty and rank <= min(m, n).
   State init(Shape g, std::uint64_t tensor_id) const { return init_state(g, tensor_id, options); }
 
+  /// init() with explicit options (shared with Grassmann, whose options map onto these).
   static State init_state(Shape g, std::uint64_t tensor_id, const Policy::Options& o) {
     require(g.rows > 0 && g.cols > 0, "svd projection: zero-size tensor (" +
                                           std::to_string(g.rows) + "x" + std::to_string(g.cols) +
@@ -66,6 +68,7 @@ struct impl<transforms::SvdProjection, backend::cpu> {
     return s;
   }
 
+  /// Shape forward() writes: r×n (left) or m×r (right).
   Shape coeff_shape(Shape g) const {
     return Policy::coeff_shape(g, side_for(g, options.proj_type), options.rank);
   }
@@ -73,6 +76,7 @@ struct impl<transforms::SvdProjection, backend::cpu> {
   std::size_t state_bytes(Shape g) const {
     return Policy::state_bytes(g, side_for(g, options.proj_type), options.rank);
   }
+  /// Every coefficient carries optimizer state (projections have no stored residual).
   HostView<float> tracked(HostView<float> coeffs) const { return coeffs; }
   HostView<const float> tracked(HostView<const float> coeffs) const { return coeffs; }
 
