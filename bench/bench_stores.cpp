@@ -7,6 +7,10 @@
 // stores_memcpy_baseline (two 64 MiB memcpy = the fp32 round trip at copy bandwidth). Counter
 // state_B_per_elem is the store's memory per element. `tile` variants call load/store on
 // 64Ki-element tiles, as an engine that streams through scratch does; the others call once.
+// stores_q8_quantize / stores_q8_dequantize time the 8-bit kernels alone on cache-resident
+// 256-element blocks (as an optimizer step's tiles give them), per instruction set (arg 0:
+// 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VBMI; arg 1: 0 first moment, 1 second moment);
+// items_per_second counts elements.
 // Run: slimgrad_bench --benchmark_filter=stores
 #include <benchmark/benchmark.h>
 
@@ -14,6 +18,7 @@
 #include <cstring>
 #include <random>
 #include <slimgrad/backend/cpu/stores.hpp>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -105,6 +110,49 @@ void stores_factored_accumulate(benchmark::State& state) {
   state.counters["state_B_per_elem"] = static_cast<double>(s.bytes(b)) / static_cast<double>(n * n);
 }
 
+// Op 0: absmax + quantise each block; op 1: dequantise each block.
+template <int Op>
+void stores_q8_kernels(benchmark::State& state) {
+  const auto isa = static_cast<cpu::q8::Isa>(state.range(0));
+  const auto kind = state.range(1) == 0 ? state::Moment::first : state::Moment::second;
+  if (!cpu::q8::supported(isa)) {
+    state.SkipWithError("instruction set not supported here");
+    return;
+  }
+  constexpr index_t block = 256, count = 64 * block;  // 64 KiB of floats: L2-resident
+  const bool is_signed = kind == state::Moment::first;
+  const state::q8::CodeMap& map = state::q8::code_map(kind);
+  std::vector<float> x = moment_values(count, state::Moment::first), y(x.size());
+  for (index_t i = 0; i < count; ++i) {  // blocks over five decades, as moments of many rows
+    x[static_cast<std::size_t>(i)] *= std::pow(10.0f, static_cast<float>((i / block) % 5) - 2.0f);
+    if (!is_signed) x[static_cast<std::size_t>(i)] *= x[static_cast<std::size_t>(i)];
+  }
+  std::vector<std::uint8_t> q(x.size());
+  std::vector<float> absmax(static_cast<std::size_t>(count / block));
+  for (index_t b = 0; b < count; b += block) {
+    absmax[static_cast<std::size_t>(b / block)] = cpu::q8::absmax_portable(x.data() + b, block);
+    cpu::q8::quantize_portable(map, is_signed, x.data() + b, block,
+                               absmax[static_cast<std::size_t>(b / block)], q.data() + b);
+  }
+  for (auto _ : state) {
+    for (index_t b = 0; b < count; b += block) {
+      if constexpr (Op == 0) {
+        const float a = cpu::q8::absmax(isa, x.data() + b, block);
+        cpu::q8::quantize(isa, map, is_signed, x.data() + b, block, a, q.data() + b);
+      } else {
+        cpu::q8::dequantize(isa, map, q.data() + b, block,
+                            absmax[static_cast<std::size_t>(b / block)], y.data() + b);
+      }
+    }
+    benchmark::DoNotOptimize(q.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * count);
+  static const char* const names[] = {"portable", "avx2", "avx512", "avx512vbmi"};
+  state.SetLabel(std::string(names[state.range(0)]) + (is_signed ? " m" : " v"));
+}
+
 using Q256 = state::Q8Block<256>;
 using Q2048 = state::Q8Block<2048>;
 
@@ -166,4 +214,12 @@ BENCHMARK(stores<Q256, 1>)
     ->Arg(0)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK(stores_q8_kernels<0>)
+    ->Name("stores_q8_quantize")
+    ->ArgsProduct({{0, 1, 2, 3}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(stores_q8_kernels<1>)
+    ->Name("stores_q8_dequantize")
+    ->ArgsProduct({{0, 1, 2, 3}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(stores_factored_accumulate)->Unit(benchmark::kMillisecond)->UseRealTime();

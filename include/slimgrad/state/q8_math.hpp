@@ -20,6 +20,11 @@
 //    approximate __fdividef (≤ 2 ulp), so a value within 2 ulp of a midpoint may land on the other
 //    neighbour; and an all-zero block (absmax 0) normalises to 0 instead of 0/0 = NaN, as newer
 //    bitsandbytes kernels do (the dequantised values are 0 either way).
+//
+// Speed: the kernel's search costs eight dependent loads per value (about 14 ns on a CPU core).
+// nearest_code() finds the same index with one load from a cell table (CodeMap::cell) and one
+// integer comparison; it equals the search on all 2^32 floats (checked offline, sampled in
+// tests/optim/test_stores.cpp). The CPU backend has vectorised forms (backend/cpu/stores.hpp).
 #pragma once
 
 #include <cstdint>
@@ -33,30 +38,116 @@ namespace slimgrad::state::q8 {
 /// Number of entries in a code map.
 inline constexpr int map_size = 256;
 
-/// A code map and the float midpoints between neighbours, mid[j] = (code[j] + code[j+1])·0.5f,
-/// exactly as quantize_2D computes them (2 KiB).
+// The cell table. A normalised value is put in a cell by its sign and float bits 30..16 (the 8
+// exponent bits and the top 7 mantissa bits); magnitudes below 2^-23 share cell 0 and magnitudes
+// from 1 up (∞ included) share the last cell. The dynamic maps are linear within decades, and
+// with 7 mantissa bits no cell holds more than one midpoint (with 6, two midpoints of the
+// unsigned map's top decade share a cell), so the nearest code is the number of midpoints below
+// the cell plus one comparison of the value's low 16 bits with those of the midpoint inside.
+
+/// Mantissa bits that select a cell within a binade.
+inline constexpr int cell_mantissa_bits = 7;
+/// Low bits of a value that are compared with a cell's threshold.
+inline constexpr int cell_low_bits = 23 - cell_mantissa_bits;
+/// Mask of those low bits.
+inline constexpr std::uint32_t cell_low_mask = (1u << cell_low_bits) - 1u;
+/// Magnitudes below 2^cell_min_exponent share cell 0 (the smallest positive midpoint of either
+/// map is above 2^-23).
+inline constexpr int cell_min_exponent = -23;
+/// Bits 30..16 of 2^cell_min_exponent, the key of cell 0's upper part.
+inline constexpr std::uint32_t cell_first = static_cast<std::uint32_t>(127 + cell_min_exponent)
+                                            << cell_mantissa_bits;
+/// The bit pattern of 1.0f: larger magnitudes are clamped to it.
+inline constexpr std::uint32_t one_bits = 0x3F800000u;
+/// Cells per sign: 23 binades of 128 cells and the cell of magnitudes ≥ 1.
+inline constexpr int cells_per_sign = (-cell_min_exponent << cell_mantissa_bits) + 1;
+/// A threshold that no 16-bit key reaches: the cell holds no midpoint.
+inline constexpr std::uint32_t cell_never = 1u << cell_low_bits;
+
+/// A code map; the float midpoints between neighbours, mid[j] = (code[j] + code[j+1])·0.5f,
+/// exactly as quantize_2D computes them; and the cell table of nearest_code(): the cell of sign s
+/// and index c has entry cell[s·cells_per_sign + c] = base | threshold << 8, base being the number
+/// of midpoints below the cell (2 KiB of maps and midpoints, 23 KiB of cells).
 struct CodeMap {
   float code[map_size];
   float mid[map_size - 1];
+  std::uint32_t cell[2 * cells_per_sign];
 };
 
 namespace detail {
-SLIMGRAD_HOST_DEVICE constexpr CodeMap with_midpoints(const float (&code)[map_size]) {
+
+// The smallest or largest magnitude of cell c (cell 0 from 0; the last cell's nominal range).
+// __builtin_bit_cast (GCC, clang and nvcc): constexpr on host and device alike, where
+// std::bit_cast is host-only for nvcc. These builders run at compile time only.
+SLIMGRAD_HOST_DEVICE constexpr float cell_bound(int c, bool largest) {
+  const std::uint32_t top = static_cast<std::uint32_t>(c) + cell_first;
+  if (largest) return __builtin_bit_cast(float, ((top + 1u) << cell_low_bits) - 1u);
+  return c == 0 ? 0.0f : __builtin_bit_cast(float, top << cell_low_bits);
+}
+
+// The lowest and highest value of the cell of sign `negative` and index c.
+SLIMGRAD_HOST_DEVICE constexpr float cell_lowest(bool negative, int c) {
+  return negative ? -cell_bound(c, true) : cell_bound(c, false);
+}
+SLIMGRAD_HOST_DEVICE constexpr float cell_highest(bool negative, int c) {
+  return negative ? -cell_bound(c, false) : cell_bound(c, true);
+}
+
+// A cell whose values lie in [lowest, highest] holds midpoint `base` (the number of midpoints
+// below it) or none (cell_conflicts()). A value x counts it when x > mid[base], or x ≥ mid[base]
+// for odd base: the kernel's search takes a value exactly on the midpoint of the pair
+// (base, base+1) to the even index. Within one cell these are comparisons of the low 16 bits,
+// reversed for negative values (larger magnitude, smaller value), which XOR-ing the key with the
+// mask turns back into "key ≥ threshold". Cells are visited in ascending value order (negative
+// cells from the largest magnitude down) so that one pass over the midpoints finds every base.
+SLIMGRAD_HOST_DEVICE constexpr void fill_cells(CodeMap& m) {
+  int base = 0;
+  for (int k = 0; k < 2 * cells_per_sign; ++k) {
+    const bool negative = k < cells_per_sign;
+    const int c = negative ? cells_per_sign - 1 - k : k - cells_per_sign;
+    while (base < map_size - 1 && m.mid[base] < cell_lowest(negative, c))
+      ++base;
+    std::uint32_t threshold = cell_never;
+    if (base < map_size - 1 && m.mid[base] <= cell_highest(negative, c)) {
+      const std::uint32_t low = __builtin_bit_cast(std::uint32_t, m.mid[base]) & cell_low_mask;
+      const std::uint32_t key = negative ? cell_low_mask - low : low;
+      threshold = (base & 1) ? key : key + 1u;
+    }
+    m.cell[(negative ? cells_per_sign : 0) + c] = static_cast<std::uint32_t>(base) | threshold << 8;
+  }
+}
+
+SLIMGRAD_HOST_DEVICE constexpr CodeMap make_map(const float (&code)[map_size]) {
   CodeMap m{};
   for (int j = 0; j < map_size; ++j)
     m.code[j] = code[j];
   for (int j = 0; j + 1 < map_size; ++j)
     m.mid[j] = (code[j] + code[j + 1]) * 0.5f;
+  fill_cells(m);
   return m;
 }
-}  // namespace detail
 
-/// The signed dynamic map (first moment), sorted ascending: 127 negative values, 0 at index 127,
-/// 127 positive values and 1.0 at index 255 (there is no −1.0). Static tables in the function so
-/// that host and device code read the same bytes (device: global memory; kernels stage them in
-/// shared memory as bitsandbytes does).
-SLIMGRAD_HOST_DEVICE inline const CodeMap& signed_code_map() {
-  static constexpr float table[map_size] = {
+// The midpoints that one comparison per cell would miss: a midpoint in the same cell as the
+// one before it (midpoints ascend, so cell-mates are neighbours), or in cell 0 or the last cell
+// (where a value's low bits are not the cell's). Must be 0; found from the midpoints' own bits,
+// independently of fill_cells().
+SLIMGRAD_HOST_DEVICE constexpr int cell_conflicts(const CodeMap& m) {
+  int bad = 0;
+  for (int j = 0; j < map_size - 1; ++j) {
+    const std::uint32_t bits = __builtin_bit_cast(std::uint32_t, m.mid[j]);
+    const std::uint32_t magnitude = bits & 0x7FFFFFFFu;
+    const bool edge = (magnitude >> cell_low_bits) <= cell_first || magnitude >= one_bits;
+    const bool shared = j > 0 && (__builtin_bit_cast(std::uint32_t, m.mid[j - 1]) >>
+                                  cell_low_bits) == (bits >> cell_low_bits);
+    bad += (edge || shared) ? 1 : 0;
+  }
+  return bad;
+}
+
+// The signed map's values: functional.create_dynamic_map(signed=True) as printed by
+// tests/reference/gen_stores.py.
+SLIMGRAD_HOST_DEVICE constexpr CodeMap signed_values() {
+  constexpr float table[map_size] = {
       -0x1.fc6666p-1f,  -0x1.f53332p-1f,  -0x1.eep-1f,      -0x1.e6ccccp-1f,  -0x1.df9998p-1f,
       -0x1.d86666p-1f,  -0x1.d13334p-1f,  -0x1.cap-1f,      -0x1.c2ccccp-1f,  -0x1.bb9998p-1f,
       -0x1.b46666p-1f,  -0x1.ad3332p-1f,  -0x1.a6p-1f,      -0x1.9eccccp-1f,  -0x1.979998p-1f,
@@ -110,14 +201,12 @@ SLIMGRAD_HOST_DEVICE inline const CodeMap& signed_code_map() {
       0x1.df9998p-1f,   0x1.e6ccccp-1f,   0x1.eep-1f,       0x1.f53332p-1f,   0x1.fc6666p-1f,
       0x1p+0f,
   };
-  static constexpr CodeMap map = detail::with_midpoints(table);
-  return map;
+  return make_map(table);
 }
 
-/// The unsigned dynamic map (second moment), sorted ascending: 0 at index 0, 254 positive values,
-/// 1.0 at index 255.
-SLIMGRAD_HOST_DEVICE inline const CodeMap& unsigned_code_map() {
-  static constexpr float table[map_size] = {
+// The unsigned map's values (create_dynamic_map(signed=False)).
+SLIMGRAD_HOST_DEVICE constexpr CodeMap unsigned_values() {
+  constexpr float table[map_size] = {
       0x0p+0f,         0x1.5cf754p-22f, 0x1.a0133p-21f,  0x1.1d367p-19f,  0x1.2599ecp-18f,
       0x1.bc98a2p-18f, 0x1.29cbaap-17f, 0x1.0624dcp-16f, 0x1.c2e34p-16f,  0x1.3fd0dp-15f,
       0x1.9e3p-15f,    0x1.fc8f34p-15f, 0x1.2d7732p-14f, 0x1.5ca6c8p-14f, 0x1.8bd662p-14f,
@@ -171,7 +260,26 @@ SLIMGRAD_HOST_DEVICE inline const CodeMap& unsigned_code_map() {
       0x1.efccccp-1f,  0x1.f36668p-1f,  0x1.f7p-1f,      0x1.fa999cp-1f,  0x1.fe3334p-1f,
       0x1p+0f,
   };
-  static constexpr CodeMap map = detail::with_midpoints(table);
+  return make_map(table);
+}
+
+}  // namespace detail
+
+/// The signed dynamic map (first moment), sorted ascending: 127 negative values, 0 at index 127,
+/// 127 positive values and 1.0 at index 255 (there is no −1.0). Static tables in the function so
+/// that host and device code read the same bytes (device: global memory; kernels stage them in
+/// shared memory as bitsandbytes does).
+SLIMGRAD_HOST_DEVICE inline const CodeMap& signed_code_map() {
+  static constexpr CodeMap map = detail::signed_values();
+  static_assert(detail::cell_conflicts(map) == 0, "slimgrad: a cell holds two midpoints");
+  return map;
+}
+
+/// The unsigned dynamic map (second moment), sorted ascending: 0 at index 0, 254 positive values,
+/// 1.0 at index 255.
+SLIMGRAD_HOST_DEVICE inline const CodeMap& unsigned_code_map() {
+  static constexpr CodeMap map = detail::unsigned_values();
+  static_assert(detail::cell_conflicts(map) == 0, "slimgrad: a cell holds two midpoints");
   return map;
 }
 
@@ -227,11 +335,11 @@ SLIMGRAD_HOST_DEVICE inline float absmax_update(float current, float x) {
   return magnitude > current ? magnitude : current;
 }
 
-/// The same index as nearest_code(map.code, x, ·), found branch-free: the number of midpoints
-/// below x (a uniform binary search over the 255 midpoints), then a value exactly on a midpoint
-/// moves to the even index of its pair, as the kernel's search ends there. Equality with
-/// nearest_code is tested on every code, midpoint and midpoint ± 1 ulp and on random values.
-SLIMGRAD_HOST_DEVICE inline std::uint8_t nearest_code(const CodeMap& map, float x) {
+/// The same index as nearest_code(map.code, x, ·) by a uniform binary search over the 255
+/// midpoints (branch-free: eight dependent loads, no table beyond the 1 KiB of midpoints, for a
+/// device that prefers that to the cell table), then a value exactly on a midpoint moves to the
+/// even index of its pair, as the kernel's search ends there.
+SLIMGRAD_HOST_DEVICE inline std::uint8_t nearest_code_search(const CodeMap& map, float x) {
   int idx = 0;
   // Arithmetic on the comparison, not a conditional: compilers emit it without branches (a
   // branchy search mispredicts about half of its steps, 4-5x slower on the CPU).
@@ -239,6 +347,30 @@ SLIMGRAD_HOST_DEVICE inline std::uint8_t nearest_code(const CodeMap& map, float 
     idx += step * static_cast<int>(x > map.mid[idx + step - 1]);
   if (idx < map_size - 1 && (idx & 1) && x == map.mid[idx]) ++idx;
   return static_cast<std::uint8_t>(idx);
+}
+
+/// The index of x's cell entry in map.cell (sign, then clamped magnitude); `clamped` receives the
+/// magnitude bits clamped to those of 1.0f. x must not be NaN.
+SLIMGRAD_HOST_DEVICE inline std::uint32_t cell_index(std::uint32_t bits, std::uint32_t& clamped) {
+  const std::uint32_t magnitude = bits & 0x7FFFFFFFu;
+  clamped = magnitude < one_bits ? magnitude : one_bits;
+  const std::uint32_t top = clamped >> cell_low_bits;
+  return (bits >> 31) * static_cast<std::uint32_t>(cells_per_sign) +
+         (top > cell_first ? top - cell_first : 0u);
+}
+
+/// The same index as nearest_code(map.code, x, ·) from the cell table: the cell entry's base
+/// plus one if x's low 16 bits (reversed for negative x) reach the cell's threshold. NaN gives
+/// 0, as in the search. Equal to the kernel's search for all 2^32 floats (checked exhaustively
+/// when the table was written; tests check every code, midpoint and midpoint ± 1 ulp, every cell
+/// boundary and random values).
+SLIMGRAD_HOST_DEVICE inline std::uint8_t nearest_code(const CodeMap& map, float x) {
+  const std::uint32_t bits = numeric::float_bits(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0;
+  std::uint32_t clamped = 0;
+  const std::uint32_t entry = map.cell[cell_index(bits, clamped)];
+  const std::uint32_t key = (clamped & cell_low_mask) ^ ((bits >> 31) ? cell_low_mask : 0u);
+  return static_cast<std::uint8_t>((entry & 0xFFu) + (key >= (entry >> 8) ? 1u : 0u));
 }
 
 /// The code stored for `value` in a block whose absmax is `absmax` (≥ 0): the nearest entry of
@@ -254,34 +386,11 @@ SLIMGRAD_HOST_DEVICE inline std::uint8_t quantize(const CodeMap& map, bool is_si
   return c;
 }
 
-/// quantize() for n consecutive values of one block, `lanes` searches at a time: the eight
-/// dependent table lookups of one search leave a CPU core mostly idle, so independent searches
-/// are interleaved (about 3x faster on x86-64 than one value at a time). Same codes as quantize().
-template <int Lanes = 8>
+/// quantize() for n consecutive values of one block (the portable loop; the CPU backend has
+/// vectorised forms of the same steps).
 SLIMGRAD_HOST_DEVICE inline void quantize_n(const CodeMap& map, bool is_signed, const float* value,
                                             index_t n, float absmax, std::uint8_t* out) {
-  index_t i = 0;
-  for (; i + Lanes <= n; i += Lanes) {
-    float x[Lanes];
-    int idx[Lanes];
-    for (int l = 0; l < Lanes; ++l) {
-      x[l] = absmax > 0.0f ? value[i + l] / absmax : 0.0f;
-      idx[l] = 0;
-    }
-    for (int step = 128; step > 0; step >>= 1)
-      for (int l = 0; l < Lanes; ++l)
-        idx[l] += step & -static_cast<int>(x[l] > map.mid[idx[l] + step - 1]);
-    for (int l = 0; l < Lanes; ++l) {
-      int k = idx[l];
-      if (k < map_size - 1 && (k & 1) && x[l] == map.mid[k]) ++k;
-      std::uint8_t c = static_cast<std::uint8_t>(k);
-      if (is_signed &&
-          (numeric::float_bits(map.code[c]) >> 31) != (numeric::float_bits(value[i + l]) >> 31))
-        c = static_cast<std::uint8_t>(value[i + l] > 0.0f ? c + 1 : c - 1);
-      out[i + l] = c;
-    }
-  }
-  for (; i < n; ++i)
+  for (index_t i = 0; i < n; ++i)
     out[i] = quantize(map, is_signed, value[i], absmax);
 }
 

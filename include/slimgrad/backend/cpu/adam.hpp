@@ -56,7 +56,7 @@ struct impl<optim::Adam, backend::cpu> {
                            HostView<const float> /*weight*/) const {
     const optim::AdamStep s = Rule::step_scalars(options, t);
     const index_t cols = c.cols;
-    cpu::for_each_chunk(c.size(), Store::alignment, chunk_target, [&](index_t b, index_t e) {
+    cpu::for_each_chunk(c.size(), Store::alignment, chunk_for<Store>, [&](index_t b, index_t e) {
       Chunk<Store> ch(store, st, b, e);
       cpu::for_each_segment(b, e, cols, [&](index_t off, index_t row, index_t col0, index_t len) {
         Arr x(c.row(row) + col0, len), m(ch.m + off, len), v(ch.v + off, len);
@@ -106,7 +106,7 @@ struct impl<optim::Adam, backend::cpu> {
                     HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
     const optim::AdamStep s = Rule::step_scalars(options, t);
     const index_t cols = g.cols;
-    cpu::for_each_chunk(g.size(), Store::alignment, chunk_target, [&](index_t b, index_t e) {
+    cpu::for_each_chunk(g.size(), Store::alignment, chunk_for<Store>, [&](index_t b, index_t e) {
       Chunk<Store> ch(store, st, b, e);
       cpu::for_each_segment(b, e, cols, [&](index_t off, index_t row, index_t col0, index_t len) {
         ConstArr gr(g.row(row) + col0, len);
@@ -129,8 +129,12 @@ struct impl<optim::Adam, backend::cpu> {
 
  private:
   // Chunks of 2048 elements: g, w, m and v of one chunk (32 KB) stay in L1 across the three
-  // vectorised statements of a segment.
+  // vectorised statements of a segment. A blockwise store (the 8-bit one) also dequantises m and
+  // v into scratch and quantises them back: 1024 elements keep all of that in L1 (its step was
+  // about 10% faster than with 2048 on a Zen 5 core).
   static constexpr index_t chunk_target = 2048;
+  template <class Store>
+  static constexpr index_t chunk_for = Store::alignment > 1 ? 1024 : chunk_target;
   using Arr = Eigen::Map<Eigen::ArrayXf>;
   using ConstArr = Eigen::Map<const Eigen::ArrayXf>;
 
