@@ -85,6 +85,14 @@ def slimgrad_medians(binary, repetitions):
     return medians, cmd
 
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def machine():
     model = "unknown"
     try:
@@ -104,6 +112,7 @@ def main():
     ap.add_argument("--output", help="also write the Markdown table to this file")
     args = ap.parse_args()
 
+    load_before = loadavg()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, N), dtype=np.float32)
 
@@ -113,6 +122,7 @@ def main():
     np_gbs = numpy_copy_gbs(x, args.repeats)
     medians, cmd = slimgrad_medians(args.slimgrad_bench, args.repetitions)
 
+    load_after = loadavg()
     memcpy_ms = medians["dwt_memcpy_baseline"]
     memcpy_gbs = BYTES / (memcpy_ms * 1e-3) / 1e9
     model, nproc = machine()
@@ -122,6 +132,8 @@ def main():
     lines.append("- date: %s" % datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     lines.append("- machine: %s, nproc %s, OMP_NUM_THREADS=%s" %
                  (model, nproc, os.environ.get("OMP_NUM_THREADS", "unset")))
+    lines.append("- load average (1/5/15 min) before: %s, after: %s (the machine is shared; "
+                 "two-thread timings suffer most from other processes)" % (load_before, load_after))
     lines.append("- PyWavelets %s, numpy %s, Python %s" %
                  (pywt.__version__, np.__version__, platform.python_version()))
     lines.append("- command: `%s`" % " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))

@@ -17,7 +17,7 @@
 //
 // Levels beyond pywt.dwt_max_level(n, F) are allowed, as in pywt (which only warns): every
 // coefficient then feels the boundary, and in mode 'zero' the lengths stop shrinking (they
-// settle at F - 1 for tiny n). The layout below gives the exact lengths in every case.
+// settle at F - 2 or F - 1). The layout below gives the exact lengths in every case.
 //
 // COEFFICIENT LAYOUT (the contract other code relies on). For every transformed line (a row of
 // G for Axis::rows, a column for Axis::cols) the coefficients are packed in pywt's wavedec

@@ -38,12 +38,12 @@ struct Grassmann {
     ProjType proj_type = ProjType::std_;
     /// Re-orthonormalise S (thin Householder QR with a non-negative R diagonal, so that the
     /// columns keep their identity) after every `reorth_every`-th rotating tracking step; 0
-    /// never. Default 1: tracking runs once per T steps, so even the measured ~20 ms of a
-    /// 4096×128 QR on 2 cores (about 7 % of that tracking step) is ~0.1 ms per training step at
-    /// T = 200. The exact geodesic keeps orthonormality and in fp32 the drift is small (measured
-    /// ‖SᵀS − I‖_F ≈ 2e-7 after 300 turns of ~1 rad on 64×48, r = 8, without QR), so this is
-    /// cheap insurance: it bounds the drift of long runs, of bases rounded to bf16 by a caller
-    /// and of huge η·σ, and keeps A = SᵀĜ the least-squares coefficients.
+    /// never. Default 1: tracking runs once per T steps, so even the measured 11–34 ms of a
+    /// 4096×128 QR on 2 cores (10–13 % of that tracking step, bench/results/svd.md) is
+    /// ~0.1 ms per training step at T = 200. The exact geodesic keeps orthonormality and in fp32
+    /// the drift is small (measured ‖SᵀS − I‖_F ≈ 2e-7 after 300 turns of ~1 rad on 64×48, r = 8,
+    /// without QR), so this is cheap insurance: it bounds the drift of long runs, of bases rounded
+    /// to bf16 by a caller and of huge η·σ, and keeps A = SᵀĜ the least-squares coefficients.
     index_t reorth_every = 1;
     SvdMethod init_method = SvdMethod::exact;  ///< the k = 0 SVD
     index_t oversampling = 10;                 ///< p, for a randomized initial SVD

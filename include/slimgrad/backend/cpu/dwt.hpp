@@ -1,12 +1,15 @@
 // slimgrad/backend/cpu/dwt.hpp — GWT's multi-level orthonormal DWT (algorithms.md §1.1) on the
 // CPU backend. State cost: 0 bytes per parameter; workspace: one grown-once scratch buffer per
-// impl object (about K + 8·N_1 floats per thread for Axis::rows, 2·N_1·64 floats per thread for
-// Axis::cols, plus a copy of one line when running in place).
+// impl object (about 2·K + 8·N_1 floats per thread for Axis::rows, (2·N_1 + 1)·64 floats per
+// thread for Axis::cols plus a copy of the strip when running in place), see workspace_bytes().
 //
 // Design (the transform is bandwidth-bound, so every line is read once and written once):
 //   * Axis::rows: each row (16 KB for n = 4096) goes through all L levels while it is in L1;
 //     intermediate approximations live in per-thread scratch, details and a_L are written
-//     straight into their packed slots. Rows run in parallel (OpenMP).
+//     straight into their packed slots. Rows run in parallel (OpenMP, dynamic chunks of 8).
+//   * Outputs of 16 MiB or more (larger than a typical last-level cache share) are finished
+//     per row in L1 and then copied out with non-temporal stores, so that writing them costs no
+//     read-for-ownership; smaller outputs are written in place so that they stay cached.
 //   * Haar has its own butterfly loops; they are written so that g++/clang auto-vectorise them
 //     at -O3 with plain SSE2 (no -march=native needed).
 //   * Db2/Db4: the boundary is materialised first, into the two polyphase halves (even and odd
@@ -474,8 +477,8 @@ std::uintptr_t view_begin(const HostView<T>& v) {
   return reinterpret_cast<std::uintptr_t>(v.data);
 }
 
-/// 0: disjoint; 1: the supported in-place configuration (same start, same leading dimension);
-/// throws on any other overlap.
+/// false: disjoint; true: the supported in-place configuration (same start, same leading
+/// dimension); throws on any other overlap.
 inline bool check_aliasing(HostView<const float> in, HostView<float> out, const char* what) {
   if (in.empty() || out.empty()) return false;
   const bool disjoint = view_end(in) <= view_begin(out) || view_end(out) <= view_begin(in);
