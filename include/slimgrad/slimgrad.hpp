@@ -13,6 +13,8 @@
 #include "core/view.hpp"
 
 // Policy descriptors and their host/device math.
+#include "activation/codecs.hpp"
+#include "activation/linear.hpp"
 #include "optim/adafactor.hpp"
 #include "optim/adam.hpp"
 #include "optim/fields.hpp"
@@ -21,6 +23,7 @@
 #include "optim/residual.hpp"
 #include "state/q8_math.hpp"
 #include "state/stores.hpp"
+#include "transforms/compact_projection.hpp"
 #include "transforms/dwt.hpp"
 #include "transforms/grassmann.hpp"
 #include "transforms/identity.hpp"
@@ -28,8 +31,10 @@
 #include "transforms/svd_projection.hpp"
 
 // The CPU backend.
+#include "backend/cpu/activation.hpp"
 #include "backend/cpu/adafactor.hpp"
 #include "backend/cpu/adam.hpp"
+#include "backend/cpu/compact_projection.hpp"
 #include "backend/cpu/dwt.hpp"
 #include "backend/cpu/grassmann.hpp"
 #include "backend/cpu/identity.hpp"

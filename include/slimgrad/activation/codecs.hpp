@@ -1,0 +1,74 @@
+// slimgrad/activation/codecs.hpp — activation codecs: what a linear layer saves for its
+// backward pass (algorithms.md §3, §4).
+//
+// A linear layer Y = X Wᵀ + b (X: tokens × n, W: m × n) normally keeps X for dW = dYᵀ X. A codec
+// keeps a compressed form of X instead and computes the weight gradient from it; dX = dY W and
+// db = Σ dY stay exact. The descriptors below hold the options and the per-element math that
+// every backend shares; impl<Codec, Backend> (backend/<name>/activation.hpp) runs them.
+//
+//   None     keeps X (n floats per token); dW = dYᵀ X exactly.
+//   VeLoRA   cuts each token into G sub-tokens of D' = n/G features and keeps each one's
+//            projection z on a unit vector v ∈ R^{D'} (G floats per token);
+//            dW = s · dYᵀ (z ⊗ v), i.e. dW[i, g·D' + j] = s · H[i, g] · v[j] with H = dYᵀ Z.
+//   CompAct  keeps Z = X Pᵀ with P the seeded r×n Gaussian of transforms::CompactProjection
+//            (r floats per token); the weight gradient is the m×r Ĝ = dYᵀ Z = G Pᵀ, which the
+//            `compact` recipe consumes directly.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../core/config.hpp"
+#include "../transforms/compact_projection.hpp"
+
+namespace slimgrad::activation {
+
+/// The exact layer: saves the whole input.
+struct None {
+  struct Options {};
+  static constexpr const char* name = "none";
+  static std::size_t saved_bytes_per_token(index_t in_features, const Options&) {
+    return static_cast<std::size_t>(in_features) * sizeof(float);
+  }
+};
+
+/// How VeLoRA's projection vector v is chosen (algorithms.md §3.1 step 1).
+enum class VeloraInit : std::uint8_t {
+  batch_average_once,  ///< mean of the first training batch's normalised sub-tokens, then frozen
+  batch_average        ///< recomputed from every training batch
+};
+
+/// VeLoRA (arXiv 2405.17991): rank-1 projection of sub-tokens.
+struct VeLoRA {
+  struct Options {
+    index_t groups = 1;  ///< G sub-tokens per token; must divide in_features
+    double scale = 1.0;  ///< velora_scale s, multiplies the weight gradient
+    VeloraInit init = VeloraInit::batch_average_once;
+    std::uint64_t seed = 0;  ///< the random unit placeholder used until a batch sets v
+  };
+  static constexpr const char* name = "velora";
+  /// z: G floats per token (the paper stores fp16; slimgrad keeps fp32).
+  static std::size_t saved_bytes_per_token(index_t /*in_features*/, const Options& o) {
+    return static_cast<std::size_t>(o.groups) * sizeof(float);
+  }
+  /// z of one sub-token: its dot product with v (D' features).
+  SLIMGRAD_HOST_DEVICE static float project(const float* sub, const float* v, index_t d) {
+    float z = 0.0f;
+    for (index_t j = 0; j < d; ++j)
+      z += sub[j] * v[j];
+    return z;
+  }
+};
+
+/// CompAct (arXiv 2410.15352): a seeded Gaussian sketch of the input; the optimizer side is
+/// transforms::CompactProjection with the same Options (so the same P).
+struct CompAct {
+  using Options = transforms::CompactProjection::Options;
+  static constexpr const char* name = "compact";
+  static std::size_t saved_bytes_per_token(index_t in_features, const Options& o) {
+    return static_cast<std::size_t>(transforms::CompactProjection::rank_for(in_features, o)) *
+           sizeof(float);
+  }
+};
+
+}  // namespace slimgrad::activation

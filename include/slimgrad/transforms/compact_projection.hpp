@@ -1,0 +1,47 @@
+// slimgrad/transforms/compact_projection.hpp — CompAct's projection (algorithms.md §4), the
+// optimizer side of the CompAct activation codec (activation/codecs.hpp).
+//
+// CompAct saves Z = X Pᵀ instead of a linear layer's input X, so the weight gradient is born
+// compressed: Ĝ = dYᵀ Z = G Pᵀ (m×r). The optimizer keeps m×r moments and maps the update back
+// with the same P: W ← W − lr·α·N P. P is RandomProjection's matrix on the right side (r×n,
+// N(0, 1/r)), named by the same (seed, tensor id, epoch) key, so this transform, the activation
+// codec and `RandomProjection{proj_type = right}` all regenerate the same bits; the rank may be a
+// ratio of in_features because every layer of a model has its own n.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../core/config.hpp"
+#include "random_projection.hpp"
+
+namespace slimgrad::transforms {
+
+/// P is r×n (stored like GaLore's right-side P), coefficients G Pᵀ (m×r), back-map N P.
+/// State: 16 bytes (seed and epoch) per tensor, plus r·n·4 bytes while `keep_matrix` holds P.
+struct CompactProjection {
+  struct Options {
+    index_t rank = 0;         ///< absolute rank; 0: use `ratio`
+    double ratio = 0.25;      ///< r = round(n·ratio) if ratio ≤ 1, else int(ratio) (§4.1)
+    index_t update_gap = 50;  ///< resample when k % update_gap == 0 (T = 50 for 60M–350M)
+    std::uint64_t seed = 0;
+    bool keep_matrix = true;  ///< keep P between resamples (off: regenerate on every use)
+  };
+  static constexpr const char* name = "compact_projection";
+  /// The optimizer takes a gradient already in coefficient space (m×r) for such a transform.
+  static constexpr bool accepts_coefficients = true;
+
+  /// The rank for a layer with n = in_features (0 when the options give none).
+  static index_t rank_for(index_t n, const Options& o) {
+    if (o.rank > 0) return o.rank;
+    if (!(o.ratio > 0)) return 0;
+    if (o.ratio <= 1.0) return static_cast<index_t>(std::llround(static_cast<double>(n) * o.ratio));
+    return static_cast<index_t>(o.ratio);
+  }
+  /// The P of RandomProjection on the right side: r×n.
+  static constexpr Shape matrix_shape(Shape g, index_t rank) {
+    return RandomProjection::matrix_shape(g, Side::right, rank);
+  }
+};
+
+}  // namespace slimgrad::transforms
