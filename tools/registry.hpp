@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <slimgrad/core/view.hpp>
+#include <slimgrad/io/safetensors.hpp>
 #include <slimgrad/optim/optimizer.hpp>
 #include <span>
 #include <string>
@@ -65,6 +66,14 @@ class AnyOptimizer {
   virtual bool is_compressed(std::string_view param) const = 0;
   /// Bytes of the reusable workspace held now.
   virtual std::size_t workspace_bytes() const = 0;
+
+  /// Sets the learning rate of the next steps (Optimizer::set_lr; schedules call it every step).
+  virtual void set_lr(double lr) = 0;
+  /// The whole state as named tensors plus metadata (Optimizer::to_checkpoint).
+  virtual io::TensorFile to_checkpoint() const = 0;
+  /// Replaces the state with a checkpoint's; on any error nothing changes
+  /// (Optimizer::from_checkpoint).
+  virtual void from_checkpoint(const io::TensorFile& file) = 0;
 };
 
 /// A recipe the registry can make.

@@ -66,6 +66,9 @@ class Erased final : public AnyOptimizer {
   }
   bool is_compressed(std::string_view param) const override { return opt_.is_compressed(param); }
   std::size_t workspace_bytes() const override { return opt_.workspace_bytes(); }
+  void set_lr(double lr) override { opt_.set_lr(lr); }
+  io::TensorFile to_checkpoint() const override { return opt_.to_checkpoint(); }
+  void from_checkpoint(const io::TensorFile& file) override { opt_.from_checkpoint(file); }
 
  private:
   std::string name_;

@@ -1,0 +1,262 @@
+// examples/gpt (slimgrad-gpt): the hand-written backward pass against central finite differences
+// in double precision, the float model against the double one, bit-exact resume from a
+// checkpoint, and the bad-input sentences.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "model.hpp"
+#include "trainer.hpp"
+
+namespace {
+
+using gpt::Config;
+using gpt::Index;
+using gpt::Model;
+
+Config tiny() {
+  Config c;
+  c.vocab = 7;
+  c.block = 5;
+  c.layers = 2;
+  c.heads = 2;
+  c.width = 8;
+  return c;
+}
+
+// Deterministic tokens and a non-trivial parameter point (LayerNorm gains away from 1, weights
+// large enough that attention is not uniform).
+void prepare(Model<double>& m, std::vector<std::uint8_t>& x, std::vector<std::uint8_t>& y,
+             Index B) {
+  m.init(7);
+  const slimgrad::random::Key key{11, 0, 0};
+  for (std::size_t i = 0; i < m.num_params(); ++i)
+    m.params()[i] += static_cast<double>(slimgrad::random::gaussian(key, i, 0.4));
+  const Index N = B * m.config().block;
+  for (Index i = 0; i < N; ++i) {
+    x.push_back(static_cast<std::uint8_t>((i * 5 + 3) % m.config().vocab));
+    y.push_back(static_cast<std::uint8_t>((i * 3 + 1) % m.config().vocab));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gpt: backward matches central finite differences (double)") {
+  Model<double> m(tiny());
+  std::vector<std::uint8_t> x, y;
+  const Index B = 2;
+  prepare(m, x, y, B);
+  m.forward(x.data(), y.data(), B);
+  m.backward();
+  const std::vector<double> g(m.grads(), m.grads() + m.num_params());
+  double worst = 0;
+  std::string where;
+  const double h = 1e-5;
+  for (const gpt::TensorInfo& t : m.tensors()) {
+    double gmax = 0;
+    for (Index i = 0; i < t.size(); ++i)
+      gmax = std::max(gmax, std::abs(g[t.offset + static_cast<std::size_t>(i)]));
+    CHECK_MESSAGE(gmax > 1e-4, t.name << " has a vanishing gradient: the check would be vacuous");
+    for (Index i = 0; i < t.size(); ++i) {
+      double& p = m.params()[t.offset + static_cast<std::size_t>(i)];
+      const double keep = p;
+      p = keep + h;
+      const double lp = m.forward(x.data(), y.data(), B, false);
+      p = keep - h;
+      const double lm = m.forward(x.data(), y.data(), B, false);
+      p = keep;
+      const double fd = (lp - lm) / (2 * h);
+      const double err =
+          std::abs(fd - g[t.offset + static_cast<std::size_t>(i)]) / (1e-6 + std::abs(fd));
+      if (err > worst) {
+        worst = err;
+        where = t.name + "[" + std::to_string(i) + "]";
+      }
+    }
+  }
+  INFO("worst relative error at " << where);
+  CHECK(worst < 1e-5);
+}
+
+TEST_CASE("gpt: the float model computes the double model's loss and gradients") {
+  Model<double> md(tiny());
+  Model<float> mf(tiny());
+  std::vector<std::uint8_t> x, y;
+  const Index B = 3;
+  prepare(md, x, y, B);
+  for (std::size_t i = 0; i < md.num_params(); ++i)
+    mf.params()[i] = static_cast<float>(md.params()[i]);
+  for (std::size_t i = 0; i < md.num_params(); ++i)
+    md.params()[i] = static_cast<double>(mf.params()[i]);
+  const double ld = md.forward(x.data(), y.data(), B);
+  const double lf = mf.forward(x.data(), y.data(), B);
+  CHECK(std::abs(ld - lf) < 1e-5);
+  md.backward();
+  mf.backward();
+  double gmax = 0, dmax = 0;
+  for (std::size_t i = 0; i < md.num_params(); ++i) {
+    gmax = std::max(gmax, std::abs(md.grads()[i]));
+    dmax = std::max(dmax, std::abs(md.grads()[i] - static_cast<double>(mf.grads()[i])));
+  }
+  CHECK(dmax < 1e-5 * gmax + 1e-7);
+}
+
+namespace {
+
+struct TempDir {
+  std::filesystem::path dir;
+  TempDir() {
+    dir = std::filesystem::temp_directory_path() /
+          ("slimgrad_gpt_test_" + std::to_string(reinterpret_cast<std::uintptr_t>(this)));
+    std::filesystem::create_directories(dir);
+  }
+  ~TempDir() { std::filesystem::remove_all(dir); }
+  std::string file(const std::string& name, const std::string& text) const {
+    const auto p = dir / name;
+    std::ofstream(p, std::ios::binary) << text;
+    return p.string();
+  }
+};
+
+// A few kilobytes of English (varied enough that a batch is not trivially predictable).
+std::string text() {
+  const char* lines[] = {
+      "The quick brown fox jumps over the lazy dog.\n", "Sphinx of black quartz, judge my vow!\n",
+      "How vexingly quick daft zebras jump.\n", "Pack my box with five dozen liquor jugs.\n"};
+  std::string s;
+  for (int i = 0; i < 60; ++i)
+    s += lines[(i * 7 + i / 3) % 4];
+  return s;
+}
+
+gpt::Options small(const std::string& data) {
+  gpt::Options o;
+  o.data = data;
+  o.layers = 1;
+  o.heads = 2;
+  o.width = 16;
+  o.block = 8;
+  o.batch = 4;
+  o.steps = 6;
+  o.warmup = 2;
+  o.eval_every = 0;
+  o.eval_batches = 2;
+  o.sample_chars = 0;
+  o.quiet = true;
+  return o;
+}
+
+std::string error_of(const gpt::Options& o) {
+  std::ostringstream sink;
+  try {
+    gpt::train(o, sink);
+  } catch (const slimgrad::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("gpt: resume from a checkpoint is bit-exact") {
+  TempDir tmp;
+  const std::string data = tmp.file("text.txt", text());
+  struct Recipe {
+    const char* name;
+    std::vector<std::string> sets;
+  };
+  const Recipe recipes[] = {{"adamw", {}},
+                            {"gwt", {"levels=1"}},
+                            {"galore", {"rank=4", "update_gap=2"}},
+                            {"adam8bit", {}}};
+  for (const Recipe& rc : recipes) {
+    INFO(rc.name);
+    std::ostringstream sink;
+    gpt::Options full = small(data);
+    full.optimizer = rc.name;
+    full.sets = rc.sets;
+    const gpt::Result a = gpt::train(full, sink);
+
+    gpt::Options first = full;
+    first.steps = 3;
+    first.decay_steps = full.steps;
+    first.save = (tmp.dir / "ckpt.safetensors").string();
+    const gpt::Result half = gpt::train(first, sink);
+    gpt::Options second = full;
+    second.resume = first.save;
+    const gpt::Result b = gpt::train(second, sink);
+    REQUIRE(a.parameters.size() == b.parameters.size());
+    CHECK(a.parameters == b.parameters);
+    CHECK(half.parameters != a.parameters);
+    CHECK(a.train_loss == b.train_loss);
+    CHECK(a.val_loss == b.val_loss);
+  }
+}
+
+TEST_CASE("gpt: training lowers the loss and reports its memory") {
+  TempDir tmp;
+  gpt::Options o = small(tmp.file("text.txt", text()));
+  o.steps = 40;
+  o.lr = 1e-2;
+  o.eval_every = 20;
+  std::ostringstream sink;
+  const gpt::Result r = gpt::train(o, sink);
+  REQUIRE(r.val_curve.size() == 3);
+  CHECK(r.val_curve.back().second < r.val_curve.front().second - 0.5);
+  const std::size_t n = r.parameters.size();
+  CHECK(r.param_bytes == n * 4);
+  // adamw: fp32 m and v for every parameter, a step counter per tensor (2 + 6 + 1 tensors).
+  CHECK(r.optimizer_state_bytes == n * 8 + 9 * 8);
+  // Linear inputs of one block: qkv and c_proj take N×C, c_fc N×C, mlp c_proj N×4C.
+  CHECK(r.linear_saved_bytes == static_cast<std::size_t>(4 * 8 * (16 + 16 + 16 + 64) * 4));
+  CHECK(r.saved_activation_bytes > r.linear_saved_bytes);
+}
+
+TEST_CASE("gpt: bad input fails with one clear sentence") {
+  TempDir tmp;
+  const std::string data = tmp.file("text.txt", text());
+  auto contains = [](const std::string& s, const std::string& part) {
+    INFO(s);
+    CHECK(s.find(part) != std::string::npos);
+  };
+  gpt::Options o = small((tmp.dir / "missing.txt").string());
+  contains(error_of(o), "does not exist");
+  o.data = tmp.file("empty.txt", "");
+  contains(error_of(o), "is empty");
+  o = small(data);
+  o.block = 1000;
+  contains(error_of(o), "too short for --block 1000");
+  o = small(data);
+  o.width = 10;
+  o.heads = 4;
+  contains(error_of(o), "--width (10) must be a positive multiple of --heads (4)");
+  o = small(data);
+  o.optimizer = "sgdx";
+  contains(error_of(o), "unknown optimizer 'sgdx'");
+  o = small(data);
+  o.sets = {"ranks=3"};
+  contains(error_of(o), "unknown option 'ranks'");
+
+  // A checkpoint of another model, of another optimizer, and a file that is no checkpoint.
+  o = small(data);
+  o.save = (tmp.dir / "a.safetensors").string();
+  std::ostringstream sink;
+  gpt::train(o, sink);
+  gpt::Options wider = small(data);
+  wider.width = 32;
+  wider.resume = o.save;
+  contains(error_of(wider), "is of another model");
+  gpt::Options other = small(data);
+  other.optimizer = "adafactor";
+  other.resume = o.save;
+  contains(error_of(other), "holds adamw state, this run uses adafactor");
+  gpt::Options junk = small(data);
+  junk.resume = data;
+  CHECK(error_of(junk) != "(no error)");
+}
