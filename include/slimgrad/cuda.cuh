@@ -1,5 +1,10 @@
 // slimgrad/cuda.cuh — umbrella for CUDA translation units: core, the host/device math of every
-// policy and (later) the CUDA backend. Eigen never enters here (design.md §3).
+// policy and the CUDA backend (backend/cuda/*.cuh, declared in backend/cuda/api.hpp). Eigen
+// never enters here (design.md §3). Include it in the one .cu file that instantiates what a
+// program uses, e.g.
+//   template class slimgrad::cuda::MultiTensorAdam<slimgrad::state::Q8Block<256>>;
+//   template class slimgrad::cuda::MultiTensorGwt<slimgrad::transforms::Haar, 2>;
+// and call those from any .cpp through <slimgrad/backend/cuda/api.hpp>.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -21,3 +26,10 @@
 #include "state/stores.hpp"
 #include "transforms/dwt.hpp"
 #include "transforms/random_projection.hpp"
+
+// The CUDA backend.
+#include "backend/cuda/adam.cuh"
+#include "backend/cuda/api.hpp"
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/gwt.cuh"
+#include "backend/cuda/random.cuh"

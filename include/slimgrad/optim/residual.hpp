@@ -77,14 +77,16 @@ struct ChannelScale {
 };
 
 /// The norm-growth limiter (Fira; algorithms.md §0.3) for an update of Frobenius norm `norm`:
-/// returns the divisor ρ ≥ 1 and updates the remembered norm. `remembered` < 0 means unset.
-inline double limiter_divisor(double norm, double gamma, float& remembered) {
+/// returns the divisor ρ ≥ 1 and updates the remembered norm. `remembered` < 0 (or NaN) means
+/// unset. Host/device: the CUDA backend runs it on the device, so a step needs no host sync.
+SLIMGRAD_HOST_DEVICE inline double limiter_divisor(double norm, double gamma, float& remembered) {
   if (gamma <= 0.0) return 1.0;
   if (!(remembered >= 0.0f)) {
     remembered = static_cast<float>(norm);
     return 1.0;
   }
-  const double rho = std::fmax(norm / (static_cast<double>(remembered) + 1e-8), gamma) / gamma;
+  const double ratio = norm / (static_cast<double>(remembered) + 1e-8);
+  const double rho = (ratio > gamma ? ratio : gamma) / gamma;  // fmax: a NaN ratio gives gamma
   remembered = static_cast<float>(norm / rho);
   return rho;
 }

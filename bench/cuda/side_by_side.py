@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""slimgrad's CUDA optimizer steps next to torch.optim.AdamW(fused=True), in one process, on the
+LLaMA-1B-like parameter set of issue 5 (24 layers of q, k, v, o 2048x2048; gate, up 5461x2048;
+down 2048x5461; 1.21 B parameters, no embeddings).
+
+slimgrad runs through ctypes from libslimgrad_cuda_bench.so (bench/cuda/bench_cuda.cu) on the
+very tensors torch allocated. Each step is timed with CUDA events (median of --reps after
+--warmup). The bandwidth floor of a method is the bytes its step must move (reads + writes of
+weights, gradients and state) over the measured device-to-device copy bandwidth.
+
+  python3 bench/cuda/side_by_side.py --lib build/libslimgrad_cuda_bench.so [--json out.json]
+"""
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+
+import torch
+
+SHAPES = [(2048, 2048)] * 4 + [(5461, 2048), (5461, 2048), (2048, 5461)]
+
+
+def timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), min(times), max(times)
+
+
+def copy_bandwidth(warmup, reps):
+    n = 1 << 28  # 1 GiB of fp32, far beyond L2
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms, _, _ = timed(lambda: dst.copy_(src), warmup, reps)
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3)  # bytes/s, read + write
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    lib = ctypes.CDLL(args.lib)
+    vp, lp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)
+    pp = ctypes.POINTER(ctypes.c_void_p)
+    d = ctypes.c_double
+    lib.sg_adam_create.restype = vp
+    lib.sg_adam_create.argtypes = [ctypes.c_int] * 4 + [pp, pp, pp, lp, lp, d, d, d, d, d]
+    lib.sg_gwt_create.restype = vp
+    lib.sg_gwt_create.argtypes = [ctypes.c_int, ctypes.c_int, d, d, ctypes.c_int, pp, pp, pp, lp,
+                                  lp, d, d, d, d, d]
+    lib.sg_step.argtypes = [vp, vp]
+    lib.sg_state_bytes.restype = ctypes.c_ulonglong
+    lib.sg_state_bytes.argtypes = [vp]
+    lib.sg_destroy.argtypes = [vp]
+
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_properties(0)
+    shapes = SHAPES * args.layers
+    nparam = sum(r * c for r, c in shapes)
+    print(f"device: {dev.name}; torch {torch.__version__}; {len(shapes)} tensors, "
+          f"{nparam / 1e9:.3f} B parameters", flush=True)
+    bw = copy_bandwidth(args.warmup, args.reps)
+    print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+
+    results = {"device": dev.name, "torch": torch.__version__, "params": nparam,
+               "copy_GBps": bw / 1e9, "rows": []}
+
+    def row(name, ms, bytes_per_param, ref_ms, extra=""):
+        floor_ms = bytes_per_param * nparam / bw * 1e3
+        r = {"method": name, "ms": ms, "ratio_to_fused_adamw": ms / ref_ms if ref_ms else None,
+             "bytes_per_param": bytes_per_param, "floor_ms": floor_ms,
+             "fraction_of_floor": floor_ms / ms, "note": extra}
+        results["rows"].append(r)
+        ratio = f"{ms / ref_ms:5.2f}x" if ref_ms else "   - "
+        print(f"{name:42s} {ms:8.3f} ms  {ratio}  floor {floor_ms:7.3f} ms "
+              f"({100 * floor_ms / ms:5.1f}% of bandwidth floor) {extra}", flush=True)
+
+    def run_set(dtype, grad_dtype, label):
+        ws = [torch.randn(r, c, device="cuda", dtype=dtype) * 0.02 for r, c in shapes]
+        gs = [torch.randn(r, c, device="cuda", dtype=grad_dtype) * 1e-3 for r, c in shapes]
+        return ws, gs
+
+    def arrays(ws, gs, copies=None):
+        n = len(ws)
+        W = (ctypes.c_void_p * n)(*[w.data_ptr() for w in ws])
+        G = (ctypes.c_void_p * n)(*[g.data_ptr() for g in gs])
+        C = (ctypes.c_void_p * n)(*[c.data_ptr() for c in copies]) if copies else None
+        R = (ctypes.c_long * n)(*[w.shape[0] for w in ws])
+        K = (ctypes.c_long * n)(*[w.shape[1] for w in ws])
+        return n, W, G, C, R, K
+
+    def bench_handle(h, name, bpp, ref_ms, note=""):
+        if not h:
+            print(f"{name}: creation failed", flush=True)
+            return None
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        ms, lo, hi = timed(lambda: lib.sg_step(h, stream), args.warmup, args.reps)
+        row(name, ms, bpp, ref_ms, f"state {lib.sg_state_bytes(h) / 1e9:.2f} GB; "
+            f"min {lo:.3f} max {hi:.3f} {note}")
+        lib.sg_destroy(h)
+        return ms
+
+    # ---- fp32 parameters and gradients -------------------------------------------------------
+    ws, gs = run_set(torch.float32, torch.float32, "fp32")
+    params = [torch.nn.Parameter(w) for w in ws]
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                            fused=True)
+    ref, lo, hi = timed(opt.step, args.warmup, args.reps)
+    row("torch AdamW fused (fp32)", ref, 28, ref, f"min {lo:.3f} max {hi:.3f}")
+    ref2, _, _ = timed(opt.step, 1, args.reps)
+    print(f"  (torch AdamW fused again: {ref2:.3f} ms)", flush=True)
+    del opt
+    torch.cuda.empty_cache()
+
+    n, W, G, C, R, K = arrays(ws, gs)
+    h = lib.sg_adam_create(0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adamw fp32 (torch convention)", 28, ref)
+    h = lib.sg_adam_create(2, 2, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adam8bit (q8 block 256, bnb)", 12 + 4 * (1 + 4 / 256), ref)
+    h = lib.sg_adam_create(1, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adamw, bf16 moments", 20, ref)
+    h = lib.sg_gwt_create(0, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
+    bench_handle(h, "slimgrad gwt haar L2 (limiter 1.01, check)", 22, ref)
+    h = lib.sg_gwt_create(0, 0, 0.0, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
+    bench_handle(h, "slimgrad gwt haar L2 (no limiter, no check)", 16, ref)
+    torch.cuda.synchronize()
+    del params, ws, gs, W, G
+    torch.cuda.empty_cache()
+
+    # ---- bf16 parameters and gradients (the peers' pure-bf16 runs) ---------------------------
+    ws, gs = run_set(torch.bfloat16, torch.bfloat16, "bf16")
+    params = [torch.nn.Parameter(w) for w in ws]
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    ref_bf, lo, hi = timed(opt.step, args.warmup, args.reps)
+    row("torch AdamW fused (bf16 params+state)", ref_bf, 14, ref, f"min {lo:.3f} max {hi:.3f}")
+    del opt
+    torch.cuda.empty_cache()
+    n, W, G, C, R, K = arrays(ws, gs)
+    h = lib.sg_adam_create(1, 0, 1, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adamw bf16 params, bf16 moments", 14, ref, f"vs bf16 torch {ref_bf:.3f}")
+    h = lib.sg_adam_create(0, 0, 1, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adamw bf16 params, fp32 moments", 22, ref)
+    h = lib.sg_gwt_create(1, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
+    bench_handle(h, "slimgrad gwt bf16 params (limiter)", 14, ref)
+    del params, ws, W
+    torch.cuda.empty_cache()
+
+    # ---- fp32 master weights, bf16 gradients, bf16 model copy -------------------------------
+    masters = [torch.randn(r, c, device="cuda") * 0.02 for r, c in shapes]
+    copies = [torch.empty(r, c, device="cuda", dtype=torch.bfloat16) for r, c in shapes]
+    n, W, G, C, R, K = arrays(masters, gs, copies)
+    h = lib.sg_adam_create(0, 0, 2, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adamw fp32 master, bf16 grads", 8 + 2 + 16 + 2, ref)
+    h = lib.sg_adam_create(2, 2, 2, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    bench_handle(h, "slimgrad adam8bit fp32 master, bf16 grads", 8 + 2 + 2 + 4 * (1 + 4 / 256), ref)
+    del masters, copies, gs
+    torch.cuda.empty_cache()
+
+    # ---- Haar DWT forward + inverse of 4096 x 11008 -----------------------------------------
+    x = torch.randn(4096, 11008, device="cuda")
+    c = torch.empty_like(x)
+    y = torch.empty_like(x)
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    lib.sg_dwt_roundtrip.argtypes = [vp, vp, vp, ctypes.c_long, ctypes.c_long, vp]
+    ms, lo, hi = timed(lambda: lib.sg_dwt_roundtrip(x.data_ptr(), c.data_ptr(), y.data_ptr(),
+                                                    4096, 11008, stream), args.warmup, 50)
+    err = (y - x).abs().max().item()
+    floor = 16 * x.numel() / bw * 1e3
+    print(f"haar L2 fwd+inv 4096x11008: {ms:.3f} ms, floor {floor:.3f} ms = "
+          f"{100 * floor / ms:.1f}% of copy bandwidth (max |x - inv(fwd(x))| = {err:.2e})",
+          flush=True)
+    results["dwt"] = {"ms": ms, "floor_ms": floor, "fraction": floor / ms, "roundtrip_err": err}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

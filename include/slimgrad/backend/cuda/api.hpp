@@ -1,0 +1,188 @@
+// slimgrad/backend/cuda/api.hpp — host-callable declarations of the CUDA backend (design.md §3).
+//
+// Plain C++: a .cpp trainer (g++, clang, with or without Eigen) includes this header and calls
+// the CUDA backend; exactly one .cu file of the program includes <slimgrad/cuda.cuh> and
+// instantiates the classes it uses (`template class slimgrad::cuda::MultiTensorAdam<...>;`),
+// fmt's header-only/compiled split. No CUDA header is needed here: a stream is the runtime's
+// opaque `CUstream_st*` (cudaStream_t), declared below.
+//
+// Memory and streams belong to the caller. Every object is built in two steps: the static
+// workspace_bytes(...) says how much device memory it needs; the constructor takes a device
+// buffer of at least that size (aligned to workspace_alignment) and a stream, and only enqueues
+// asynchronous work on it (zeroing the state, uploading the launch table). A steady-state step()
+// then allocates nothing and never synchronises with the host: it is a fixed number of kernel
+// launches on the caller's stream (one for Adam over every tensor; three for GWT with its
+// limiter or finite check, one without), whose per-step scalars travel as kernel arguments.
+// Errors of the arguments are reported with slimgrad::Error before anything is enqueued; a
+// failed launch throws slimgrad::Error with the runtime's message.
+//
+// Precision of parameters and gradients (the optimizer state is the Store's business):
+//   fp32         weights and gradients fp32;
+//   bf16         weights and gradients bf16 (the peers' pure-bf16 runs): the step is computed
+//                in fp32 from the widened values and the weight is rounded once, to nearest even;
+//   fp32_master  fp32 master weights, bf16 gradients; after the step the bf16 model copy
+//                (Tensor::weight_bf16, when given) receives the rounded master weight.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "../../core/config.hpp"
+#include "../../core/philox.hpp"
+#include "../../core/view.hpp"
+#include "../../optim/adam.hpp"
+#include "../../optim/residual.hpp"
+#include "../../state/stores.hpp"
+#include "../../transforms/dwt.hpp"
+
+struct CUstream_st;
+
+namespace slimgrad::cuda {
+
+/// The CUDA runtime's stream handle (cudaStream_t); nullptr is the legacy default stream.
+using stream_t = CUstream_st*;
+
+/// Every region carved out of a workspace starts on a multiple of this many bytes.
+inline constexpr std::size_t workspace_alignment = 256;
+
+enum class Precision : std::uint8_t { fp32, bf16, fp32_master };
+
+/// One parameter tensor, contiguous row-major rows × cols (PyTorch's out×in layout), living on
+/// the device. The pointers must stay valid for the optimizer's lifetime (the launch table
+/// holds them), as a trainer's persistent parameter and gradient buffers do.
+struct Tensor {
+  void* weight = nullptr;                ///< fp32 (fp32, fp32_master) or bf16 bits (bf16)
+  const void* grad = nullptr;            ///< fp32 (fp32) or bf16 bits (bf16, fp32_master)
+  std::uint16_t* weight_bf16 = nullptr;  ///< fp32_master only: bf16 copy written after a step
+  index_t rows = 0;
+  index_t cols = 0;
+  /// Names the tensor's random words (stochastic rounding: Key{seed, id, step}); the CPU engine
+  /// uses tensor_id(name), so the same id gives the same bits on both backends.
+  std::uint64_t id = 0;
+  index_t size() const { return rows * cols; }
+};
+
+/// Where one tensor's moments live in the workspace (device pointers), in the Store's format:
+/// fp32 floats, bf16 bits, or 8-bit codes with one fp32 absmax per block (quantized). The
+/// layout is the CPU store's, so the same bytes can be checkpointed on either backend.
+struct MomentBuffers {
+  void* m = nullptr;
+  void* v = nullptr;
+  float* m_absmax = nullptr;  ///< quantized only
+  float* v_absmax = nullptr;
+  bool quantized = false;
+  index_t count = 0;
+};
+
+/// Adam (any convention: torch, hf, bnb) over a list of tensors, one launch per step for all of
+/// them. Store: state::Fp32, state::Bf16 (nearest-even or stochastic rounding) or
+/// state::Q8Block<256> (bitsandbytes' blockwise 8-bit: dequantise, update, requantise in one
+/// pass; tensors under min_8bit_size stay fp32, as on the CPU). The per-element math is the
+/// CPU's (optim/adam.hpp, state/q8_math.hpp, core/numeric.hpp), so a program built with
+/// -fmad=false reproduces impl<Adam, backend::cpu>::update_apply bit for bit.
+template <class Store>
+class MultiTensorAdam {
+ public:
+  struct Options {
+    optim::Adam::Options rule{};
+    typename Store::Options store{};
+    Precision precision = Precision::fp32;
+    std::uint64_t seed = 0;  ///< stochastic rounding: Key{seed, Tensor::id, step − 1}
+  };
+
+  static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
+  MultiTensorAdam(std::span<const Tensor> tensors, const Options& options, void* workspace,
+                  std::size_t workspace_size, stream_t stream);
+
+  /// Step t = steps() + 1 of every tensor.
+  void step(stream_t stream);
+  std::int64_t steps() const { return t_; }
+  /// Exact bytes of optimizer state (the moments; the launch table is not state).
+  std::size_t state_bytes() const { return state_bytes_; }
+  MomentBuffers moments(index_t tensor) const;
+  index_t tensors() const { return static_cast<index_t>(moments_.size()); }
+
+ private:
+  Options options_;
+  std::vector<MomentBuffers> moments_;
+  void* table_ = nullptr;  // device: one entry per tensor, then the unit prefix sums
+  index_t units_ = 0;
+  std::int64_t t_ = 0;
+  std::size_t state_bytes_ = 0;
+};
+
+/// GWT's step (algorithms.md §1.2) over a list of tensors: L-level DWT along each row, Adam on
+/// the approximation (fp32 moments, m × N_L per tensor as on the CPU), details divided by their
+/// ancestor's denominator and the limiter's ρ, inverse DWT, W ← W − c·α·U. Fused per group of
+/// 2^L samples of a row, which a thread transforms in registers: one pass over G, the moments
+/// and W. With the norm-growth limiter (γ > 0) or the finite check, a first pass reads G and the
+/// moments (‖N‖ per tensor, non-finite gradients) and a one-block-per-tensor kernel turns the
+/// partial sums into ρ (in a fixed order, so runs are deterministic). Haar only.
+template <class Wavelet, int Levels>
+class MultiTensorGwt {
+ public:
+  struct Options {
+    optim::Adam::Options rule{};
+    residual::WaveletDetails::Options residual{};
+    transforms::BoundaryMode mode = transforms::BoundaryMode::zero;
+    Precision precision = Precision::fp32;
+    /// Skip a tensor whose gradient holds a NaN or infinity (the CPU engine's rule). A trainer
+    /// that already checks its gradients (a global-norm clip does) can turn it off and, with
+    /// γ = 0, save the first pass.
+    bool check_finite = true;
+  };
+
+  static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
+  MultiTensorGwt(std::span<const Tensor> tensors, const Options& options, void* workspace,
+                 std::size_t workspace_size, stream_t stream);
+
+  void step(stream_t stream);
+  std::int64_t steps() const { return t_; }
+  std::size_t state_bytes() const { return state_bytes_; }
+  /// Device pointers: the moments of tensor k (fp32, m × N_L).
+  MomentBuffers moments(index_t tensor) const;
+  /// Device array, one int per tensor: 1 when the last step skipped it (non-finite gradient).
+  const std::int32_t* skipped() const { return skipped_; }
+  /// Device array, one float per tensor: the limiter's remembered norm (NaN: unset).
+  float* limiter_state() const { return limiter_; }
+  index_t tensors() const { return static_cast<index_t>(moments_.size()); }
+
+ private:
+  Options options_;
+  std::vector<MomentBuffers> moments_;
+  void* table_ = nullptr;
+  double* partial_ = nullptr;    // ‖N‖² per unit
+  std::int32_t* bad_ = nullptr;  // non-finite flag per unit
+  float* rho_ = nullptr;
+  std::int32_t* skipped_ = nullptr;
+  float* limiter_ = nullptr;
+  index_t units_ = 0;
+  std::int64_t t_ = 0;
+  std::size_t state_bytes_ = 0;
+};
+
+/// `out` (device, row-major, any leading dimension) ← N(0, stddev²) values named by `key`: the
+/// same bits as random::fill_gaussian on the CPU. T = float (a template only so that the one
+/// .cu file instantiates it, like everything else here).
+template <class T>
+void fill_gaussian(DeviceView<T> out, const random::Key& key, double stddev, stream_t stream);
+
+/// codes[i] = the index of the 8-bit map entry nearest to x[i] (normalised values: x / absmax),
+/// the search of the 8-bit store on the device (the signed map for Moment::first). Equal to
+/// state::q8::nearest_code(map, x) for every float. T = float.
+template <class T>
+void q8_nearest_codes(const T* x, std::uint8_t* codes, index_t n, state::Moment kind,
+                      stream_t stream);
+
+/// The L-level DWT of every row of g (m × n) into coeffs (m × K, pywt's packed layout, see
+/// transforms/dwt.hpp), and back (out: m × n). Haar only; contiguous rows.
+template <class Wavelet, int Levels>
+void dwt_forward_rows(DeviceView<const float> g, DeviceView<float> coeffs,
+                      transforms::BoundaryMode mode, stream_t stream);
+template <class Wavelet, int Levels>
+void dwt_inverse_rows(DeviceView<const float> coeffs, DeviceView<float> out,
+                      transforms::BoundaryMode mode, stream_t stream);
+
+}  // namespace slimgrad::cuda

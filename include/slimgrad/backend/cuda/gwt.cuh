@@ -1,0 +1,542 @@
+// slimgrad/backend/cuda/gwt.cuh — Haar DWT along rows and GWT's fused step (api.hpp) on CUDA.
+//
+// The Haar transform of L levels maps each aligned group of 2^L samples of a row to exactly one
+// a_L coefficient and 2^L − 1 details, independently of every other group; rows whose length is
+// not a multiple of 2^L behave as if padded (mode 'zero': with zeros, which is pywt's rule;
+// 'periodization': the last sample of a level repeated). So one thread takes one group: it
+// loads 2^L samples, runs every level in registers, and the packed layout (transforms/dwt.hpp)
+// is only an addressing rule. The arithmetic is the CPU's haar_forward_line/haar_inverse_line
+// (same taps, same expressions), the Adam step optim/adam.hpp's, so with -fmad=false the
+// CUDA results equal the CPU's bit for bit (up to the limiter's ρ, whose norm is summed in
+// another order).
+//
+// GWT step bytes per parameter (fp32, L = 2): pass 2 reads G and W and writes W (12) and
+// reads/writes the moments of a quarter of the coefficients (4); the first pass (limiter or
+// finite check) reads G and the moments again (6): 22 in all, 16 without it (28 for AdamW).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../../optim/adam.hpp"
+#include "../../optim/residual.hpp"
+#include "../../transforms/dwt.hpp"
+#include "../../transforms/wavelets.hpp"
+#include "common.cuh"
+
+namespace slimgrad::cuda {
+
+namespace detail {
+
+template <class W>
+struct HaarTaps {
+  static_assert(W::filter_length == 2,
+                "slimgrad cuda: the fused DWT kernels are written for Haar (filter length 2)");
+  static constexpr float h0 = static_cast<float>(W::rec_lo[0]);
+  static constexpr float h1 = static_cast<float>(W::rec_lo[1]);
+  static constexpr float g0 = static_cast<float>(W::rec_hi[0]);
+  static constexpr float g1 = static_cast<float>(W::rec_hi[1]);
+};
+
+/// Lengths N_0..N_L of one row's levels (a small copy of DwtLayout for kernel arguments).
+template <int L>
+struct RowLengths {
+  index_t len[L + 1];
+  index_t offset[L + 1];  // detail offsets in the packed row ([0] unused)
+  index_t total;
+};
+
+template <int L>
+RowLengths<L> row_lengths(index_t n, transforms::BoundaryMode mode) {
+  const transforms::DwtLayout lay = transforms::dwt_layout(n, 2, L, mode);
+  RowLengths<L> r{};
+  for (int l = 0; l <= L; ++l) {
+    r.len[l] = lay.length[l];
+    r.offset[l] = lay.detail_offset[l];
+  }
+  r.total = lay.total;
+  return r;
+}
+
+/// Loads the 2^L samples of group `grp` of a row of n (zeros past n).
+template <int L, class T>
+__device__ inline void load_group(const T* row, index_t grp, index_t n, bool vec,
+                                  float (&x)[1 << L]) {
+  constexpr int G = 1 << L;
+  const index_t c0 = grp * G;
+  if constexpr (G >= 4) {
+#pragma unroll
+    for (int q = 0; q < G / 4; ++q) {
+      float v4[4];
+      load4(row, c0 + 4 * q, n, vec && c0 + 4 * q + 4 <= n, v4);
+#pragma unroll
+      for (int l = 0; l < 4; ++l)
+        x[4 * q + l] = v4[l];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      if constexpr (std::is_same_v<T, float>)
+        x[j] = c0 + j < n ? row[c0 + j] : 0.0f;
+      else
+        x[j] = c0 + j < n ? numeric::bf16_to_float(row[c0 + j]) : 0.0f;
+  }
+}
+
+template <int L, class T>
+__device__ inline void store_group(T* row, index_t grp, index_t n, bool vec,
+                                   const float (&x)[1 << L]) {
+  constexpr int G = 1 << L;
+  const index_t c0 = grp * G;
+  if constexpr (G >= 4) {
+#pragma unroll
+    for (int q = 0; q < G / 4; ++q) {
+      const float v4[4] = {x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]};
+      store4(row, c0 + 4 * q, n, vec && c0 + 4 * q + 4 <= n, v4);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      if (c0 + j < n) {
+        if constexpr (std::is_same_v<T, float>)
+          row[c0 + j] = x[j];
+        else
+          row[c0 + j] = numeric::bf16_bits_rne(x[j]);
+      }
+  }
+}
+
+/// Forward: x (the group's samples) → c[0] = a_L and the details in the group's packed order
+/// (d_l at [2^L >> l, 2^(L+1) >> l)), exactly as haar_forward_line level by level. `len` are
+/// the row's level lengths: a pair whose second sample lies past its level's end takes 0
+/// (zero) or the first sample (periodization) as its partner.
+template <class W, int L>
+__device__ inline void haar_group_forward(float (&x)[1 << L], float (&d)[1 << L], index_t grp,
+                                          const index_t* len, bool periodic) {
+  using T = HaarTaps<W>;
+  constexpr int G = 1 << L;
+  int width = G;
+#pragma unroll
+  for (int l = 1; l <= L; ++l) {
+    const int half = width / 2;
+    const index_t first = grp * width;  // index of x[0] within level l − 1
+#pragma unroll
+    for (int j = 0; j < G / 2; ++j) {
+      if (j < half) {
+        const float x0 = x[2 * j];
+        float x1 = x[2 * j + 1];
+        const index_t i0 = first + 2 * j;
+        if (i0 + 1 >= len[l - 1]) x1 = periodic && i0 < len[l - 1] ? x0 : 0.0f;
+        x[j] = T::h0 * x0 + T::h1 * x1;
+        d[half + j] = T::g0 * x0 + T::g1 * x1;
+      }
+    }
+    width = half;
+  }
+}
+
+/// Inverse of haar_group_forward: c = a_L and the details → the group's samples in x.
+template <class W, int L>
+__device__ inline void haar_group_inverse(float a, const float (&d)[1 << L], float (&x)[1 << L]) {
+  using T = HaarTaps<W>;
+  constexpr int G = 1 << L;
+  x[0] = a;
+  int width = 1;
+#pragma unroll
+  for (int l = L; l >= 1; --l) {
+#pragma unroll
+    for (int p = G / 2 - 1; p >= 0; --p) {
+      if (p < width) {
+        const float ap = x[p], dp = d[width + p];
+        x[2 * p] = T::h0 * ap + T::g0 * dp;
+        x[2 * p + 1] = T::h1 * ap + T::g1 * dp;
+      }
+    }
+    width *= 2;
+  }
+}
+
+template <class W, int L>
+__global__ void __launch_bounds__(256)
+    dwt_forward_kernel(DeviceView<const float> g, DeviceView<float> c, RowLengths<L> lay,
+                       index_t groups_per_row, bool periodic, bool vec) {
+  constexpr int G = 1 << L;
+  const index_t gi = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gi >= g.rows * groups_per_row) return;
+  const index_t row = gi / groups_per_row, grp = gi % groups_per_row;
+  float x[G], d[G];
+  load_group<L>(g.row(row), grp, g.cols, vec, x);
+  haar_group_forward<W, L>(x, d, grp, lay.len, periodic);
+  float* out = c.row(row);
+  if (grp < lay.len[L]) out[grp] = x[0];
+#pragma unroll
+  for (int l = 1; l <= L; ++l) {
+    const int w = G >> l;
+#pragma unroll
+    for (int j = 0; j < w; ++j) {
+      const index_t at = grp * w + j;
+      if (at < lay.len[l]) out[lay.offset[l] + at] = d[w + j];
+    }
+  }
+}
+
+template <class W, int L>
+__global__ void __launch_bounds__(256)
+    dwt_inverse_kernel(DeviceView<const float> c, DeviceView<float> out, RowLengths<L> lay,
+                       index_t groups_per_row, bool vec) {
+  constexpr int G = 1 << L;
+  const index_t gi = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gi >= out.rows * groups_per_row) return;
+  const index_t row = gi / groups_per_row, grp = gi % groups_per_row;
+  const float* in = c.row(row);
+  float d[G], x[G];
+  const float a = grp < lay.len[L] ? in[grp] : 0.0f;
+#pragma unroll
+  for (int l = 1; l <= L; ++l) {
+    const int w = G >> l;
+#pragma unroll
+    for (int j = 0; j < w; ++j) {
+      const index_t at = grp * w + j;
+      d[w + j] = at < lay.len[l] ? in[lay.offset[l] + at] : 0.0f;
+    }
+  }
+  haar_group_inverse<W, L>(a, d, x);
+  store_group<L>(out.row(row), grp, out.cols, vec, x);
+}
+
+// ---- the fused GWT step
+// ---------------------------------------------------------------------------
+
+inline constexpr int gwt_threads = 256;  // groups per unit (one block)
+
+template <int L>
+struct GwtEntry {
+  void* w;
+  const void* g;
+  std::uint16_t* wcopy;
+  float* m;
+  float* v;
+  index_t rows, cols, na;  // na = groups per row = N_L
+  index_t len[L + 1];
+  std::uint32_t vec;
+};
+
+/// Pass 1: per unit, ‖N‖² of the would-be normalised approximation and whether any gradient
+/// sample is not finite. Writes only the two per-unit results.
+template <class W, int L, Precision P>
+__global__ void __launch_bounds__(gwt_threads)
+    gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
+                    int ntensors, optim::AdamStep s, bool periodic, double* partial,
+                    std::int32_t* bad) {
+  using PG = typename Params<P>::G;
+  constexpr int G = 1 << L;
+  const index_t u = blockIdx.x;
+  const int k = find_tensor(unit_begin, ntensors, u);
+  const GwtEntry<L>& e = entries[k];
+  const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
+  double sum = 0.0;
+  int nonfinite = 0;
+  if (gi < e.rows * e.na) {
+    const index_t row = gi / e.na, grp = gi % e.na;
+    float x[G], d[G];
+    load_group<L>(static_cast<const PG*>(e.g) + row * e.cols, grp, e.cols, e.vec != 0, x);
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      nonfinite |= (numeric::float_bits(x[j]) & 0x7f800000u) == 0x7f800000u;
+    haar_group_forward<W, L>(x, d, grp, e.len, periodic);
+    float mt = e.m[gi], vt = e.v[gi];
+    optim::adam_moments(x[0], mt, vt, s);
+    const float nj = mt / optim::adam_denominator(vt, s);
+    sum = static_cast<double>(nj) * nj;
+  }
+  // Block sum in a fixed order: warps by shuffles, then the warps' sums by warp 0.
+  __shared__ double warp_sum[gwt_threads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    sum += __shfl_down_sync(0xFFFFFFFFu, sum, off);
+  if ((threadIdx.x & 31u) == 0) warp_sum[threadIdx.x / 32] = sum;
+  const int any_bad = __syncthreads_or(nonfinite);
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < gwt_threads / 32; ++w)
+      total += warp_sum[w];
+    partial[u] = total;
+    bad[u] = any_bad;
+  }
+}
+
+/// One block per tensor: ρ from the unit sums (fixed order) and the limiter's state.
+__global__ void __launch_bounds__(256)
+    gwt_limiter_kernel(const index_t* __restrict__ unit_begin, const double* __restrict__ partial,
+                       const std::int32_t* __restrict__ bad, double gamma, bool check_finite,
+                       float* limiter, float* rho, std::int32_t* skipped) {
+  const int k = static_cast<int>(blockIdx.x);
+  double sum = 0.0;
+  int any_bad = 0;
+  for (index_t u = unit_begin[k] + threadIdx.x; u < unit_begin[k + 1]; u += blockDim.x) {
+    sum += partial[u];
+    any_bad |= bad[u];
+  }
+  __shared__ double s[256];
+  s[threadIdx.x] = sum;
+  any_bad = __syncthreads_or(any_bad);
+  for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) s[threadIdx.x] += s[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const bool skip = check_finite && any_bad != 0;
+    skipped[k] = skip ? 1 : 0;
+    float r = 1.0f;
+    if (!skip && gamma > 0)
+      r = static_cast<float>(residual::limiter_divisor(sqrt(s[0]), gamma, limiter[k]));
+    rho[k] = r;
+  }
+}
+
+/// Pass 2: the step, one thread per group.
+template <class W, int L, Precision P>
+__global__ void __launch_bounds__(gwt_threads)
+    gwt_step_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
+                    int ntensors, optim::AdamStep s, bool periodic, float alpha,
+                    const float* __restrict__ rho_of, const std::int32_t* __restrict__ skipped) {
+  using PW = typename Params<P>::W;
+  using PG = typename Params<P>::G;
+  constexpr int G = 1 << L;
+  const index_t u = blockIdx.x;
+  const int k = find_tensor(unit_begin, ntensors, u);
+  const GwtEntry<L>& e = entries[k];
+  if (skipped != nullptr && skipped[k] != 0) return;
+  const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
+  if (gi >= e.rows * e.na) return;
+  const float rho = rho_of != nullptr ? rho_of[k] : 1.0f;
+  const index_t row = gi / e.na, grp = gi % e.na;
+  const bool vec = e.vec != 0;
+  float x[G], d[G], w[G];
+  load_group<L>(static_cast<const PG*>(e.g) + row * e.cols, grp, e.cols, vec, x);
+  PW* wrow = static_cast<PW*>(e.w) + row * e.cols;
+  load_group<L>(wrow, grp, e.cols, vec, w);
+  haar_group_forward<W, L>(x, d, grp, e.len, periodic);
+  float m = e.m[gi], v = e.v[gi];
+  optim::adam_moments(x[0], m, v, s);
+  e.m[gi] = m;
+  e.v[gi] = v;
+  const float den = optim::adam_denominator(v, s);
+  float a = m / den;
+  if (rho != 1.0f) a = a / rho;
+  const float up = den * rho;
+#pragma unroll
+  for (int j = 1; j < G; ++j)
+    d[j] = d[j] / up;
+  haar_group_inverse<W, L>(a, d, x);
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    if (alpha != 1.0f) x[j] = x[j] * alpha;
+    w[j] = optim::apply_update(w[j], x[j], s.weight);
+  }
+  store_group<L>(wrow, grp, e.cols, vec, w);
+  if constexpr (P == Precision::fp32_master)
+    if (e.wcopy != nullptr) store_group<L>(e.wcopy + row * e.cols, grp, e.cols, vec, w);
+}
+
+template <int L>
+bool row_vec_ok(const Tensor& t, Precision p) {
+  // 4-wide accesses of a group need rows that start aligned: cols a multiple of 4.
+  if (t.cols % 4 != 0) return false;
+  switch (p) {
+    case Precision::fp32:
+      return Params<Precision::fp32>::aligned(t);
+    case Precision::bf16:
+      return Params<Precision::bf16>::aligned(t);
+    case Precision::fp32_master:
+      return Params<Precision::fp32_master>::aligned(t);
+  }
+  return false;
+}
+
+}  // namespace detail
+
+template <class Wavelet, int Levels>
+void dwt_forward_rows(DeviceView<const float> g, DeviceView<float> coeffs,
+                      transforms::BoundaryMode mode, stream_t stream) {
+  const detail::RowLengths<Levels> lay = detail::row_lengths<Levels>(g.cols, mode);
+  require(coeffs.rows == g.rows && coeffs.cols == lay.total,
+          "cuda::dwt_forward_rows: the coefficients must be rows x K (transforms/dwt.hpp)");
+  const index_t groups = lay.len[Levels];
+  const index_t work = g.rows * groups;
+  if (work == 0) return;
+  const bool vec =
+      g.cols % 4 == 0 && g.ld % 4 == 0 && reinterpret_cast<std::uintptr_t>(g.data) % 16 == 0;
+  detail::dwt_forward_kernel<Wavelet, Levels>
+      <<<static_cast<unsigned>((work + 255) / 256), 256, 0, stream>>>(
+          g, coeffs, lay, groups, mode == transforms::BoundaryMode::periodization, vec);
+  detail::check_launch("dwt_forward_rows");
+}
+
+template <class Wavelet, int Levels>
+void dwt_inverse_rows(DeviceView<const float> coeffs, DeviceView<float> out,
+                      transforms::BoundaryMode mode, stream_t stream) {
+  const detail::RowLengths<Levels> lay = detail::row_lengths<Levels>(out.cols, mode);
+  require(coeffs.rows == out.rows && coeffs.cols == lay.total,
+          "cuda::dwt_inverse_rows: the coefficients must be rows x K (transforms/dwt.hpp)");
+  const index_t groups = lay.len[Levels];
+  const index_t work = out.rows * groups;
+  if (work == 0) return;
+  const bool vec =
+      out.cols % 4 == 0 && out.ld % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.data) % 16 == 0;
+  detail::dwt_inverse_kernel<Wavelet, Levels>
+      <<<static_cast<unsigned>((work + 255) / 256), 256, 0, stream>>>(coeffs, out, lay, groups,
+                                                                      vec);
+  detail::check_launch("dwt_inverse_rows");
+}
+
+template <class Wavelet, int Levels>
+std::size_t MultiTensorGwt<Wavelet, Levels>::workspace_bytes(std::span<const Tensor> tensors,
+                                                             const Options&) {
+  detail::Carver c;
+  index_t units = 0;
+  c.take<detail::GwtEntry<Levels>>(tensors.size());
+  c.take<index_t>(tensors.size() + 1);
+  for (const Tensor& t : tensors) {
+    const index_t na =
+        transforms::dwt_layout(t.cols, 2, Levels, transforms::BoundaryMode::zero).approx_length();
+    c.take<float>(static_cast<std::size_t>(t.rows * na));
+    c.take<float>(static_cast<std::size_t>(t.rows * na));
+    units += (t.rows * na + detail::gwt_threads - 1) / detail::gwt_threads;
+  }
+  c.take<double>(static_cast<std::size_t>(units));
+  c.take<std::int32_t>(static_cast<std::size_t>(units));
+  c.take<float>(tensors.size());
+  c.take<std::int32_t>(tensors.size());
+  c.take<float>(tensors.size());
+  return c.bytes();
+}
+
+template <class Wavelet, int Levels>
+MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
+                                                const Options& options, void* workspace,
+                                                std::size_t workspace_size, stream_t stream)
+    : options_(options) {
+  constexpr const char* who = "cuda::MultiTensorGwt";
+  optim::Adam::validate(options.rule);
+  residual::validate(options.residual);
+  for (std::size_t k = 0; k < tensors.size(); ++k) {
+    detail::check_tensor(tensors[k], options.precision, k, who);
+    if (options.mode == transforms::BoundaryMode::periodization)
+      require(tensors[k].cols % (index_t{1} << Levels) == 0,
+              std::string(who) + ": periodization needs cols divisible by 2^levels");
+  }
+  detail::check_workspace(workspace, workspace_size, workspace_bytes(tensors, options), who);
+
+  detail::Carver c{static_cast<char*>(workspace)};
+  auto* entries = c.take<detail::GwtEntry<Levels>>(tensors.size());
+  auto* begin = c.take<index_t>(tensors.size() + 1);
+  table_ = entries;
+  std::vector<detail::GwtEntry<Levels>> host(tensors.size());
+  std::vector<index_t> host_begin(tensors.size() + 1, 0);
+  moments_.resize(tensors.size());
+  for (std::size_t k = 0; k < tensors.size(); ++k) {
+    const Tensor& t = tensors[k];
+    const detail::RowLengths<Levels> lay = detail::row_lengths<Levels>(t.cols, options.mode);
+    const index_t na = lay.len[Levels];
+    MomentBuffers& mb = moments_[k];
+    mb.count = t.rows * na;
+    mb.m = c.take<float>(static_cast<std::size_t>(mb.count));
+    mb.v = c.take<float>(static_cast<std::size_t>(mb.count));
+    state_bytes_ += 2 * static_cast<std::size_t>(mb.count) * sizeof(float);
+    detail::GwtEntry<Levels>& e = host[k];
+    e.w = t.weight;
+    e.g = t.grad;
+    e.wcopy = t.weight_bf16;
+    e.m = static_cast<float*>(mb.m);
+    e.v = static_cast<float*>(mb.v);
+    e.rows = t.rows;
+    e.cols = t.cols;
+    e.na = na;
+    for (int l = 0; l <= Levels; ++l)
+      e.len[l] = lay.len[l];
+    e.vec = detail::row_vec_ok<Levels>(t, options.precision) ? 1u : 0u;
+    host_begin[k + 1] = host_begin[k] + (mb.count + detail::gwt_threads - 1) / detail::gwt_threads;
+    if (mb.count > 0) {
+      detail::check(cudaMemsetAsync(mb.m, 0, static_cast<std::size_t>(mb.count) * 4, stream),
+                    "cudaMemsetAsync");
+      detail::check(cudaMemsetAsync(mb.v, 0, static_cast<std::size_t>(mb.count) * 4, stream),
+                    "cudaMemsetAsync");
+    }
+  }
+  units_ = host_begin.back();
+  partial_ = c.take<double>(static_cast<std::size_t>(units_));
+  bad_ = c.take<std::int32_t>(static_cast<std::size_t>(units_));
+  rho_ = c.take<float>(tensors.size());
+  skipped_ = c.take<std::int32_t>(tensors.size());
+  limiter_ = c.take<float>(tensors.size());
+  const std::size_t n = tensors.size();
+  if (n > 0) {
+    detail::check(cudaMemsetAsync(limiter_, 0xFF, n * sizeof(float), stream),
+                  "cudaMemsetAsync");  // NaN: unset
+    detail::check(cudaMemsetAsync(skipped_, 0, n * sizeof(std::int32_t), stream),
+                  "cudaMemsetAsync");
+  }
+  detail::check(
+      cudaMemcpyAsync(entries, host.data(), n * sizeof(host[0]), cudaMemcpyHostToDevice, stream),
+      "cudaMemcpyAsync");
+  detail::check(cudaMemcpyAsync(begin, host_begin.data(), host_begin.size() * sizeof(index_t),
+                                cudaMemcpyHostToDevice, stream),
+                "cudaMemcpyAsync");
+  detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+}
+
+template <class Wavelet, int Levels>
+MomentBuffers MultiTensorGwt<Wavelet, Levels>::moments(index_t tensor) const {
+  require(tensor >= 0 && tensor < tensors(), "cuda::MultiTensorGwt: tensor index out of range");
+  return moments_[static_cast<std::size_t>(tensor)];
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream) {
+  const std::int64_t t = t_ + 1;
+  const optim::AdamStep s = optim::Adam::step_scalars(options_.rule, t);
+  t_ = t;
+  if (units_ == 0) return;
+  const auto* entries = static_cast<const detail::GwtEntry<Levels>*>(table_);
+  const auto* begin = reinterpret_cast<const index_t*>(
+      static_cast<const char*>(table_) +
+      detail::Carver::round_up(moments_.size() * sizeof(detail::GwtEntry<Levels>)));
+  const auto n = static_cast<int>(moments_.size());
+  const bool periodic = options_.mode == transforms::BoundaryMode::periodization;
+  const double gamma = options_.residual.limiter_gamma;
+  const bool first_pass = gamma > 0 || options_.check_finite;
+  const auto blocks = static_cast<unsigned>(units_);
+  auto run = [&](auto norm_kernel, auto step_kernel) {
+    if (first_pass) {
+      norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(entries, begin, n, s, periodic,
+                                                              partial_, bad_);
+      detail::check_launch("MultiTensorGwt::step (norm)");
+      detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+          begin, partial_, bad_, gamma, options_.check_finite, limiter_, rho_, skipped_);
+      detail::check_launch("MultiTensorGwt::step (limiter)");
+    }
+    step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
+        entries, begin, n, s, periodic, static_cast<float>(options_.residual.scale),
+        first_pass ? rho_ : nullptr, first_pass ? skipped_ : nullptr);
+    detail::check_launch("MultiTensorGwt::step");
+  };
+  using W = Wavelet;
+  constexpr int L = Levels;
+  switch (options_.precision) {
+    case Precision::fp32:
+      run(detail::gwt_norm_kernel<W, L, Precision::fp32>,
+          detail::gwt_step_kernel<W, L, Precision::fp32>);
+      break;
+    case Precision::bf16:
+      run(detail::gwt_norm_kernel<W, L, Precision::bf16>,
+          detail::gwt_step_kernel<W, L, Precision::bf16>);
+      break;
+    case Precision::fp32_master:
+      run(detail::gwt_norm_kernel<W, L, Precision::fp32_master>,
+          detail::gwt_step_kernel<W, L, Precision::fp32_master>);
+      break;
+  }
+}
+
+}  // namespace slimgrad::cuda
