@@ -8,8 +8,9 @@ template class sg::cuda::MultiTensorAdam<sg::state::Bf16>;
 template class sg::cuda::MultiTensorAdam<sg::state::Q8Block<256>>;
 template class sg::cuda::MultiTensorGwt<sg::transforms::Haar, 2>;
 template class sg::cuda::MultiTensorGwt<sg::transforms::Haar, 3>;
-template void sg::cuda::q8_nearest_codes<float>(const float*, std::uint8_t*, sg::index_t,
-                                                sg::state::Moment, sg::cuda::stream_t);
+template void sg::cuda::q8_quantize_codes<float>(const float*, const float*, std::uint8_t*,
+                                                 sg::index_t, sg::state::Moment,
+                                                 sg::cuda::stream_t);
 template void sg::cuda::fill_gaussian<float>(sg::DeviceView<float>, const sg::random::Key&, double,
                                              sg::cuda::stream_t);
 template void sg::cuda::dwt_forward_rows<sg::transforms::Haar, 2>(sg::DeviceView<const float>,

@@ -220,38 +220,62 @@ TEST_CASE("cuda MultiTensorAdam: a workspace too small or misaligned is refused"
                        doctest::Contains("bytes"), Error);
 }
 
-TEST_CASE("cuda 8-bit search: the CPU's nearest_code on every code, midpoint and neighbour") {
+TEST_CASE("cuda 8-bit quantiser: the CPU's codes on every code, midpoint, neighbour, absmax") {
   for (state::Moment kind : {state::Moment::first, state::Moment::second}) {
     CAPTURE(static_cast<int>(kind));
+    const bool is_signed = kind == state::Moment::first;
     const state::q8::CodeMap& map = state::q8::code_map(kind);
-    std::vector<float> x;
-    auto around = [&](float v) {
-      x.push_back(v);
-      x.push_back(std::nextafter(v, 2.0f));
-      x.push_back(std::nextafter(v, -2.0f));
-      x.push_back(-v);
+    std::vector<float> x, a;
+    auto around = [&](float v, float absmax) {
+      for (float y : {v, std::nextafter(v, 2.0f), std::nextafter(v, -2.0f), -v}) {
+        x.push_back(y * absmax);  // exact for a power-of-two absmax
+        a.push_back(absmax);
+      }
     };
-    for (int j = 0; j < state::q8::map_size; ++j)
-      around(map.code[j]);
-    for (int j = 0; j + 1 < state::q8::map_size; ++j)
-      around(map.mid[j]);
-    for (float v :
-         {0.0f, 1e-30f, 5.9e-8f, 6e-8f, 1.0f, 1.5f, 3e38f, std::numeric_limits<float>::infinity(),
-          std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min()})
-      around(v);
+    for (float absmax : {1.0f, 0x1p-20f, 0x1p40f}) {
+      for (int j = 0; j < state::q8::map_size; ++j)
+        around(map.code[j], absmax);
+      for (int j = 0; j + 1 < state::q8::map_size; ++j)
+        around(map.mid[j], absmax);
+    }
+    const float special[] = {0.0f,
+                             1e-30f,
+                             5.9e-8f,
+                             6e-8f,
+                             1.0f,
+                             1.5f,
+                             3e38f,
+                             std::numeric_limits<float>::infinity(),
+                             std::numeric_limits<float>::quiet_NaN(),
+                             std::numeric_limits<float>::denorm_min()};
+    for (float v : special)
+      for (float absmax : {1.0f, 0.0f, 1e-40f, 3e38f, 0x1p-126f, 0x1p126f})
+        around(v, absmax);
+    // Random blocks: values and their block's absmax, over a wide range of magnitudes.
     std::mt19937 gen(5);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    std::uniform_int_distribution<int> e(-30, 0);
-    for (int i = 0; i < 200000; ++i)
-      x.push_back(std::ldexp(u(gen), e(gen)));
-    DeviceBuffer xd(x.size() * 4), cd(x.size());
+    std::uniform_int_distribution<int> e(-40, 10);
+    for (int blk = 0; blk < 2000; ++blk) {
+      const int scale = e(gen);
+      std::vector<float> vals(256);
+      float absmax = 0.0f;
+      for (float& v : vals) {
+        v = std::ldexp(u(gen), scale + e(gen) / 8);
+        if (!is_signed) v = std::fabs(v);
+        absmax = state::q8::absmax_update(absmax, v);
+      }
+      for (float v : vals)
+        x.push_back(v), a.push_back(absmax);
+    }
+    DeviceBuffer xd(x.size() * 4), ad(a.size() * 4), cd(x.size());
     test::upload(xd.ptr, x);
-    cuda::q8_nearest_codes(xd.as<float>(), cd.as<std::uint8_t>(), static_cast<index_t>(x.size()),
-                           kind, nullptr);
+    test::upload(ad.ptr, a);
+    cuda::q8_quantize_codes(xd.as<float>(), ad.as<float>(), cd.as<std::uint8_t>(),
+                            static_cast<index_t>(x.size()), kind, nullptr);
     const auto got = test::download<std::uint8_t>(cd.ptr, x.size());
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < x.size(); ++i)
-      wrong += got[i] != state::q8::nearest_code(map, x[i]);
+      wrong += got[i] != state::q8::quantize(map, is_signed, x[i], a[i]);
     CHECK(wrong == 0);
   }
 }

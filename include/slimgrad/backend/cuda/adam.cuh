@@ -70,94 +70,72 @@ __device__ inline void store_bf16_moment4(std::uint16_t* p, index_t i, index_t n
     if (i + l < n) p[i + l] = numeric::bf16_bits_stochastic(x[l], bits.v[l]);
 }
 
-/// The 8-bit quantiser's search, accelerated for shared memory: state::q8::nearest_code's
-/// uniform binary search reads 8 midpoints per value, and a warp's 32 random lookups conflict on
-/// the banks (the 8-bit step then runs at a third of the memory bandwidth). Here a value's float
-/// bits pick a bucket (exponent and 7 mantissa bits of |x|, per sign) whose entry is a lower
-/// bound of the midpoint count; at most one midpoint of either map lies in a bucket (7 mantissa
-/// bits suffice for both maps), so one or two comparisons finish the count. The index is
-/// nearest_code's for every float, ties included (tests/cuda compares them on every code,
-/// midpoint and their neighbours, through q8_nearest_codes). |x| > 1, NaN, and negative values of
-/// the unsigned map take the full search.
-struct Q8Buckets {
-  static constexpr std::uint32_t tiny = 0x33800000u;              // 2^-24: below it, no midpoint
-  static constexpr int count = ((0x3F800000u - tiny) >> 16) + 1;  // |x| in [2^-24, 1]
-  std::uint8_t positive[count];
-  std::uint8_t negative[count];
+/// x / absmax, correctly rounded, from a reciprocal computed once per block: q0 = x·(1/b)
+/// rounded, then one FMA correction (Markstein: with 1/b correctly rounded and q0 within an ulp
+/// of x/b, q0 + (x − b·q0)·(1/b) rounds to x/b). Exact away from underflow; the 8-bit code of a
+/// quotient below 2^-24 does not depend on its last bits (no midpoint lies there), and a divisor
+/// whose reciprocal would not be normal takes the division itself.
+struct Q8Divisor {
+  float b, r;
+  bool fast;
+  __device__ explicit Q8Divisor(float absmax)
+      : b(absmax), r(1.0f / absmax), fast(absmax > 0x1p-125f && absmax < 0x1p125f) {}
+  __device__ float divide(float x) const {
+    if (!fast) return x / b;
+#if SLIMGRAD_DEVICE_PASS
+    const float q0 = __fmul_rn(x, r);                // a product on its own: never contracted
+    if (!(fabsf(q0) <= 0x1.fffffep127f)) return q0;  // ±inf (then |x/b| is huge too) or NaN
+    return __fmaf_rn(__fmaf_rn(-b, q0, x), r, q0);
+#else
+    return x / b;  // not reached: kernels run on the device
+#endif
+  }
 };
 
-/// Number of midpoints below x: nearest_code's search without its tie rule.
-__device__ inline int q8_count_below(const state::q8::CodeMap& map, float x) {
-  int idx = 0;
-  for (int step = 128; step > 0; step >>= 1)
-    idx += step * static_cast<int>(x > map.mid[idx + step - 1]);
-  return idx;
-}
-
-/// Fills the buckets of one map (run by a whole block).
-__device__ inline void q8_fill_buckets(const state::q8::CodeMap& map, Q8Buckets& b) {
-  for (int k = static_cast<int>(threadIdx.x); k < Q8Buckets::count; k += blockDim.x) {
-    const auto start = static_cast<std::uint32_t>(k) + (Q8Buckets::tiny >> 16);
-    const float lo = numeric::float_from_bits(start << 16);
-    const float next = numeric::float_from_bits((start + 1) << 16);
-    b.positive[k] = static_cast<std::uint8_t>(q8_count_below(map, lo));
-    b.negative[k] = static_cast<std::uint8_t>(q8_count_below(map, -next));
-  }
-}
-
-/// state::q8::nearest_code(map, x), through the buckets.
-__device__ inline std::uint8_t q8_nearest(const state::q8::CodeMap& map, const Q8Buckets& b,
-                                          bool is_signed, float x) {
-  const std::uint32_t bits = numeric::float_bits(x);
-  const std::uint32_t mag = bits & 0x7FFFFFFFu;
-  const bool neg = (bits >> 31) != 0;
-  if (mag > 0x3F800000u || (neg && !is_signed)) return state::q8::nearest_code(map, x);
-  int idx = is_signed ? 127 : 0;  // the midpoints below −2^-24
-  if (mag >= Q8Buckets::tiny) {
-    const auto k = static_cast<int>((mag >> 16) - (Q8Buckets::tiny >> 16));
-    idx = neg ? b.negative[k] : b.positive[k];
-  }
-  while (idx < state::q8::map_size - 1 && x > map.mid[idx])
-    ++idx;
-  if (idx < state::q8::map_size - 1 && (idx & 1) && x == map.mid[idx]) ++idx;
-  return static_cast<std::uint8_t>(idx);
-}
-
-/// state::q8::quantize through the buckets (same code for every value and absmax).
-__device__ inline std::uint8_t q8_quantize(const state::q8::CodeMap& map, const Q8Buckets& b,
-                                           bool is_signed, float value, float absmax) {
-  const float normalised = absmax > 0.0f ? value / absmax : 0.0f;
-  std::uint8_t c = q8_nearest(map, b, is_signed, normalised);
-  if (is_signed && (numeric::float_bits(map.code[c]) >> 31) != (numeric::float_bits(value) >> 31))
+/// state::q8::quantize with the division above and the shared cell-table search
+/// (state::q8::nearest_code: one table load and one comparison), the map staged in shared
+/// memory. The sign of code[c] is read from the index: the signed map is negative below index
+/// 127 and +0 or positive from there (the GPU test compares every code with the CPU's).
+__device__ inline std::uint8_t q8_quantize(const state::q8::CodeMap& map, bool is_signed,
+                                           float value, float absmax, const Q8Divisor& d) {
+  const float normalised = absmax > 0.0f ? d.divide(value) : 0.0f;
+  std::uint8_t c = state::q8::nearest_code(map, normalised);
+  if (is_signed && (c < 127) != ((numeric::float_bits(value) >> 31) != 0))
     c = static_cast<std::uint8_t>(value > 0.0f ? c + 1 : c - 1);
   return c;
 }
 
+/// Both code maps in dynamic shared memory (2 × 25 KiB: above the 48 KiB of static shared
+/// memory, so the launch raises the limit), copied by the whole block.
+inline constexpr std::size_t q8_smem_bytes = 2 * sizeof(state::q8::CodeMap);
+
+__device__ inline state::q8::CodeMap* q8_stage_maps(unsigned char* smem) {
+  auto* maps = reinterpret_cast<state::q8::CodeMap*>(smem);
+  constexpr int words = sizeof(state::q8::CodeMap) / 4;
+  const auto* sm = reinterpret_cast<const std::uint32_t*>(&state::q8::signed_code_map());
+  const auto* um = reinterpret_cast<const std::uint32_t*>(&state::q8::unsigned_code_map());
+  auto* dst = reinterpret_cast<std::uint32_t*>(maps);
+  for (int j = static_cast<int>(threadIdx.x); j < words; j += blockDim.x) {
+    dst[j] = sm[j];
+    dst[words + j] = um[j];
+  }
+  __syncthreads();
+  return maps;
+}
+
+// 4 blocks of 256 threads per multiprocessor (at most 64 registers): the 8-bit step is bound
+// by latency and instruction issue, and 3 blocks (80 registers) left the schedulers idle.
 template <class Store, Precision P>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 4)
     adam_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
                 int ntensors, index_t units, optim::AdamStep s, bool stochastic, std::uint64_t seed,
                 std::uint32_t epoch) {
   using PW = typename Params<P>::W;
   using PG = typename Params<P>::G;
   constexpr bool q8 = is_q8<Store>::value;
-  __shared__ state::q8::CodeMap maps[q8 ? 2 : 1];
-  __shared__ Q8Buckets buckets[q8 ? 2 : 1];
-  if constexpr (q8) {
-    const state::q8::CodeMap& sm = state::q8::signed_code_map();
-    const state::q8::CodeMap& um = state::q8::unsigned_code_map();
-    for (int j = static_cast<int>(threadIdx.x); j < state::q8::map_size; j += blockDim.x) {
-      maps[0].code[j] = sm.code[j];
-      maps[1].code[j] = um.code[j];
-      if (j + 1 < state::q8::map_size) {
-        maps[0].mid[j] = sm.mid[j];
-        maps[1].mid[j] = um.mid[j];
-      }
-    }
-    q8_fill_buckets(sm, buckets[0]);
-    q8_fill_buckets(um, buckets[1]);
-    __syncthreads();
-  }
+  extern __shared__ __align__(16) unsigned char smem[];
+  state::q8::CodeMap* maps = nullptr;
+  if constexpr (q8) maps = q8_stage_maps(smem);
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const index_t nwarps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
   for (index_t u = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
@@ -165,121 +143,132 @@ __global__ void __launch_bounds__(256)
     const int k = find_tensor(unit_begin, ntensors, u);
     const AdamEntry e = entries[k];
     const index_t base = (u - unit_begin[k]) * adam_unit;
-    const bool vec = e.vec != 0;
-    float g[2][4], w[2][4], m[2][4], v[2][4];
-    index_t at[2];
-    bool full[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      at[h] = base + h * 128 + lane * 4;
-      full[h] = vec && at[h] + 4 <= e.count;
-      load4(static_cast<const PG*>(e.g), at[h], e.count, full[h], g[h]);
-      load4(static_cast<const PW*>(e.w), at[h], e.count, full[h], w[h]);
-    }
-    const bool quantized = q8 && e.quantized != 0;
-    float am = 0.0f, av = 0.0f;  // the block's absmax before the step (8-bit)
-    if (quantized) {
-      am = e.m_absmax[base / adam_unit];
-      av = e.v_absmax[base / adam_unit];
+    // A whole unit (all but a tensor's last) takes a path without per-element bounds checks.
+    auto unit = [&](auto whole) {
+      constexpr bool Full = decltype(whole)::value;
+      const bool vec = e.vec != 0;
+      float g[2][4], w[2][4], m[2][4], v[2][4];
+      index_t at[2];
+      bool full[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const auto* cm = static_cast<const std::uint8_t*>(e.m);
-        const auto* cv = static_cast<const std::uint8_t*>(e.v);
-        std::uint32_t wm = 0, wv = 0;  // 4 codes, little-endian
-        if (at[h] + 4 <= e.count) {
-          wm = __ldcs(reinterpret_cast<const unsigned*>(cm + at[h]));
-          wv = __ldcs(reinterpret_cast<const unsigned*>(cv + at[h]));
-        } else {
-          for (int l = 0; l < 4; ++l)
-            if (at[h] + l < e.count)
-              wm |= std::uint32_t{cm[at[h] + l]} << (8 * l),
-                  wv |= std::uint32_t{cv[at[h] + l]} << (8 * l);
-        }
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          const bool in = at[h] + l < e.count;
-          const auto c_m = static_cast<std::uint8_t>(wm >> (8 * l));
-          const auto c_v = static_cast<std::uint8_t>(wv >> (8 * l));
-          m[h][l] = in ? state::q8::dequantize(maps[0], c_m, am) : 0.0f;
-          v[h][l] = in ? state::q8::dequantize(maps[q8 ? 1 : 0], c_v, av) : 0.0f;
-        }
+        at[h] = base + h * 128 + lane * 4;
+        full[h] = vec && (Full || at[h] + 4 <= e.count);
+        load4(static_cast<const PG*>(e.g), at[h], e.count, full[h], g[h]);
+        load4(static_cast<const PW*>(e.w), at[h], e.count, full[h], w[h]);
       }
-    } else {
+      const bool quantized = q8 && e.quantized != 0;
+      float am = 0.0f, av = 0.0f;  // the block's absmax before the step (8-bit)
+      if (quantized) {
+        am = e.m_absmax[base / adam_unit];
+        av = e.v_absmax[base / adam_unit];
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        load_moments4<std::conditional_t<q8, state::Fp32, Store>>(e, at[h], m[h], v[h]);
-    }
-    // The CPU's update_apply, element by element (optim/adam.hpp).
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        optim::adam_moments(g[h][l], m[h][l], v[h][l], s);
-        w[h][l] =
-            optim::apply_update(w[h][l], m[h][l] / optim::adam_denominator(v[h][l], s), s.weight);
-      }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      store4(static_cast<PW*>(e.w), at[h], e.count, full[h], w[h]);
-      if constexpr (P == Precision::fp32_master)
-        if (e.wcopy != nullptr) store4(e.wcopy, at[h], e.count, full[h], w[h]);
-    }
-    if (quantized) {
-      // absmax of the new moments over the block (NaNs skipped, as on the CPU), then codes.
-      float nm = 0.0f, nv = 0.0f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int l = 0; l < 4; ++l)
-          if (at[h] + l < e.count) {
-            nm = state::q8::absmax_update(nm, m[h][l]);
-            nv = state::q8::absmax_update(nv, v[h][l]);
+        for (int h = 0; h < 2; ++h) {
+          const auto* cm = static_cast<const std::uint8_t*>(e.m);
+          const auto* cv = static_cast<const std::uint8_t*>(e.v);
+          std::uint32_t wm = 0, wv = 0;  // 4 codes, little-endian
+          if (Full || at[h] + 4 <= e.count) {
+            wm = __ldcs(reinterpret_cast<const unsigned*>(cm + at[h]));
+            wv = __ldcs(reinterpret_cast<const unsigned*>(cv + at[h]));
+          } else {
+            for (int l = 0; l < 4; ++l)
+              if (at[h] + l < e.count)
+                wm |= std::uint32_t{cm[at[h] + l]} << (8 * l),
+                    wv |= std::uint32_t{cv[at[h] + l]} << (8 * l);
           }
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        nm = state::q8::absmax_update(nm, __shfl_xor_sync(0xFFFFFFFFu, nm, off));
-        nv = state::q8::absmax_update(nv, __shfl_xor_sync(0xFFFFFFFFu, nv, off));
-      }
-      if (lane == 0) {
-        e.m_absmax[base / adam_unit] = nm;
-        e.v_absmax[base / adam_unit] = nv;
-      }
-      auto* cm = static_cast<std::uint8_t*>(e.m);
-      auto* cv = static_cast<std::uint8_t*>(e.v);
+          for (int l = 0; l < 4; ++l) {
+            const bool in = Full || at[h] + l < e.count;
+            const auto c_m = static_cast<std::uint8_t>(wm >> (8 * l));
+            const auto c_v = static_cast<std::uint8_t>(wv >> (8 * l));
+            m[h][l] = in ? state::q8::dequantize(maps[0], c_m, am) : 0.0f;
+            v[h][l] = in ? state::q8::dequantize(maps[1], c_v, av) : 0.0f;
+          }
+        }
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        std::uint8_t qm[4], qv[4];
+        for (int h = 0; h < 2; ++h)
+          load_moments4<std::conditional_t<q8, state::Fp32, Store>>(e, at[h], m[h], v[h]);
+      }
+      // The CPU's update_apply, element by element (optim/adam.hpp).
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
-          qm[l] = q8_quantize(maps[0], buckets[0], true, m[h][l], nm);
-          qv[l] = q8_quantize(maps[q8 ? 1 : 0], buckets[q8 ? 1 : 0], false, v[h][l], nv);
+          optim::adam_moments(g[h][l], m[h][l], v[h][l], s);
+          w[h][l] =
+              optim::apply_update(w[h][l], m[h][l] / optim::adam_denominator(v[h][l], s), s.weight);
         }
-        if (at[h] + 4 <= e.count) {
-          __stcs(reinterpret_cast<unsigned*>(cm + at[h]),
-                 qm[0] | (qm[1] << 8) | (qm[2] << 16) | (std::uint32_t{qm[3]} << 24));
-          __stcs(reinterpret_cast<unsigned*>(cv + at[h]),
-                 qv[0] | (qv[1] << 8) | (qv[2] << 16) | (std::uint32_t{qv[3]} << 24));
-        } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        store4(static_cast<PW*>(e.w), at[h], e.count, full[h], w[h]);
+        if constexpr (P == Precision::fp32_master)
+          if (e.wcopy != nullptr) store4(e.wcopy, at[h], e.count, full[h], w[h]);
+      }
+      if (quantized) {
+        // absmax of the new moments over the block (NaNs skipped, as on the CPU), then codes.
+        float nm = 0.0f, nv = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int l = 0; l < 4; ++l)
-            if (at[h] + l < e.count) cm[at[h] + l] = qm[l], cv[at[h] + l] = qv[l];
+            if (Full || at[h] + l < e.count) {
+              nm = state::q8::absmax_update(nm, m[h][l]);
+              nv = state::q8::absmax_update(nv, v[h][l]);
+            }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+          nm = state::q8::absmax_update(nm, __shfl_xor_sync(0xFFFFFFFFu, nm, off));
+          nv = state::q8::absmax_update(nv, __shfl_xor_sync(0xFFFFFFFFu, nv, off));
+        }
+        if (lane == 0) {
+          e.m_absmax[base / adam_unit] = nm;
+          e.v_absmax[base / adam_unit] = nv;
+        }
+        auto* cm = static_cast<std::uint8_t*>(e.m);
+        auto* cv = static_cast<std::uint8_t*>(e.v);
+        const Q8Divisor dm(nm), dv(nv);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          std::uint8_t qm[4], qv[4];
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            qm[l] = q8_quantize(maps[0], true, m[h][l], nm, dm);
+            qv[l] = q8_quantize(maps[1], false, v[h][l], nv, dv);
+          }
+          if (Full || at[h] + 4 <= e.count) {
+            __stcs(reinterpret_cast<unsigned*>(cm + at[h]),
+                   qm[0] | (qm[1] << 8) | (qm[2] << 16) | (std::uint32_t{qm[3]} << 24));
+            __stcs(reinterpret_cast<unsigned*>(cv + at[h]),
+                   qv[0] | (qv[1] << 8) | (qv[2] << 16) | (std::uint32_t{qv[3]} << 24));
+          } else {
+#pragma unroll
+            for (int l = 0; l < 4; ++l)
+              if (at[h] + l < e.count) cm[at[h] + l] = qm[l], cv[at[h] + l] = qv[l];
+          }
+        }
+      } else if constexpr (std::is_same_v<Store, state::Bf16>) {
+        const random::Key km{seed, e.id, epoch};
+        const random::Key kv{seed, ~e.id, epoch};  // the CPU's independent second-moment words
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          store_bf16_moment4(static_cast<std::uint16_t*>(e.m), at[h], e.count, stochastic, km,
+                             m[h]);
+          store_bf16_moment4(static_cast<std::uint16_t*>(e.v), at[h], e.count, stochastic, kv,
+                             v[h]);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          store4(static_cast<float*>(e.m), at[h], e.count, Full || at[h] + 4 <= e.count, m[h]);
+          store4(static_cast<float*>(e.v), at[h], e.count, Full || at[h] + 4 <= e.count, v[h]);
         }
       }
-    } else if constexpr (std::is_same_v<Store, state::Bf16>) {
-      const random::Key km{seed, e.id, epoch};
-      const random::Key kv{seed, ~e.id, epoch};  // the CPU's independent second-moment words
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        store_bf16_moment4(static_cast<std::uint16_t*>(e.m), at[h], e.count, stochastic, km, m[h]);
-        store_bf16_moment4(static_cast<std::uint16_t*>(e.v), at[h], e.count, stochastic, kv, v[h]);
-      }
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        store4(static_cast<float*>(e.m), at[h], e.count, at[h] + 4 <= e.count, m[h]);
-        store4(static_cast<float*>(e.v), at[h], e.count, at[h] + 4 <= e.count, v[h]);
-      }
-    }
+    };
+    if (base + adam_unit <= e.count)
+      unit(std::true_type{});
+    else
+      unit(std::false_type{});
   }
 }
 
@@ -427,7 +416,7 @@ void MultiTensorAdam<Store>::step(stream_t stream) {
   static const int sms = detail::sm_count();
   const index_t warps_needed = units_;
   const index_t blocks_needed = (warps_needed + threads / 32 - 1) / (threads / 32);
-  const index_t max_blocks = static_cast<index_t>(sms) * 8;
+  const index_t max_blocks = static_cast<index_t>(sms) * 4;  // one wave (launch bounds)
   const auto blocks =
       static_cast<unsigned>(blocks_needed < max_blocks ? blocks_needed : max_blocks);
   bool stochastic = false;
@@ -454,33 +443,27 @@ void MultiTensorAdam<Store>::step(stream_t stream) {
 
 namespace detail {
 template <class T>
-__global__ void q8_nearest_kernel(const T* x, std::uint8_t* codes, index_t n, bool is_signed) {
-  __shared__ state::q8::CodeMap map;
-  __shared__ Q8Buckets buckets;
-  const state::q8::CodeMap& src =
-      is_signed ? state::q8::signed_code_map() : state::q8::unsigned_code_map();
-  for (int j = static_cast<int>(threadIdx.x); j < state::q8::map_size; j += blockDim.x) {
-    map.code[j] = src.code[j];
-    if (j + 1 < state::q8::map_size) map.mid[j] = src.mid[j];
-  }
-  q8_fill_buckets(src, buckets);
-  __syncthreads();
+__global__ void q8_quantize_kernel(const T* x, const T* absmax, std::uint8_t* codes, index_t n,
+                                   bool is_signed) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const state::q8::CodeMap* maps = q8_stage_maps(smem);
+  const state::q8::CodeMap& map = maps[is_signed ? 0 : 1];
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    codes[i] = q8_nearest(map, buckets, is_signed, x[i]);
+    codes[i] = q8_quantize(map, is_signed, x[i], absmax[i], Q8Divisor(absmax[i]));
 }
 }  // namespace detail
 
 template <class T>
-void q8_nearest_codes(const T* x, std::uint8_t* codes, index_t n, state::Moment kind,
-                      stream_t stream) {
-  static_assert(std::is_same_v<T, float>, "slimgrad cuda: q8_nearest_codes reads floats");
+void q8_quantize_codes(const T* x, const T* absmax, std::uint8_t* codes, index_t n,
+                       state::Moment kind, stream_t stream) {
+  static_assert(std::is_same_v<T, float>, "slimgrad cuda: q8_quantize_codes reads floats");
   if (n <= 0) return;
   const index_t blocks = (n + 255) / 256;
-  detail::q8_nearest_kernel<T>
+  detail::q8_quantize_kernel<T>
       <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(
-          x, codes, n, kind == state::Moment::first);
-  detail::check_launch("q8_nearest_codes");
+          x, absmax, codes, n, kind == state::Moment::first);
+  detail::check_launch("q8_quantize_codes");
 }
 
 }  // namespace slimgrad::cuda

@@ -169,12 +169,12 @@ class MultiTensorGwt {
 template <class T>
 void fill_gaussian(DeviceView<T> out, const random::Key& key, double stddev, stream_t stream);
 
-/// codes[i] = the index of the 8-bit map entry nearest to x[i] (normalised values: x / absmax),
-/// the search of the 8-bit store on the device (the signed map for Moment::first). Equal to
-/// state::q8::nearest_code(map, x) for every float. T = float.
+/// codes[i] = the 8-bit code of x[i] in a block whose absmax is absmax[i] (the signed map for
+/// Moment::first): the device's quantiser, equal to state::q8::quantize for every pair of
+/// floats. T = float.
 template <class T>
-void q8_nearest_codes(const T* x, std::uint8_t* codes, index_t n, state::Moment kind,
-                      stream_t stream);
+void q8_quantize_codes(const T* x, const T* absmax, std::uint8_t* codes, index_t n,
+                       state::Moment kind, stream_t stream);
 
 /// The L-level DWT of every row of g (m × n) into coeffs (m × K, pywt's packed layout, see
 /// transforms/dwt.hpp), and back (out: m × n). Haar only; contiguous rows.
