@@ -29,10 +29,12 @@ const std::vector<RecipeInfo> recipes_ = {
     {"apollo", "APOLLO: channel-wise scale from Adam in a random rank-r space", "",
      "rank 256, channel"},
     {"apollo-mini", "APOLLO-Mini: rank 1, tensor-wise scale", "", "rank 1, tensor"},
+    {"compact", "CompAct: Adam on the m×r gradient G Pᵀ (seeded P); o_proj keeps full Adam", "",
+     "r = n/4, T 50, α 0.25"},
 };
 
 // Recipes named by the papers that the library does not implement yet.
-const char* const planned[] = {"flora", "compact"};
+const char* const planned[] = {"flora"};
 
 template <int B>
 std::unique_ptr<AnyOptimizer> build_adam8bit(const std::vector<Setting>& settings) {
@@ -94,6 +96,8 @@ std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
     return build<recipes::Apollo<>>(recipe, recipes::apollo_options(), settings);
   if (recipe == "apollo-mini")
     return build<recipes::Apollo<>>(recipe, recipes::apollo_mini_options(), settings);
+  if (recipe == "compact")
+    return build<recipes::CompAct<>>(recipe, recipes::compact_options(), settings);
   for (const char* p : planned)
     require(recipe != p, "optimizer '" + recipe +
                              "' is not implemented yet (available: " + recipe_names() + ")");

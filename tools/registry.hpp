@@ -91,8 +91,8 @@ const std::vector<RecipeInfo>& recipe_list();
 std::string recipe_names();
 
 /// The optimizer for `recipe` with the recipe's defaults, then `settings` applied in order (a
-/// later setting of the same key wins). Throws a sentence for an unknown recipe (flora and compact
-/// are named as not implemented yet), an unknown key (listing the known ones), a malformed or
+/// later setting of the same key wins). Throws a sentence for an unknown recipe (flora is named as
+/// not implemented yet), an unknown key (listing the known ones), a malformed or
 /// out-of-range value.
 std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
                                              const std::vector<Setting>& settings);

@@ -56,6 +56,13 @@ class Erased final : public AnyOptimizer {
     }
     typename Opt::Override o;
     o.role = role;
+    if constexpr (std::is_same_v<typename Opt::Options, typename recipes::CompAct<>::Options>) {
+      // CompAct leaves o_proj uncompressed, with its own scale (algorithms.md §4.2 step 4).
+      const std::string_view tail = "o_proj";
+      if (role == ParamRole::compressed && param.size() >= tail.size() &&
+          param.compare(param.size() - tail.size(), tail.size(), tail) == 0)
+        o = recipes::compact_full_path(opt_.options());
+    }
     opt_.set_override(param, o);
   }
   StepReport step(std::span<const Param> params) override { return opt_.step(params); }

@@ -203,7 +203,7 @@ def plain_adam_bytes(shape):
 def expected_state(recipe, shape, compressed):
     """Hand-computed optimizer-state bytes of one tensor (the engine's state_bytes() doc)."""
     n = size(shape)
-    if recipe == "adamw" or (not compressed and recipe in ("gwt", "galore")):
+    if recipe == "adamw" or (not compressed and recipe in ("gwt", "galore", "compact")):
         return plain_adam_bytes(shape)
     if recipe == "adam8bit":  # uint8 codes + fp32 absmax per 256-block; fp32 under 4096
         return 2 * (n + 4 * -(-n // 256)) + 8 if n >= 4096 else plain_adam_bytes(shape)
@@ -213,6 +213,8 @@ def expected_state(recipe, shape, compressed):
     if recipe == "galore":  # rank 128: basis r·min(m,n), moments of r·max(m,n)
         r = 128
         return 4 * r * min(m, c) + 8 * r * max(m, c) + 8
+    if recipe == "compact":  # r = n/4 moments m×r, seed and epoch (P is not kept)
+        return 8 * m * round(c / 4) + 16 + 8
     raise ValueError(recipe)
 
 
@@ -402,7 +404,7 @@ def main():
             check(all(got["w." + p].shape == peer[p].shape for p in peer) and
                   all(np.all(np.isfinite(v)) for v in got.values()), "replay gwt db2 L3 output")
         for recipe in ("adam8bit", "adafactor", "galore", "subtrack", "subtrack++", "apollo",
-                       "apollo-mini"):
+                       "apollo-mini", "compact"):
             extra = ["--set", "rank=4"] if recipe in ("galore", "subtrack", "subtrack++",
                                                       "apollo") else []
             r = run("replay", "--optimizer", recipe, "--set", "fallback_min_size=0", *extra,
@@ -454,7 +456,8 @@ def main():
             j = json.loads(r.stdout)
             names = [x["optimizer"] for x in j.get("recipes", [])]
             check(names == ["adamw", "adam8bit", "adafactor", "galore", "gwt", "subtrack",
-                            "subtrack++", "apollo", "apollo-mini"], f"memory --all: {names}")
+                            "subtrack++", "apollo", "apollo-mini", "compact"],
+                  f"memory --all: {names}")
             params7 = sum(size(s) for s, _ in llama_tensors(4096, 11008, 32))
             check(j.get("params") == params7, f"memory --all llama-7b params {j.get('params')}")
             gwt7 = sum(expected_state("gwt", s, c) for s, c in llama_tensors(4096, 11008, 32))
@@ -642,7 +645,6 @@ def main():
         replay_cases = [
             ("unknown optimizer", ["--optimizer", "adamx"], good, "unknown optimizer 'adamx'"),
             ("flora", ["--optimizer", "flora"], good, "'flora' is not implemented yet"),
-            ("compact", ["--optimizer", "compact"], good, "'compact' is not implemented yet"),
             ("unknown key", ["--optimizer", "adamw", "--set", "rank=4"], good,
              "unknown option 'rank' for optimizer adamw (known: "),
             ("bad value", ["--optimizer", "adamw", "--set", "lr=fast"], good,

@@ -19,6 +19,7 @@
 #include "../core/error.hpp"
 #include "../core/orientation.hpp"
 #include "../state/stores.hpp"
+#include "../transforms/compact_projection.hpp"
 #include "../transforms/dwt.hpp"
 #include "../transforms/grassmann.hpp"
 #include "../transforms/identity.hpp"
@@ -109,6 +110,14 @@ void visit(transforms::RandomProjection::Options& o, V&& v) {
   v("rank", o.rank);
   v("update_gap", o.update_gap);
   v("proj_type", o.proj_type);
+  v("seed", o.seed);
+  v("keep_matrix", o.keep_matrix);
+}
+template <class V>
+void visit(transforms::CompactProjection::Options& o, V&& v) {
+  v("rank", o.rank);
+  v("ratio", o.ratio);
+  v("update_gap", o.update_gap);
   v("seed", o.seed);
   v("keep_matrix", o.keep_matrix);
 }

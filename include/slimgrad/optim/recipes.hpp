@@ -10,6 +10,7 @@
 
 #include "../core/backend.hpp"
 #include "../state/stores.hpp"
+#include "../transforms/compact_projection.hpp"
 #include "../transforms/dwt.hpp"
 #include "../transforms/grassmann.hpp"
 #include "../transforms/identity.hpp"
@@ -53,6 +54,13 @@ using SubTrack = Optimizer<optim::Adam, transforms::Grassmann, state::Fp32, B, r
 template <class B = backend::cpu>
 using Apollo =
     Optimizer<optim::Adam, transforms::RandomProjection, state::Fp32, B, residual::ChannelScale>;
+
+/// CompAct (algorithms.md §4): Adam on the m×r gradient Ĝ = G Pᵀ that activation::CompAct
+/// produces (or that the optimizer projects from a full gradient), update W ← W − lr·α·N P with
+/// the same regenerated P. Layers CompAct cannot compress (o_proj) take compact_full_path().
+template <class B = backend::cpu>
+using CompAct =
+    Optimizer<optim::Adam, transforms::CompactProjection, state::Fp32, B, residual::Drop>;
 
 namespace detail {
 // The HF-AdamW of the GaLore family: ε = 1e-6, no weight decay (algorithms.md §0.2).
@@ -125,6 +133,42 @@ typename SubTrack<B>::Options subtrack_options(bool plus_plus = false) {
   o.residual.projection_aware = plus_plus;
   o.residual.limiter_gamma = plus_plus ? 1.01 : 0.0;
   return o;
+}
+
+/// CompAct's pretraining defaults (60M–350M): r = n/4, T 50, α 0.25, lr 0.01, no weight decay,
+/// P regenerated on every use (keep_matrix=true trades r·n floats per layer for speed);
+/// bias-corrected Adam M̂/(sqrt(V̂) + ε) as in the paper's Algorithm 3. SmallAdamW's ε was not
+/// visible (algorithms.md §9.12): 1e-6, the GaLore code base's default, is assumed.
+template <class B = backend::cpu>
+typename CompAct<B>::Options compact_options() {
+  typename CompAct<B>::Options o;
+  o.rule = {.lr = 1e-2,
+            .beta1 = 0.9,
+            .beta2 = 0.999,
+            .eps = 1e-6,
+            .weight_decay = 0.0,
+            .convention = optim::AdamConvention::torch};
+  o.transform.ratio = 0.25;
+  o.transform.update_gap = 50;
+  o.transform.keep_matrix = false;  // the seed is the state, as in the paper (§4.3)
+  o.residual.scale = 0.25;
+  return o;
+}
+
+/// CompAct's o_proj scale for 60M–350M (the 1B run uses 1).
+inline constexpr double compact_scale_o_proj = 0.5;
+
+/// The override for a layer CompAct does not compress (o_proj, whose input FlashAttention keeps
+/// anyway): full gradient and full Adam, the update scaled by α·scale_o_proj as the official
+/// code's identity projector does. The scale goes through lr_scale, which is the same update
+/// while weight decay is 0 (every CompAct run); with decay it would scale the decay too.
+template <class B = backend::cpu>
+typename CompAct<B>::Override compact_full_path(const typename CompAct<B>::Options& o,
+                                                double scale_o_proj = compact_scale_o_proj) {
+  typename CompAct<B>::Override ov;
+  ov.role = ParamRole::plain;
+  ov.lr_scale = o.residual.scale * scale_o_proj;
+  return ov;
 }
 
 /// APOLLO: rank 256, channel-wise, scale 1, T 200, lr 0.01, γ 1.01 (algorithms.md §6.1).

@@ -4,7 +4,9 @@
 //   refresh the transform (basis / seed) when due → forward G into coefficients → the rule turns
 //   the tracked block into N in place → the residual policy builds U (m×n) → W takes −c·U.
 // The identity transform with Drop and no limiter takes a fused path instead: one pass over
-// g, moments and w (28 bytes per parameter for fp32 Adam).
+// g, moments and w (28 bytes per parameter for fp32 Adam). A transform that accepts_coefficients
+// (CompAct's) also takes a gradient born compressed: an m×r view skips the forward map, so no
+// m×n gradient ever exists for such a layer.
 //
 // Workspace: the coefficient buffer, the update U and, for the policies that need them, a copy
 // of the raw tracked coefficients, the denominators and a second m×n buffer (Recovery). Each is
@@ -124,7 +126,8 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       require(seen.insert(p.name).second, "optimizer: parameter '" + name + "' appears twice");
       require(p.weight.rows > 0 && p.weight.cols > 0,
               "optimizer: parameter '" + name + "' has zero size");
-      require(p.grad.shape() == p.weight.shape(),
+      const bool born_compressed = gradient_is_coefficients(p);
+      require(p.grad.shape() == p.weight.shape() || born_compressed,
               "optimizer: gradient of '" + name + "' is " + shape_str(p.grad.shape()) +
                   " but its weight is " + shape_str(p.weight.shape()));
       require(p.weight.data && p.grad.data, "optimizer: parameter '" + name + "' has a null view");
@@ -138,6 +141,11 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       } else {
         fresh.emplace_back(name, make_slot(name, p.weight.shape()));
       }
+      require(!born_compressed ||
+                  (it != slots_.end() ? it->second.compressed : fresh.back().second.compressed),
+              "optimizer: gradient of '" + name + "' is " + shape_str(p.grad.shape()) +
+                  " (compressed) but the parameter takes the plain rule; give it "
+                  "ParamRole::compressed");
     }
 
     StepReport report;
@@ -474,6 +482,17 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     return o && o->residual ? *o->residual : options_.residual;
   }
 
+  // A gradient already in the transform's coefficient space (transforms::CompactProjection:
+  // the m×r gradient of activation::CompAct), told apart from a full one by its shape.
+  bool gradient_is_coefficients(const Param& p) const {
+    if constexpr (requires { Transform::accepts_coefficients; }) {
+      const Shape cs = transform_for_name(p.name).coeff_shape(p.weight.shape());
+      return cs != p.weight.shape() && p.grad.shape() == cs;
+    } else {
+      return false;
+    }
+  }
+
   bool decide_compressed(std::string_view name, Shape shape) const {
     const Override* o = override_for(name);
     const ParamRole role = o && o->role ? *o->role : ParamRole::automatic;
@@ -573,7 +592,10 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     const Shape cs = tr.coeff_shape(slot.shape);
     refresh(tr, ts, ro, rule, slot, p.grad, cs, key);
     HostView<float> coeffs = workspace(coeffs_, cs);
-    tr.forward(ts, p.grad, coeffs);
+    if (p.grad.shape() == cs && cs != slot.shape)  // born compressed (CompAct): take it as is
+      cpu::as_eigen(coeffs) = cpu::as_eigen(p.grad);
+    else
+      tr.forward(ts, p.grad, coeffs);
     HostView<float> c = tr.tracked(coeffs);
     HostView<float> raw, denom;
     if constexpr (Residual::needs_raw) {
