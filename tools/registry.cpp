@@ -29,8 +29,8 @@ const std::vector<RecipeInfo> recipes_ = {
     {"apollo", "APOLLO: channel-wise scale from Adam in a random rank-r space", "",
      "rank 256, channel"},
     {"apollo-mini", "APOLLO-Mini: rank 1, tensor-wise scale", "", "rank 1, tensor"},
-    {"compact", "CompAct: Adam on the m×r gradient G Pᵀ (seeded P); o_proj keeps full Adam", "",
-     "r = n/4, T 50, α 0.25"},
+    {"compact", "CompAct: Adam on the m x r gradient G P^T (seeded P); o_proj keeps full Adam", "",
+     "r = n/4, T 50, alpha 0.25"},
 };
 
 // Recipes named by the papers that the library does not implement yet.

@@ -45,13 +45,13 @@ Data load() {
   REQUIRE_MESSAGE(text.size() > 100000, "tinyshakespeare.txt not found next to the repository");
   Data d;
   std::vector<int> map(256, -1);
-  for (unsigned char c : text)
-    map[c] = 0;
+  for (char c : text)
+    map[static_cast<unsigned char>(c)] = 0;
   for (int& m : map)
     if (m == 0) m = static_cast<int>(d.vocab++);
   d.ids.reserve(text.size());
-  for (unsigned char c : text)
-    d.ids.push_back(map[c]);
+  for (char c : text)
+    d.ids.push_back(map[static_cast<unsigned char>(c)]);
   d.table.resize(static_cast<std::size_t>(d.vocab * embed));
   random::fill_gaussian(host_view(d.table.data(), d.vocab, embed), {2024, 1, 0}, 1.0);
   return d;
@@ -66,7 +66,7 @@ void gather(const Data& d, const std::vector<std::size_t>& pos, std::vector<floa
     for (index_t c = 0; c < context; ++c) {
       const int id = d.ids[pos[t] - static_cast<std::size_t>(context - c)];
       std::copy_n(d.table.begin() + id * embed, embed,
-                  x.begin() + static_cast<std::ptrdiff_t>(t * in1 + c * embed));
+                  x.begin() + static_cast<std::ptrdiff_t>(t) * in1 + c * embed);
     }
     target[t] = d.ids[pos[t]];
   }
@@ -78,7 +78,7 @@ double cross_entropy(std::vector<float>& logits, const std::vector<int>& target,
   double loss = 0;
   const std::size_t rows = target.size();
   for (std::size_t t = 0; t < rows; ++t) {
-    float* l = logits.data() + t * vocab;
+    float* l = logits.data() + static_cast<index_t>(t) * vocab;
     const float mx = *std::max_element(l, l + vocab);
     double sum = 0;
     for (index_t j = 0; j < vocab; ++j)

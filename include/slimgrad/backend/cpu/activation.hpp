@@ -215,7 +215,8 @@ class Linear<Codec, backend::cpu> {
     codec_.set_step(step);
   }
 
-  /// Y = X Wᵀ + b, exactly; saves the compressed X for backward(). b may be empty (no bias).
+  /// Y = X Wᵀ + b, exactly; saves the compressed X for backward() (replacing what an earlier
+  /// forward saved). b may be empty (no bias). Y must not overlap X.
   void forward(HostView<const float> x, HostView<const float> w, HostView<const float> b,
                HostView<float> y) {
     check_forward(x, w, b, y);
