@@ -386,6 +386,17 @@ MultiTensorAdam<Store>::MultiTensorAdam(std::span<const Tensor> tensors, const O
     detail::AdamStoreLayout<Store>::zero(mb, stream);
   }
   units_ = host_begin.back();
+  if constexpr (detail::is_q8<Store>::value) {
+    // The code maps live in dynamic shared memory beyond the default 48 KiB: raise the limit.
+    auto allow = [](auto kernel) {
+      detail::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(detail::q8_smem_bytes)),
+                    "cudaFuncSetAttribute");
+    };
+    allow(detail::adam_kernel<Store, Precision::fp32>);
+    allow(detail::adam_kernel<Store, Precision::bf16>);
+    allow(detail::adam_kernel<Store, Precision::fp32_master>);
+  }
   // Synchronous copies from pageable memory: construction is setup, not a step.
   detail::check(cudaMemcpyAsync(entries, host.data(), host.size() * sizeof(detail::AdamEntry),
                                 cudaMemcpyHostToDevice, stream),
@@ -424,8 +435,9 @@ void MultiTensorAdam<Store>::step(stream_t stream) {
   const auto n = static_cast<int>(moments_.size());
   const auto epoch = static_cast<std::uint32_t>(t - 1);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, threads, 0, stream>>>(entries, begin, n, units_, s, stochastic, options_.seed,
-                                           epoch);
+    const std::size_t smem = detail::is_q8<Store>::value ? detail::q8_smem_bytes : 0;
+    kernel<<<blocks, threads, smem, stream>>>(entries, begin, n, units_, s, stochastic,
+                                              options_.seed, epoch);
   };
   switch (options_.precision) {
     case Precision::fp32:
@@ -460,9 +472,13 @@ void q8_quantize_codes(const T* x, const T* absmax, std::uint8_t* codes, index_t
   static_assert(std::is_same_v<T, float>, "slimgrad cuda: q8_quantize_codes reads floats");
   if (n <= 0) return;
   const index_t blocks = (n + 255) / 256;
+  detail::check(cudaFuncSetAttribute(detail::q8_quantize_kernel<T>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(detail::q8_smem_bytes)),
+                "cudaFuncSetAttribute");
   detail::q8_quantize_kernel<T>
-      <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(
-          x, absmax, codes, n, kind == state::Moment::first);
+      <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, detail::q8_smem_bytes,
+         stream>>>(x, absmax, codes, n, kind == state::Moment::first);
   detail::check_launch("q8_quantize_codes");
 }
 
