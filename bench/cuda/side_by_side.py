@@ -8,7 +8,9 @@ very tensors torch allocated. Each step is timed with CUDA events (median of --r
 --warmup). The bandwidth floor of a method is the bytes its step must move (reads + writes of
 weights, gradients and state) over the measured device-to-device copy bandwidth.
 
-  python3 bench/cuda/side_by_side.py --lib build/libslimgrad_cuda_bench.so [--json out.json]
+  python3 bench/cuda/side_by_side.py --lib build/bench/libslimgrad_cuda_bench.so [--json out.json]
+(CMake builds the library and bench_cuda where nvcc is found; bench/cuda/run_device.sh builds
+them without CMake on a GPU machine.)
 """
 import argparse
 import ctypes
