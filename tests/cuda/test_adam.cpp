@@ -11,6 +11,8 @@
 #include <slimgrad/state/q8_math.hpp>
 
 #include <limits>
+#include <memory>
+#include <utility>
 
 #include "device.hpp"
 
@@ -202,6 +204,116 @@ TEST_CASE("cuda MultiTensorAdam, 8-bit blockwise store: codes and absmax equal t
     run_case<state::Q8Block<256>>(optim::AdamConvention::bnb, p, {}, 5);
   }
   run_case<state::Q8Block<256>>(optim::AdamConvention::torch, cuda::Precision::fp32, {}, 3);
+}
+
+namespace {
+
+// The host bytes of a CPU store buffer: data (codes or floats) and absmax (8-bit only).
+template <class Buffer>
+std::pair<void*, float*> raw(Buffer& b) {
+  if constexpr (requires { b.codes; }) {
+    if (b.quantized) return {b.codes.data(), b.absmax.data()};
+    return {b.fp32.data(), nullptr};
+  } else {
+    return {b.data.data(), nullptr};
+  }
+}
+
+// CPU steps 1..3, the GPU resumes from the CPU's weights and moments for steps 4..5 beside the
+// CPU; then a fresh CPU state resumes from the GPU's moments for step 6. Weights and moments
+// must stay bit-identical throughout.
+template <class Store>
+void resume_case(optim::AdamConvention convention) {
+  using CpuStore = impl<Store, backend::cpu>;
+  using Rule = impl<optim::Adam, backend::cpu>;
+  optim::Adam::Options ro;
+  ro.lr = 2e-3;
+  ro.weight_decay = 0.05;
+  ro.convention = convention;
+  const Rule rule(ro);
+  const CpuStore store{typename Store::Options{}};
+  const std::uint64_t seed = 99;
+  std::vector<std::vector<float>> w(dims.size());
+  std::vector<typename Rule::template State<CpuStore>> st;
+  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
+  std::vector<cuda::Tensor> tensors;
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
+    w[k] = test::random_floats(n, static_cast<std::uint32_t>(k + 70));
+    st.push_back(rule.make(store, Shape{dims[k].rows, dims[k].cols}));
+    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    cuda::Tensor t;
+    t.weight = wd[k]->ptr;
+    t.grad = gd[k]->ptr;
+    t.rows = dims[k].rows;
+    t.cols = dims[k].cols;
+    t.id = 1000 + k;
+    tensors.push_back(t);
+  }
+  auto cpu_step = [&](int step, std::size_t k, const std::vector<float>& g) {
+    const random::Key key{seed, tensors[k].id, static_cast<std::uint32_t>(step - 1)};
+    rule.update_apply(store, st[k], host_view<const float>(g.data(), dims[k].rows, dims[k].cols),
+                      host_view(w[k].data(), dims[k].rows, dims[k].cols), step, 1.0f, key);
+  };
+  auto grad = [&](int step, std::size_t k) {
+    return test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                               static_cast<std::uint32_t>(77 * step + k), 0.5f);
+  };
+  for (int step = 1; step <= 3; ++step)
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      cpu_step(step, k, grad(step, k));
+
+  typename cuda::MultiTensorAdam<Store>::Options opt;
+  opt.rule = ro;
+  opt.seed = seed;
+  const std::size_t bytes = cuda::MultiTensorAdam<Store>::workspace_bytes(tensors, opt);
+  DeviceBuffer ws(bytes);
+  cuda::MultiTensorAdam<Store> gpu(tensors, opt, ws.ptr, bytes, nullptr);
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    test::upload(wd[k]->ptr, w[k]);
+    const auto [m, ma] = raw(st[k].m);
+    const auto [v, va] = raw(st[k].v);
+    gpu.write_moments(static_cast<index_t>(k), m, v, ma, va);
+  }
+  gpu.set_steps(3);
+  for (int step = 4; step <= 5; ++step) {
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      const auto g = grad(step, k);
+      test::upload(gd[k]->ptr, g);
+      cpu_step(step, k, g);
+    }
+    gpu.step(nullptr);
+  }
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, w[k].size()), w[k]) == 0);
+    // GPU → CPU: a fresh CPU state takes the GPU's moments; one more step on both.
+    auto fresh = rule.make(store, Shape{dims[k].rows, dims[k].cols});
+    const auto [m, ma] = raw(fresh.m);
+    const auto [v, va] = raw(fresh.v);
+    gpu.read_moments(static_cast<index_t>(k), m, v, ma, va);
+    st[k] = std::move(fresh);
+  }
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const auto g = grad(6, k);
+    test::upload(gd[k]->ptr, g);
+    cpu_step(6, k, g);
+  }
+  gpu.step(nullptr);
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, w[k].size()), w[k]) == 0);
+    compare_moments<Store>(store, st[k], gpu.moments(static_cast<index_t>(k)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda MultiTensorAdam: runs resume across backends (CPU state to GPU and back)") {
+  resume_case<state::Fp32>(optim::AdamConvention::torch);
+  resume_case<state::Bf16>(optim::AdamConvention::hf);
+  resume_case<state::Q8Block<256>>(optim::AdamConvention::bnb);
 }
 
 TEST_CASE("cuda MultiTensorAdam: a workspace too small or misaligned is refused") {

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../core/philox.hpp"
@@ -411,6 +412,61 @@ template <class Store>
 MomentBuffers MultiTensorAdam<Store>::moments(index_t tensor) const {
   require(tensor >= 0 && tensor < tensors(), "cuda::MultiTensorAdam: tensor index out of range");
   return moments_[static_cast<std::size_t>(tensor)];
+}
+
+namespace detail {
+/// Bytes of one moment's data and of its absmax array, in the CPU store's layout.
+template <class Store>
+std::pair<std::size_t, std::size_t> moment_bytes(const MomentBuffers& mb) {
+  const auto count = static_cast<std::size_t>(mb.count);
+  if (mb.quantized) return {count, (count + adam_unit - 1) / adam_unit * sizeof(float)};
+  if constexpr (std::is_same_v<Store, state::Bf16>) return {count * sizeof(std::uint16_t), 0};
+  return {count * sizeof(float), 0};
+}
+}  // namespace detail
+
+template <class Store>
+void MultiTensorAdam<Store>::read_moments(index_t tensor, void* m, void* v, float* m_absmax,
+                                          float* v_absmax) const {
+  const MomentBuffers mb = moments(tensor);
+  const auto [data, absmax] = detail::moment_bytes<Store>(mb);
+  require(data == 0 || (m != nullptr && v != nullptr), "cuda::read_moments: null moment pointer");
+  require(absmax == 0 || (m_absmax != nullptr && v_absmax != nullptr),
+          "cuda::read_moments: null absmax pointer");
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (data) {
+    detail::check(cudaMemcpy(m, mb.m, data, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    detail::check(cudaMemcpy(v, mb.v, data, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  }
+  if (absmax) {
+    detail::check(cudaMemcpy(m_absmax, mb.m_absmax, absmax, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    detail::check(cudaMemcpy(v_absmax, mb.v_absmax, absmax, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  }
+}
+
+template <class Store>
+void MultiTensorAdam<Store>::write_moments(index_t tensor, const void* m, const void* v,
+                                           const float* m_absmax, const float* v_absmax) {
+  const MomentBuffers mb = moments(tensor);
+  const auto [data, absmax] = detail::moment_bytes<Store>(mb);
+  require(data == 0 || (m != nullptr && v != nullptr), "cuda::write_moments: null moment pointer");
+  require(absmax == 0 || (m_absmax != nullptr && v_absmax != nullptr),
+          "cuda::write_moments: null absmax pointer");
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (data) {
+    detail::check(cudaMemcpy(mb.m, m, data, cudaMemcpyHostToDevice), "cudaMemcpy");
+    detail::check(cudaMemcpy(mb.v, v, data, cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+  if (absmax) {
+    detail::check(cudaMemcpy(mb.m_absmax, m_absmax, absmax, cudaMemcpyHostToDevice), "cudaMemcpy");
+    detail::check(cudaMemcpy(mb.v_absmax, v_absmax, absmax, cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+}
+
+template <class Store>
+void MultiTensorAdam<Store>::set_steps(std::int64_t t) {
+  require(t >= 0, "cuda::MultiTensorAdam::set_steps: the step count must be >= 0");
+  t_ = t;
 }
 
 template <class Store>

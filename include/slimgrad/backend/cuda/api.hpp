@@ -104,6 +104,17 @@ class MultiTensorAdam {
   MomentBuffers moments(index_t tensor) const;
   index_t tensors() const { return static_cast<index_t>(moments_.size()); }
 
+  /// Checkpoints across backends: copies tensor k's moments to or from host memory in the CPU
+  /// store's layout (the bytes of impl<Store, backend::cpu>::Buffer: fp32 floats, bf16 bits, or
+  /// 8-bit codes plus one absmax per block, whose pointers are ignored for fp32 formats), with
+  /// synchronous copies (not for the steady-state step). With set_steps() a run resumes on
+  /// either backend from the other's state.
+  void read_moments(index_t tensor, void* m, void* v, float* m_absmax, float* v_absmax) const;
+  void write_moments(index_t tensor, const void* m, const void* v, const float* m_absmax,
+                     const float* v_absmax);
+  /// The number of steps taken so far (the next step() is t + 1).
+  void set_steps(std::int64_t t);
+
  private:
   Options options_;
   std::vector<MomentBuffers> moments_;
