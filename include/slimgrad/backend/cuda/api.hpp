@@ -169,6 +169,7 @@ class MultiTensorGwt {
   float* rho_ = nullptr;
   std::int32_t* skipped_ = nullptr;
   float* limiter_ = nullptr;
+  std::uint32_t* unit_tensor_ = nullptr;  // the tensor of each unit (a load instead of a search)
   index_t units_ = 0;
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;

@@ -226,12 +226,12 @@ struct GwtEntry {
 template <class W, int L, Precision P>
 __global__ void __launch_bounds__(gwt_threads)
     gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
-                    int ntensors, optim::AdamStep s, bool periodic, double* partial,
-                    std::int32_t* bad) {
+                    const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
+                    double* partial, std::int32_t* bad) {
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
-  const int k = find_tensor(unit_begin, ntensors, u);
+  const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
   const GwtEntry<L>& e = entries[k];
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
@@ -298,13 +298,14 @@ __global__ void __launch_bounds__(256)
 template <class W, int L, Precision P>
 __global__ void __launch_bounds__(gwt_threads)
     gwt_step_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
-                    int ntensors, optim::AdamStep s, bool periodic, float alpha,
-                    const float* __restrict__ rho_of, const std::int32_t* __restrict__ skipped) {
+                    const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
+                    float alpha, const float* __restrict__ rho_of,
+                    const std::int32_t* __restrict__ skipped) {
   using PW = typename Params<P>::W;
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
-  const int k = find_tensor(unit_begin, ntensors, u);
+  const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
   const GwtEntry<L>& e = entries[k];
   if (skipped != nullptr && skipped[k] != 0) return;
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
@@ -409,6 +410,7 @@ std::size_t MultiTensorGwt<Wavelet, Levels>::workspace_bytes(std::span<const Ten
   c.take<float>(tensors.size());
   c.take<std::int32_t>(tensors.size());
   c.take<float>(tensors.size());
+  c.take<std::uint32_t>(static_cast<std::size_t>(units));
   return c.bytes();
 }
 
@@ -470,6 +472,11 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
   rho_ = c.take<float>(tensors.size());
   skipped_ = c.take<std::int32_t>(tensors.size());
   limiter_ = c.take<float>(tensors.size());
+  unit_tensor_ = c.take<std::uint32_t>(static_cast<std::size_t>(units_));
+  std::vector<std::uint32_t> host_unit_tensor(static_cast<std::size_t>(units_));
+  for (std::size_t k = 0; k < tensors.size(); ++k)
+    for (index_t u = host_begin[k]; u < host_begin[k + 1]; ++u)
+      host_unit_tensor[static_cast<std::size_t>(u)] = static_cast<std::uint32_t>(k);
   const std::size_t n = tensors.size();
   if (n > 0) {
     detail::check(cudaMemsetAsync(limiter_, 0xFF, n * sizeof(float), stream),
@@ -481,6 +488,10 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
       cudaMemcpyAsync(entries, host.data(), n * sizeof(host[0]), cudaMemcpyHostToDevice, stream),
       "cudaMemcpyAsync");
   detail::check(cudaMemcpyAsync(begin, host_begin.data(), host_begin.size() * sizeof(index_t),
+                                cudaMemcpyHostToDevice, stream),
+                "cudaMemcpyAsync");
+  detail::check(cudaMemcpyAsync(unit_tensor_, host_unit_tensor.data(),
+                                host_unit_tensor.size() * sizeof(std::uint32_t),
                                 cudaMemcpyHostToDevice, stream),
                 "cudaMemcpyAsync");
   detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
@@ -509,15 +520,15 @@ void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream) {
   const auto blocks = static_cast<unsigned>(units_);
   auto run = [&](auto norm_kernel, auto step_kernel) {
     if (first_pass) {
-      norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(entries, begin, n, s, periodic,
-                                                              partial_, bad_);
+      norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(entries, begin, unit_tensor_, s,
+                                                              periodic, partial_, bad_);
       detail::check_launch("MultiTensorGwt::step (norm)");
       detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
           begin, partial_, bad_, gamma, options_.check_finite, limiter_, rho_, skipped_);
       detail::check_launch("MultiTensorGwt::step (limiter)");
     }
     step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
-        entries, begin, n, s, periodic, static_cast<float>(options_.residual.scale),
+        entries, begin, unit_tensor_, s, periodic, static_cast<float>(options_.residual.scale),
         first_pass ? rho_ : nullptr, first_pass ? skipped_ : nullptr);
     detail::check_launch("MultiTensorGwt::step");
   };
