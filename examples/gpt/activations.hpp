@@ -1,9 +1,20 @@
-// examples/gpt/activations.hpp — `--activations none|velora|compact`: which ActivationSaver each
-// linear layer of the model uses.
+// examples/gpt/activations.hpp — `--activations none|velora|compact`: which LinearLayer each
+// attention and MLP projection of the model uses. The compressed ones are slimgrad's
+// activation::AnyLinear (backend/cpu/activation.hpp) behind the model's LinearLayer interface.
+//
+//   none     the exact layer (saves its N×in input)
+//   velora   VeLoRA on all four projections (c_attn, attn.c_proj, c_fc, mlp.c_proj): sub-tokens
+//            of `subtoken` features (default 8, so the saved input shrinks 8×), v from the first
+//            training batch, `scale` 1. A resumed run re-estimates v from its first batch.
+//   compact  CompAct (r = ratio·in, default 1/4) on every projection but attn.c_proj (the paper
+//            keeps o_proj exact); its weight gradient is m×r, which only the `compact` recipe
+//            takes.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <slimgrad/core/error.hpp>
+#include <slimgrad/slimgrad.hpp>
 #include <string>
 #include <vector>
 
@@ -11,21 +22,111 @@
 
 namespace gpt {
 
-/// Installs the savers named by `kind` on every attention and MLP projection of `model`.
-/// Throws a sentence for an unknown kind or setting.
-template <class S>
-void configure_activations(Model<S>& model, const std::string& kind,
-                           const std::vector<std::string>& settings, std::uint64_t seed) {
-  (void)model;
-  (void)seed;
+/// A projection whose saved input is compressed by an activation codec.
+class CompressedLinear final : public LinearLayer<float> {
+ public:
+  CompressedLinear(const std::string& name, Index in, Index out,
+                   const slimgrad::activation::Settings& s)
+      : layer_(name, in, out, s) {}
+  void set_step(std::uint64_t step) override { layer_.set_step(static_cast<std::int64_t>(step)); }
+  void forward(const Mat<float>& x, const ConstMatMap<float>& w, Mat<float>& y,
+               bool keep) override {
+    const auto xv = slimgrad::host_view<const float>(x.data(), x.rows(), x.cols());
+    const auto wv = slimgrad::host_view<const float>(w.data(), w.rows(), w.cols());
+    const auto yv = slimgrad::host_view(y.data(), y.rows(), y.cols());
+    if (keep)
+      layer_.forward(xv, wv, {}, yv);
+    else
+      layer_.infer(xv, wv, {}, yv);
+  }
+  void backward(const Mat<float>& dy, const ConstMatMap<float>& w, MatMap<float> dw,
+                Mat<float>& dx) override {
+    layer_.backward(slimgrad::host_view<const float>(dy.data(), dy.rows(), dy.cols()),
+                    slimgrad::host_view<const float>(w.data(), w.rows(), w.cols()),
+                    slimgrad::host_view(dx.data(), dx.rows(), dx.cols()),
+                    slimgrad::host_view(dw.data(), dw.rows(), dw.cols()), {});
+  }
+  std::size_t saved_bytes() const override { return layer_.saved_bytes(); }
+  std::size_t state_bytes() const override { return layer_.state_bytes(); }
+
+ private:
+  slimgrad::activation::AnyLinear layer_;
+};
+
+/// Installs the layers named by `kind` on the projections of `model`. Throws a sentence for an
+/// unknown kind or setting.
+inline void configure_activations(Model<float>& model, const std::string& kind,
+                                  const std::vector<std::string>& settings, std::uint64_t seed) {
+  using slimgrad::require;
+  namespace act = slimgrad::activation;
   if (kind == "none") {
-    slimgrad::require(settings.empty(), "--activations none takes no --act-set settings");
+    require(settings.empty(), "--activations none takes no --act-set settings");
     return;
   }
-  slimgrad::require(kind != "velora" && kind != "compact",
-                    "--activations " + kind + " is not available in this build yet");
-  throw slimgrad::Error("slimgrad: unknown --activations '" + kind +
-                        "' (expected none, velora or compact)");
+  require(kind == "velora" || kind == "compact",
+          "unknown --activations '" + kind + "' (expected none, velora or compact)");
+  require(kind != "compact",
+          "--activations compact needs the compact recipe (m×r weight gradients), which this "
+          "build's registry does not have yet");
+  act::Settings s;
+  s.kind = act::parse_kind(kind);
+  Index subtoken = 8;
+  s.velora.seed = seed;
+  s.compact.seed = seed;
+  for (const std::string& text : settings) {
+    const auto eq = text.find('=');
+    require(eq != std::string::npos && eq > 0,
+            "--act-set expects key=value (e.g. --act-set subtoken=8), got '" + text + "'");
+    const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
+    try {
+      if (kind == "velora" && key == "subtoken")
+        subtoken = std::stol(value);
+      else if (kind == "velora" && key == "scale")
+        s.velora.scale = std::stod(value);
+      else if (kind == "velora" && key == "init")
+        s.velora.init = value == "batch"
+                            ? act::VeloraInit::batch_average
+                            : (require(value == "once",
+                                       "velora init expects once or batch, got '" + value + "'"),
+                               act::VeloraInit::batch_average_once);
+      else if (kind == "compact" && key == "ratio")
+        s.compact.ratio = std::stod(value);
+      else if (kind == "compact" && key == "update_gap")
+        s.compact.update_gap = std::stol(value);
+      else
+        throw slimgrad::Error(
+            "slimgrad: unknown --act-set key '" + key + "' for " + kind +
+            (kind == "velora" ? " (known: subtoken, scale, init)" : " (known: ratio, update_gap)"));
+    } catch (const std::logic_error&) {
+      throw slimgrad::Error("slimgrad: --act-set " + key + " expects a number, got '" + value +
+                            "'");
+    }
+  }
+  require(subtoken >= 1, "--act-set subtoken must be >= 1");
+  const Config& c = model.config();
+  for (Index l = 0; l < c.layers; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    const struct {
+      LinearKind kind;
+      const char* name;
+    } projections[] = {{LinearKind::attn_qkv, "attn.c_attn"},
+                       {LinearKind::attn_proj, "attn.c_proj"},
+                       {LinearKind::mlp_fc, "mlp.c_fc"},
+                       {LinearKind::mlp_proj, "mlp.c_proj"}};
+    for (const auto& pr : projections) {
+      if (s.kind == act::Kind::compact && pr.kind == LinearKind::attn_proj) continue;
+      const TensorInfo& t = model.info(p + pr.name);
+      act::Settings layer = s;
+      if (s.kind == act::Kind::velora) {
+        require(t.cols % subtoken == 0, "--act-set subtoken=" + std::to_string(subtoken) +
+                                            " does not divide the input width " +
+                                            std::to_string(t.cols) + " of " + t.name);
+        layer.velora.groups = t.cols / subtoken;
+      }
+      model.set_linear(l, pr.kind,
+                       std::make_unique<CompressedLinear>(t.name, t.cols, t.rows, layer));
+    }
+  }
 }
 
 }  // namespace gpt

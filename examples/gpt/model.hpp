@@ -10,9 +10,9 @@
 // double; the trainer uses float. Parameters and gradients live in two flat buffers of the
 // model's own, in PyTorch's out×in layout; `tensors()` names the pieces that slimgrad steps.
 //
-// Every linear layer keeps its input for the weight gradient through an ActivationSaver: the
-// saved input is what activation compression (VeLoRA, CompAct) replaces, so a compressed layer
-// is one `set_saver` call. Everything else the backward pass needs (the residual stream,
+// Every projection is a LinearLayer that keeps its input for the weight gradient: the saved input
+// is what activation compression (VeLoRA, CompAct) replaces, so a compressed layer is one
+// `set_linear` call. Everything else the backward pass needs (the residual stream,
 // LayerNorm statistics, attention probabilities, the MLP pre-activation) is kept in full.
 #pragma once
 
@@ -69,26 +69,43 @@ struct Config {
 /// The linear layers of a block, by kind (activation compression is chosen per kind).
 enum class LinearKind { attn_qkv, attn_proj, mlp_fc, mlp_proj };
 
-/// Keeps a linear layer's input (N×in) between forward and backward.
+/// One linear layer without bias, y = x Wᵀ (x: N×in, W: out×in), and what it keeps between
+/// forward and backward. The model owns W, dW and the activations; a layer owns only what it
+/// saves. This is where activation compression plugs in (activations.hpp wraps slimgrad's
+/// activation::AnyLinear).
 template <class S>
-class ActivationSaver {
+class LinearLayer {
  public:
-  virtual ~ActivationSaver() = default;
-  /// Keeps `x` (or what stands for it). `step` names the training step (for seeded projections).
-  virtual void keep(const ConstMatMap<S>& x, std::uint64_t step) = 0;
-  /// Writes the kept input (or its reconstruction) into `out` (N×in).
-  virtual void recall(MatMap<S> out) const = 0;
-  /// Bytes held now.
-  virtual std::size_t bytes() const = 0;
+  virtual ~LinearLayer() = default;
+  /// The training step the next forward belongs to (seeded projections are resampled by it).
+  virtual void set_step(std::uint64_t step) = 0;
+  /// y = x Wᵀ; with `keep`, saves what backward() needs.
+  virtual void forward(const Mat<S>& x, const ConstMatMap<S>& w, Mat<S>& y, bool keep) = 0;
+  /// dW += the weight gradient and dx = dy W, from what forward() saved.
+  virtual void backward(const Mat<S>& dy, const ConstMatMap<S>& w, MatMap<S> dw, Mat<S>& dx) = 0;
+  /// Bytes of the saved activation held now.
+  virtual std::size_t saved_bytes() const = 0;
+  /// Bytes of the layer's own state (a codec's projection), 0 for the exact layer.
+  virtual std::size_t state_bytes() const = 0;
 };
 
-/// The uncompressed saver: a copy of the input.
+/// The exact layer: saves a copy of x; dW = dyᵀ x.
 template <class S>
-class FullSaver final : public ActivationSaver<S> {
+class ExactLinear final : public LinearLayer<S> {
  public:
-  void keep(const ConstMatMap<S>& x, std::uint64_t) override { x_ = x; }
-  void recall(MatMap<S> out) const override { out = x_; }
-  std::size_t bytes() const override { return static_cast<std::size_t>(x_.size()) * sizeof(S); }
+  void set_step(std::uint64_t) override {}
+  void forward(const Mat<S>& x, const ConstMatMap<S>& w, Mat<S>& y, bool keep) override {
+    y.noalias() = x * w.transpose();
+    if (keep) x_ = x;
+  }
+  void backward(const Mat<S>& dy, const ConstMatMap<S>& w, MatMap<S> dw, Mat<S>& dx) override {
+    dw.noalias() += dy.transpose() * x_;
+    dx.noalias() = dy * w;
+  }
+  std::size_t saved_bytes() const override {
+    return static_cast<std::size_t>(x_.size()) * sizeof(S);
+  }
+  std::size_t state_bytes() const override { return 0; }
 
  private:
   Mat<S> x_;
@@ -125,9 +142,9 @@ class Model {
     add("ln_f", 1, C, false, false);
     params_.assign(total_, S(0));
     grads_.assign(total_, S(0));
-    savers_.resize(static_cast<std::size_t>(4 * c.layers));
-    for (auto& s : savers_)
-      s = std::make_unique<FullSaver<S>>();
+    linears_.resize(static_cast<std::size_t>(4 * c.layers));
+    for (auto& s : linears_)
+      s = std::make_unique<ExactLinear<S>>();
   }
 
   const Config& config() const { return c_; }
@@ -158,16 +175,20 @@ class Model {
     }
   }
 
-  /// Replaces the saver of one linear layer (layer l, kind k).
-  void set_saver(Index layer, LinearKind kind, std::unique_ptr<ActivationSaver<S>> saver) {
-    savers_[static_cast<std::size_t>(4 * layer + static_cast<Index>(kind))] = std::move(saver);
+  /// Replaces one linear layer (block `layer`, kind `kind`), e.g. by a compressed one.
+  void set_linear(Index layer, LinearKind kind, std::unique_ptr<LinearLayer<S>> linear) {
+    linears_[static_cast<std::size_t>(4 * layer + static_cast<Index>(kind))] = std::move(linear);
+  }
+  /// The training step the next forward belongs to (handed to every linear layer).
+  void set_step(std::uint64_t step) {
+    for (auto& l : linears_)
+      l->set_step(step);
   }
 
   /// Forward over B sequences of T tokens (tokens and targets are B×T, row-major). Returns the
-  /// mean cross-entropy. With `for_backward`, keeps what backward() needs; `step` is handed to
-  /// the savers.
+  /// mean cross-entropy. With `for_backward`, keeps what backward() needs.
   double forward(const std::uint8_t* tokens, const std::uint8_t* targets, Index B,
-                 bool for_backward = true, std::uint64_t step = 0) {
+                 bool for_backward = true) {
     slimgrad::require(B >= 1, "gpt: the batch must hold at least one sequence");
     resize(B);
     const Index T = c_.block, V = c_.vocab, N = B * T;
@@ -184,17 +205,16 @@ class Model {
       const std::string p = "h." + std::to_string(l) + ".";
       // Attention.
       layernorm_forward(xs(l), W(p + "ln_1"), a.ln1_mean, a.ln1_rstd, buf_n_c_);
-      linear_forward(l, LinearKind::attn_qkv, buf_n_c_, W(p + "attn.c_attn"), a.qkv, step,
-                     for_backward);
+      linear_forward(l, LinearKind::attn_qkv, buf_n_c_, W(p + "attn.c_attn"), a.qkv, for_backward);
       attention_forward(a, B);
-      linear_forward(l, LinearKind::attn_proj, atty_, W(p + "attn.c_proj"), buf_n_c2_, step,
+      linear_forward(l, LinearKind::attn_proj, atty_, W(p + "attn.c_proj"), buf_n_c2_,
                      for_backward);
       a.xmid = xs(l) + buf_n_c2_;
       // MLP.
       layernorm_forward(a.xmid, W(p + "ln_2"), a.ln2_mean, a.ln2_rstd, buf_n_c_);
-      linear_forward(l, LinearKind::mlp_fc, buf_n_c_, W(p + "mlp.c_fc"), a.fch, step, for_backward);
+      linear_forward(l, LinearKind::mlp_fc, buf_n_c_, W(p + "mlp.c_fc"), a.fch, for_backward);
       gelu_forward(a.fch, buf_n_4c_);
-      linear_forward(l, LinearKind::mlp_proj, buf_n_4c_, W(p + "mlp.c_proj"), buf_n_c2_, step,
+      linear_forward(l, LinearKind::mlp_proj, buf_n_4c_, W(p + "mlp.c_proj"), buf_n_c2_,
                      for_backward);
       xs(l + 1) = a.xmid + buf_n_c2_;
     }
@@ -241,18 +261,18 @@ class Model {
       const std::string p = "h." + std::to_string(l) + ".";
       // dx is d x_{l+1} = d xmid (residual) and d mlp_out.
       linear_backward(l, LinearKind::mlp_proj, dx, W(p + "mlp.c_proj"), G(p + "mlp.c_proj"),
-                      buf_n_4c_, buf_n_4c_in_);
+                      buf_n_4c_);
       gelu_backward(a.fch, buf_n_4c_);  // buf_n_4c_ becomes d fch
       linear_backward(l, LinearKind::mlp_fc, buf_n_4c_, W(p + "mlp.c_fc"), G(p + "mlp.c_fc"),
-                      buf_n_c_, buf_n_c_in_);
+                      buf_n_c_);
       layernorm_backward(a.xmid, W(p + "ln_2"), a.ln2_mean, a.ln2_rstd, buf_n_c_, G(p + "ln_2"),
                          dx);
       // dx is now d xmid.
       linear_backward(l, LinearKind::attn_proj, dx, W(p + "attn.c_proj"), G(p + "attn.c_proj"),
-                      buf_n_c2_, buf_n_c_in_);  // d atty
+                      buf_n_c2_);  // d atty
       attention_backward(a, buf_n_c2_, dqkv_);
       linear_backward(l, LinearKind::attn_qkv, dqkv_, W(p + "attn.c_attn"), G(p + "attn.c_attn"),
-                      buf_n_c_, buf_n_c_in_);
+                      buf_n_c_);
       layernorm_backward(xs(l), W(p + "ln_1"), a.ln1_mean, a.ln1_rstd, buf_n_c_, G(p + "ln_1"), dx);
     }
     // Embeddings (serial scatter: deterministic).
@@ -266,8 +286,15 @@ class Model {
   /// Bytes of the linear layers' saved inputs (what activation compression acts on).
   std::size_t linear_saved_bytes() const {
     std::size_t b = 0;
-    for (const auto& s : savers_)
-      b += s->bytes();
+    for (const auto& l : linears_)
+      b += l->saved_bytes();
+    return b;
+  }
+  /// Bytes of the linear layers' own state (activation codecs' projections).
+  std::size_t linear_state_bytes() const {
+    std::size_t b = 0;
+    for (const auto& l : linears_)
+      b += l->state_bytes();
     return b;
   }
   /// Bytes of everything else the backward pass keeps (residual stream, LayerNorm statistics,
@@ -349,9 +376,7 @@ class Model {
     buf_n_c_.resize(N, C);
     atty_.resize(N, C);
     buf_n_c2_.resize(N, C);
-    buf_n_c_in_.resize(N, C);
     buf_n_4c_.resize(N, 4 * C);
-    buf_n_4c_in_.resize(N, 4 * C);
     dqkv_.resize(N, 3 * C);
     dx_.resize(N, C);
   }
@@ -360,22 +385,17 @@ class Model {
     return x_[static_cast<std::size_t>(l)];
   }
 
-  ActivationSaver<S>& saver(Index l, LinearKind k) {
-    return *savers_[static_cast<std::size_t>(4 * l + static_cast<Index>(k))];
+  LinearLayer<S>& linear(Index l, LinearKind k) {
+    return *linears_[static_cast<std::size_t>(4 * l + static_cast<Index>(k))];
   }
 
-  // y = x Wᵀ; keeps x through the layer's saver.
   void linear_forward(Index l, LinearKind k, const Mat<S>& x, const ConstMatMap<S>& w, Mat<S>& y,
-                      std::uint64_t step, bool keep) {
-    y.noalias() = x * w.transpose();
-    if (keep) saver(l, k).keep(ConstMatMap<S>(x.data(), x.rows(), x.cols()), step);
+                      bool keep) {
+    linear(l, k).forward(x, w, y, keep);
   }
-  // dW = dyᵀ x̃ (x̃ recalled by the saver into `scratch`), dx = dy W.
   void linear_backward(Index l, LinearKind k, const Mat<S>& dy, const ConstMatMap<S>& w,
-                       MatMap<S> dw, Mat<S>& dx, Mat<S>& scratch) {
-    saver(l, k).recall(MatMap<S>(scratch.data(), scratch.rows(), scratch.cols()));
-    dw.noalias() += dy.transpose() * scratch;
-    dx.noalias() = dy * w;
+                       MatMap<S> dw, Mat<S>& dx) {
+    linear(l, k).backward(dy, w, dw, dx);
   }
 
   static constexpr double ln_eps = 1e-5;
@@ -492,7 +512,7 @@ class Model {
   std::vector<TensorInfo> info_;
   std::size_t total_ = 0;
   std::vector<S> params_, grads_;
-  std::vector<std::unique_ptr<ActivationSaver<S>>> savers_;
+  std::vector<std::unique_ptr<LinearLayer<S>>> linears_;
   // Activations of the last forward (batch B_).
   Index B_ = 0;
   std::vector<std::uint8_t> tokens_, targets_;
@@ -501,7 +521,7 @@ class Model {
   Vec lnf_mean_, lnf_rstd_;
   Mat<S> lnf_out_, probs_;
   // Scratch (not saved for backward).
-  Mat<S> atty_, buf_n_c_, buf_n_c2_, buf_n_c_in_, buf_n_4c_, buf_n_4c_in_, dqkv_, dx_;
+  Mat<S> atty_, buf_n_c_, buf_n_c2_, buf_n_4c_, dqkv_, dx_;
 };
 
 }  // namespace gpt

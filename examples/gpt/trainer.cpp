@@ -311,12 +311,13 @@ Result train(const Options& o, std::ostream& out) {
     const double lr = learning_rate(o, it);
     batch(corpus.train, o.batch, o.block, o.seed, train_stream, static_cast<std::uint64_t>(it), x,
           y);
-    const double loss =
-        model.forward(x.data(), y.data(), o.batch, true, static_cast<std::uint64_t>(it));
+    model.set_step(static_cast<std::uint64_t>(it));
+    const double loss = model.forward(x.data(), y.data(), o.batch, true);
     model.backward();
     if (it == start) {
       r.saved_activation_bytes = model.linear_saved_bytes() + model.other_saved_bytes();
       r.linear_saved_bytes = model.linear_saved_bytes();
+      r.activation_state_bytes = model.linear_state_bytes();
     }
     // Global-norm clipping (torch.nn.utils.clip_grad_norm_: scale by clip/(norm + 1e-6)).
     float* g = model.grads();
@@ -456,12 +457,14 @@ Result train(const Options& o, std::ostream& out) {
                         {"optimizer_state_bytes", r.optimizer_state_bytes},
                         {"saved_activation_bytes", r.saved_activation_bytes},
                         {"linear_saved_activation_bytes", r.linear_saved_bytes},
+                        {"activation_codec_state_bytes", r.activation_state_bytes},
                         {"peak_rss_bytes", r.peak_rss_bytes},
                         {"median_step_ms", r.median_step_ms},
-                        {"val_curve", r.val_curve}};
+                        {"val_curve", r.val_curve},
+                        {"sample", r.sample}};
     std::ofstream f(o.json);
     require(f.good(), "cannot write the JSON file '" + o.json + "'");
-    f << j.dump(1) << "\n";
+    f << j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   }
   return r;
 }

@@ -49,6 +49,7 @@ struct Result {
   std::size_t param_bytes = 0, grad_bytes = 0, optimizer_state_bytes = 0;
   std::size_t saved_activation_bytes = 0;  ///< everything the backward pass keeps
   std::size_t linear_saved_bytes = 0;      ///< of which the projections' saved inputs
+  std::size_t activation_state_bytes = 0;  ///< activation codecs' own state (v, P)
   std::size_t peak_rss_bytes = 0;
   double median_step_ms = 0;
   std::vector<std::pair<long, double>> val_curve;

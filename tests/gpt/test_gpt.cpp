@@ -260,3 +260,31 @@ TEST_CASE("gpt: bad input fails with one clear sentence") {
   junk.resume = data;
   CHECK(error_of(junk) != "(no error)");
 }
+
+TEST_CASE("gpt: VeLoRA projections save subtoken-times fewer bytes and still train") {
+  TempDir tmp;
+  gpt::Options o = small(tmp.file("text.txt", text()));
+  o.steps = 40;
+  o.lr = 1e-2;
+  o.eval_every = 20;
+  o.activations = "velora";
+  o.activation_sets = {"subtoken=4"};
+  std::ostringstream sink;
+  const gpt::Result r = gpt::train(o, sink);
+  REQUIRE(r.val_curve.size() == 3);
+  CHECK(r.val_curve.back().second < r.val_curve.front().second - 0.5);
+  // 4 projections of one block, N = 4·8 tokens, in = 16, 16, 16, 64: in/4 floats per token.
+  CHECK(r.linear_saved_bytes == static_cast<std::size_t>(4 * 8 * (16 + 16 + 16 + 64) / 4 * 4));
+  CHECK(r.activation_state_bytes == static_cast<std::size_t>(4 * 4 * 4));  // v: 4 floats each
+
+  auto message = [&](const std::string& kind, std::vector<std::string> sets) {
+    gpt::Options bad = small(o.data);
+    bad.activations = kind;
+    bad.activation_sets = std::move(sets);
+    return error_of(bad);
+  };
+  CHECK(message("velora", {"subtoken=3"}).find("does not divide the input width 16") !=
+        std::string::npos);
+  CHECK(message("velora", {"rank=3"}).find("unknown --act-set key 'rank'") != std::string::npos);
+  CHECK(message("lowrank", {}).find("unknown --activations 'lowrank'") != std::string::npos);
+}
