@@ -6,12 +6,14 @@
 //   velora   VeLoRA on all four projections (c_attn, attn.c_proj, c_fc, mlp.c_proj): sub-tokens
 //            of `subtoken` features (default 8, so the saved input shrinks 8×), v from the first
 //            training batch, `scale` 1. A resumed run re-estimates v from its first batch.
-//   compact  CompAct (r = ratio·in, default 1/4) on every projection but attn.c_proj (the paper
-//            keeps o_proj exact); its weight gradient is m×r, which only the `compact` recipe
-//            takes.
+//   compact  CompAct on every projection but attn.o_proj (the paper keeps o_proj exact), with the
+//            `compact` recipe's projection settings (ratio 1/4, T, seed: `--set`), so that codec
+//            and optimizer regenerate the same P; the weight gradients are m×r and go to the
+//            recipe as they are. Needs `--optimizer compact`.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <slimgrad/core/error.hpp>
 #include <slimgrad/slimgrad.hpp>
@@ -44,10 +46,11 @@ class CompressedLinear final : public LinearLayer<float> {
     layer_.backward(slimgrad::host_view<const float>(dy.data(), dy.rows(), dy.cols()),
                     slimgrad::host_view<const float>(w.data(), w.rows(), w.cols()),
                     slimgrad::host_view(dx.data(), dx.rows(), dx.cols()),
-                    slimgrad::host_view(dw.data(), dw.rows(), dw.cols()), {});
+                    slimgrad::host_view(dw.data(), dw.rows(), layer_.grad_shape().cols), {});
   }
   std::size_t saved_bytes() const override { return layer_.saved_bytes(); }
   std::size_t state_bytes() const override { return layer_.state_bytes(); }
+  Index grad_cols(Index) const override { return layer_.grad_shape().cols; }
 
  private:
   slimgrad::activation::AnyLinear layer_;
@@ -55,8 +58,11 @@ class CompressedLinear final : public LinearLayer<float> {
 
 /// Installs the layers named by `kind` on the projections of `model`. Throws a sentence for an
 /// unknown kind or setting.
+/// `compact` takes the projection settings of the optimizer (`optimizer_options`: the recipe's
+/// key → value map).
 inline void configure_activations(Model<float>& model, const std::string& kind,
-                                  const std::vector<std::string>& settings, std::uint64_t seed) {
+                                  const std::vector<std::string>& settings, std::uint64_t seed,
+                                  const std::map<std::string, std::string>& optimizer_options) {
   using slimgrad::require;
   namespace act = slimgrad::activation;
   if (kind == "none") {
@@ -65,14 +71,27 @@ inline void configure_activations(Model<float>& model, const std::string& kind,
   }
   require(kind == "velora" || kind == "compact",
           "unknown --activations '" + kind + "' (expected none, velora or compact)");
-  require(kind != "compact",
-          "--activations compact needs the compact recipe (m×r weight gradients), which this "
-          "build's registry does not have yet");
   act::Settings s;
   s.kind = act::parse_kind(kind);
   Index subtoken = 8;
   s.velora.seed = seed;
-  s.compact.seed = seed;
+  if (s.kind == act::Kind::compact) {
+    require(settings.empty(),
+            "--activations compact takes its settings from the compact recipe (--set ratio=..., "
+            "--set update_gap=...), not --act-set");
+    auto get = [&](const char* key) {
+      const auto it = optimizer_options.find(key);
+      require(it != optimizer_options.end(),
+              "--activations compact needs --optimizer compact (its weight gradients are m×r, "
+              "which only the compact recipe takes)");
+      return it->second;
+    };
+    s.compact.rank = std::stol(get("rank"));
+    s.compact.ratio = std::stod(get("ratio"));
+    s.compact.update_gap = std::stol(get("update_gap"));
+    s.compact.seed = std::stoull(get("seed"));
+    s.compact.keep_matrix = get("keep_matrix") == "true";
+  }
   for (const std::string& text : settings) {
     const auto eq = text.find('=');
     require(eq != std::string::npos && eq > 0,
@@ -110,7 +129,7 @@ inline void configure_activations(Model<float>& model, const std::string& kind,
       LinearKind kind;
       const char* name;
     } projections[] = {{LinearKind::attn_qkv, "attn.c_attn"},
-                       {LinearKind::attn_proj, "attn.c_proj"},
+                       {LinearKind::attn_proj, "attn.o_proj"},
                        {LinearKind::mlp_fc, "mlp.c_fc"},
                        {LinearKind::mlp_proj, "mlp.c_proj"}};
     for (const auto& pr : projections) {

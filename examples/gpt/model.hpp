@@ -87,6 +87,9 @@ class LinearLayer {
   virtual std::size_t saved_bytes() const = 0;
   /// Bytes of the layer's own state (a codec's projection), 0 for the exact layer.
   virtual std::size_t state_bytes() const = 0;
+  /// Columns of the weight gradient backward() writes: in, or r for a layer whose gradient is
+  /// born compressed (CompAct: out×r, stored at the start of dW's buffer).
+  virtual Index grad_cols(Index in) const { return in; }
 };
 
 /// The exact layer: saves a copy of x; dW = dyᵀ x.
@@ -134,7 +137,9 @@ class Model {
       const std::string p = "h." + std::to_string(l) + ".";
       add(p + "ln_1", 1, C, false, false);
       add(p + "attn.c_attn", 3 * C, C, true, true);
-      add(p + "attn.c_proj", C, C, true, true);
+      // nanoGPT's attn.c_proj, named as LLaMA's o_proj so that recipes which treat the attention
+      // output apart (CompAct's full path) recognise it.
+      add(p + "attn.o_proj", C, C, true, true);
       add(p + "ln_2", 1, C, false, false);
       add(p + "mlp.c_fc", 4 * C, C, true, true);
       add(p + "mlp.c_proj", C, 4 * C, true, true);
@@ -166,7 +171,7 @@ class Model {
         std::fill(p, p + ti.size(), S(1));
         continue;
       }
-      const bool residual = ti.name.ends_with("c_proj");
+      const bool residual = ti.name.ends_with("c_proj") || ti.name.ends_with("o_proj");
       const double sigma = residual ? 0.02 / std::sqrt(2.0 * static_cast<double>(c_.layers)) : 0.02;
       const slimgrad::random::Key key{seed, t, 0};
       for (Index i = 0; i < ti.size(); ++i)
@@ -178,6 +183,28 @@ class Model {
   /// Replaces one linear layer (block `layer`, kind `kind`), e.g. by a compressed one.
   void set_linear(Index layer, LinearKind kind, std::unique_ptr<LinearLayer<S>> linear) {
     linears_[static_cast<std::size_t>(4 * layer + static_cast<Index>(kind))] = std::move(linear);
+  }
+  /// The gradient shape of parameter `t`: rows × grad_cols (see LinearLayer::grad_cols).
+  Index grad_cols(const TensorInfo& t) const {
+    for (Index l = 0; l < c_.layers; ++l)
+      for (Index k = 0; k < 4; ++k)
+        if (t.name == "h." + std::to_string(l) + "." + linear_name(static_cast<LinearKind>(k)))
+          return linears_[static_cast<std::size_t>(4 * l + k)]->grad_cols(t.cols);
+    return t.cols;
+  }
+  /// The name of a block's projection of kind `k` (after "h.<l>.").
+  static const char* linear_name(LinearKind k) {
+    switch (k) {
+      case LinearKind::attn_qkv:
+        return "attn.c_attn";
+      case LinearKind::attn_proj:
+        return "attn.o_proj";
+      case LinearKind::mlp_fc:
+        return "mlp.c_fc";
+      case LinearKind::mlp_proj:
+        break;
+    }
+    return "mlp.c_proj";
   }
   /// The training step the next forward belongs to (handed to every linear layer).
   void set_step(std::uint64_t step) {
@@ -207,7 +234,7 @@ class Model {
       layernorm_forward(xs(l), W(p + "ln_1"), a.ln1_mean, a.ln1_rstd, buf_n_c_);
       linear_forward(l, LinearKind::attn_qkv, buf_n_c_, W(p + "attn.c_attn"), a.qkv, for_backward);
       attention_forward(a, B);
-      linear_forward(l, LinearKind::attn_proj, atty_, W(p + "attn.c_proj"), buf_n_c2_,
+      linear_forward(l, LinearKind::attn_proj, atty_, W(p + "attn.o_proj"), buf_n_c2_,
                      for_backward);
       a.xmid = xs(l) + buf_n_c2_;
       // MLP.
@@ -268,7 +295,7 @@ class Model {
       layernorm_backward(a.xmid, W(p + "ln_2"), a.ln2_mean, a.ln2_rstd, buf_n_c_, G(p + "ln_2"),
                          dx);
       // dx is now d xmid.
-      linear_backward(l, LinearKind::attn_proj, dx, W(p + "attn.c_proj"), G(p + "attn.c_proj"),
+      linear_backward(l, LinearKind::attn_proj, dx, W(p + "attn.o_proj"), G(p + "attn.o_proj"),
                       buf_n_c2_);  // d atty
       attention_backward(a, buf_n_c2_, dqkv_);
       linear_backward(l, LinearKind::attn_qkv, dqkv_, W(p + "attn.c_attn"), G(p + "attn.c_attn"),

@@ -221,8 +221,11 @@ Result train(const Options& o, std::ostream& out) {
   cfg.validate();
   Model<float> model(cfg);
   model.init(o.seed);
-  configure_activations(model, o.activations, o.activation_sets, o.seed);
   auto opt = make_optimizer(o);
+  require(o.activations != "compact" || o.optimizer == "compact",
+          "--activations compact needs --optimizer compact (its weight gradients are m×r, which "
+          "only the compact recipe takes)");
+  configure_activations(model, o.activations, o.activation_sets, o.seed, opt->options());
   for (const TensorInfo& t : model.tensors())
     opt->set_role(t.name, {t.rows, t.cols},
                   t.compressible ? slimgrad::ParamRole::compressed : slimgrad::ParamRole::plain);
@@ -301,8 +304,9 @@ Result train(const Options& o, std::ostream& out) {
 
   std::vector<slimgrad::Param> params;
   for (const TensorInfo& t : model.tensors())
-    params.push_back({t.name, slimgrad::host_view(model.params() + t.offset, t.rows, t.cols),
-                      slimgrad::host_view<const float>(model.grads() + t.offset, t.rows, t.cols)});
+    params.push_back(
+        {t.name, slimgrad::host_view(model.params() + t.offset, t.rows, t.cols),
+         slimgrad::host_view<const float>(model.grads() + t.offset, t.rows, model.grad_cols(t))});
   std::vector<double> step_ms;
   const auto t0 = std::chrono::steady_clock::now();
   double last_val = r.val_curve.empty() ? NAN : r.val_curve.back().second;

@@ -287,4 +287,37 @@ TEST_CASE("gpt: VeLoRA projections save subtoken-times fewer bytes and still tra
         std::string::npos);
   CHECK(message("velora", {"rank=3"}).find("unknown --act-set key 'rank'") != std::string::npos);
   CHECK(message("lowrank", {}).find("unknown --activations 'lowrank'") != std::string::npos);
+  CHECK(message("compact", {}).find("needs --optimizer compact") != std::string::npos);
+}
+
+TEST_CASE("gpt: CompAct projections hand the compact recipe m×r gradients and still train") {
+  TempDir tmp;
+  gpt::Options o = small(tmp.file("text.txt", text()));
+  o.steps = 40;
+  o.lr = 1e-2;
+  o.eval_every = 20;
+  o.optimizer = "compact";
+  o.sets = {"update_gap=10"};
+  o.activations = "compact";
+  std::ostringstream sink;
+  const gpt::Result r = gpt::train(o, sink);
+  REQUIRE(r.val_curve.size() == 3);
+  CHECK(r.val_curve.back().second < r.val_curve.front().second - 0.5);
+  // c_attn, c_fc (in 16 → r 4) and mlp.c_proj (in 64 → r 16) keep N×r floats; attn.o_proj
+  // keeps its whole N×16 input.
+  CHECK(r.linear_saved_bytes == static_cast<std::size_t>(4 * 8 * (4 + 16 + 4 + 16) * 4));
+
+  // Resume is bit-exact with CompAct too (P is regenerated from seed and step).
+  gpt::Options full = o;
+  full.steps = 6;
+  full.eval_every = 0;
+  const gpt::Result a = gpt::train(full, sink);
+  gpt::Options first = full;
+  first.steps = 3;
+  first.decay_steps = 6;
+  first.save = (tmp.dir / "c.safetensors").string();
+  gpt::train(first, sink);
+  gpt::Options second = full;
+  second.resume = first.save;
+  CHECK(gpt::train(second, sink).parameters == a.parameters);
 }
