@@ -8,6 +8,7 @@
 #include "../../core/philox.hpp"
 #include "../../optim/adam.hpp"
 #include "../../state/stores.hpp"
+#include "adam8bit_fused.hpp"
 #include "common.hpp"
 #include "elementwise.hpp"
 
@@ -17,6 +18,7 @@ template <>
 struct impl<optim::Adam, backend::cpu> {
   using Rule = optim::Adam;
   Rule::Options options;
+  bool fused = true;  ///< the fused 8-bit kernel where it applies (bit-identical; off for tests)
 
   impl() = default;
   explicit impl(const Rule::Options& o) : options(o) { Rule::validate(o); }
@@ -100,11 +102,20 @@ struct impl<optim::Adam, backend::cpu> {
   }
 
   /// The identity-transform fast path: one pass reads g, m, v, w and writes m, v, w, with
-  /// w taking u = α·m/D.
+  /// w taking u = α·m/D. 8-bit moments of contiguous tensors take the fused block kernel
+  /// (adam8bit_fused.hpp) on processors with AVX-512.
   template <class Store>
   void update_apply(const Store& store, State<Store>& st, HostView<const float> g,
                     HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
     const optim::AdamStep s = Rule::step_scalars(options, t);
+    if constexpr (cpu::q8::block_of < Store >> 0) {
+      if (fused && st.m.quantized && st.v.quantized && g.ld == g.cols && w.ld == w.cols &&
+          cpu::q8::adam_fused_supported()) {
+        cpu::q8::adam_step_fused<cpu::q8::block_of<Store>>(st.m, st.v, g.data, w.data, g.size(), s,
+                                                           alpha);
+        return;
+      }
+    }
     const index_t cols = g.cols;
     cpu::for_each_chunk(g.size(), Store::alignment, chunk_for<Store>, [&](index_t b, index_t e) {
       Chunk<Store> ch(store, st, b, e);

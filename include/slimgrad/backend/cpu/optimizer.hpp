@@ -86,6 +86,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
 
   explicit Optimizer(const Options& o = {})
       : options_(o), rule_(o.rule), transform_(o.transform), store_(o.store) {
+    if constexpr (requires { rule_.fused; }) rule_.fused = o.fused;
     residual::validate(o.residual);
     require(o.fallback.min_dim >= 1 && o.fallback.min_size >= 0 && o.fallback.max_aspect >= 1.0,
             "optimizer: fallback thresholds must be min_dim >= 1, min_size >= 0, max_aspect >= 1");
