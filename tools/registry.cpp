@@ -31,10 +31,9 @@ const std::vector<RecipeInfo> recipes_ = {
     {"apollo-mini", "APOLLO-Mini: rank 1, tensor-wise scale", "", "rank 1, tensor"},
     {"compact", "CompAct: Adam on the m x r gradient G P^T (seeded P); o_proj keeps full Adam", "",
      "r = n/4, T 50, alpha 0.25"},
+    {"flora", "Flora: Adafactor with momentum compressed by a seeded rank-r projection", "",
+     "rank 128, kappa 1000"},
 };
-
-// Recipes named by the papers that the library does not implement yet.
-const char* const planned[] = {"flora"};
 
 template <int B>
 std::unique_ptr<AnyOptimizer> build_adam8bit(const std::vector<Setting>& settings) {
@@ -98,9 +97,7 @@ std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
     return build<recipes::Apollo<>>(recipe, recipes::apollo_mini_options(), settings);
   if (recipe == "compact")
     return build<recipes::CompAct<>>(recipe, recipes::compact_options(), settings);
-  for (const char* p : planned)
-    require(recipe != p, "optimizer '" + recipe +
-                             "' is not implemented yet (available: " + recipe_names() + ")");
+  if (recipe == "flora") return build<recipes::Flora<>>(recipe, recipes::flora_options(), settings);
   throw Error("slimgrad: unknown optimizer '" + recipe + "' (expected one of " + recipe_names() +
               ")");
 }

@@ -4,10 +4,10 @@
 // The library's optimizers are compositions fixed at compile time (design.md §1); the tool picks
 // one at run time. AnyOptimizer is a small type-erased interface over Optimizer<...>, and
 // make_optimizer() maps a recipe name plus `--set key=value` settings onto one instantiation. The
-// instantiations (16: adamw, adam8bit × 2 block sizes, adafactor, galore, gwt × 3 wavelets × 3
-// levels, subtrack, apollo) live in tools/registry.cpp and tools/registry_gwt.cpp only (two
-// translation units that a 2-core build compiles side by side), so the subcommands that use them
-// compile quickly.
+// instantiations (18: adamw, adam8bit × 2 block sizes, adafactor, galore, gwt × 3 wavelets × 3
+// levels, subtrack, apollo, compact, flora) live in tools/registry.cpp and tools/registry_gwt.cpp
+// only (two translation units that a 2-core build compiles side by side), so the subcommands that
+// use them compile quickly.
 //
 // Settings: the run-time keys are those of optim/fields.hpp (fields::set); a few keys choose the
 // instantiation instead (type-level keys): `wavelet` and `levels` for gwt, `block` for adam8bit.
@@ -91,9 +91,8 @@ const std::vector<RecipeInfo>& recipe_list();
 std::string recipe_names();
 
 /// The optimizer for `recipe` with the recipe's defaults, then `settings` applied in order (a
-/// later setting of the same key wins). Throws a sentence for an unknown recipe (flora is named as
-/// not implemented yet), an unknown key (listing the known ones), a malformed or
-/// out-of-range value.
+/// later setting of the same key wins). Throws a sentence for an unknown recipe, an unknown key
+/// (listing the known ones), a malformed or out-of-range value.
 std::unique_ptr<AnyOptimizer> make_optimizer(const std::string& recipe,
                                              const std::vector<Setting>& settings);
 

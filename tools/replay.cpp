@@ -184,6 +184,8 @@ void add_replay_command(CLI::App& app) {
       "               limiter_gamma=1.01\n"
       "  apollo       rank 256, channel scale, limiter 1.01, lr 0.01\n"
       "  apollo-mini  rank 1, tensor scale, scale 128\n"
+      "  flora        Adafactor + momentum in a seeded rank-128 projection, kappa 1000,\n"
+      "               beta1 0.9, lr 1e-3\n"
       "Keys: those of include/slimgrad/optim/fields.hpp (an unknown key lists the known\n"
       "ones). Which tensors go through the transform: the recipe's fallback rules (vectors,\n"
       "tensors under fallback_min_size elements and those with aspect above\n"

@@ -93,6 +93,10 @@ TEST_CASE("resume is bit-exact: k steps, save, load into a fresh optimizer, k mo
   auto mini = recipes::apollo_mini_options();
   mini.transform.keep_matrix = false;
   check_bit_exact_resume<recipes::Apollo<>>("apollo-mini", mini);
+  auto flora = recipes::flora_options();
+  flora.rule.rank = 8;
+  flora.rule.kappa = 3;  // resamples and transfers the momentum on both sides of the save
+  check_bit_exact_resume<recipes::Flora<>>("flora", flora);
   using GaLoreBf16 = Optimizer<optim::Adam, transforms::SvdProjection, state::Bf16>;
   GaLoreBf16::Options gb;
   gb.transform.rank = 8;

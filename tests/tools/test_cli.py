@@ -644,7 +644,8 @@ def main():
         last = m["K"] - 1
         replay_cases = [
             ("unknown optimizer", ["--optimizer", "adamx"], good, "unknown optimizer 'adamx'"),
-            ("flora", ["--optimizer", "flora"], good, "'flora' is not implemented yet"),
+            ("flora kappa 0", ["--optimizer", "flora", "--set", "kappa=0"], good,
+             "kappa must be >= 1"),
             ("unknown key", ["--optimizer", "adamw", "--set", "rank=4"], good,
              "unknown option 'rank' for optimizer adamw (known: "),
             ("bad value", ["--optimizer", "adamw", "--set", "lr=fast"], good,

@@ -27,6 +27,7 @@
 #include "../transforms/svd_projection.hpp"
 #include "adafactor.hpp"
 #include "adam.hpp"
+#include "flora.hpp"
 #include "optimizer.hpp"
 #include "residual.hpp"
 
@@ -102,6 +103,22 @@ void visit(optim::Adafactor::Options& o, V&& v) {
   v("relative_step", o.relative_step);
   v("scale_parameter", o.scale_parameter);
   v("warmup_init", o.warmup_init);
+}
+template <class V>
+void visit(optim::Flora::Options& o, V&& v) {
+  v("lr", o.lr);
+  v("eps1", o.eps1);
+  v("eps2", o.eps2);
+  v("clip_threshold", o.clip_threshold);
+  v("decay_rate", o.decay_rate);
+  v("beta1", o.beta1);
+  v("weight_decay", o.weight_decay);
+  v("relative_step", o.relative_step);
+  v("scale_parameter", o.scale_parameter);
+  v("warmup_init", o.warmup_init);
+  v("rank", o.rank);
+  v("kappa", o.kappa);
+  v("seed", o.seed);
 }
 template <class V>
 void visit(transforms::Identity::Options&, V&&) {}

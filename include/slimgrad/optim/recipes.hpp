@@ -18,6 +18,7 @@
 #include "../transforms/svd_projection.hpp"
 #include "adafactor.hpp"
 #include "adam.hpp"
+#include "flora.hpp"
 #include "optimizer.hpp"
 #include "residual.hpp"
 
@@ -61,6 +62,11 @@ using Apollo =
 template <class B = backend::cpu>
 using CompAct =
     Optimizer<optim::Adam, transforms::CompactProjection, state::Fp32, B, residual::Drop>;
+
+/// Flora (algorithms.md §6.4): Adafactor with its momentum compressed by a seeded rank-r
+/// projection, resampled every κ steps: m + n + r·max(m, n) floats per compressed matrix.
+template <class B = backend::cpu>
+using Flora = Optimizer<optim::Flora, transforms::Identity, state::Fp32, B>;
 
 namespace detail {
 // The HF-AdamW of the GaLore family: ε = 1e-6, no weight decay (algorithms.md §0.2).
@@ -192,6 +198,13 @@ typename Apollo<B>::Options apollo_mini_options() {
   o.residual.granularity = residual::ScaleGranularity::tensor;
   o.residual.scale = 128.0;
   return o;
+}
+
+/// Flora: the official defaults (eps (1e-30, 1e-3), clipping 1, decay −0.8, parameter scaling,
+/// no relative step, κ 1000) with rank 128, β1 0.9 and lr 1e-3.
+template <class B = backend::cpu>
+typename Flora<B>::Options flora_options() {
+  return {};
 }
 
 }  // namespace slimgrad::recipes

@@ -1,0 +1,202 @@
+// slimgrad/backend/cpu/flora.hpp — the Flora rule (optim/flora.hpp) on the CPU backend. The
+// second moment lives in a Factored store as Adafactor's does; the momentum (compressed r×n or
+// m×r, or whole for tensors that are not compressed) in the optimizer's Store, fp32 in the
+// recipe. The projection P is regenerated from its Philox key when needed (r·max(m, n)
+// Gaussians), never kept: state is m + n + r·max(m, n) floats per compressed matrix.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../../core/philox.hpp"
+#include "../../optim/adam.hpp"
+#include "../../optim/flora.hpp"
+#include "../../state/stores.hpp"
+#include "common.hpp"
+#include "stores.hpp"
+
+namespace slimgrad {
+
+template <>
+struct impl<optim::Flora, backend::cpu> {
+  using Rule = optim::Flora;
+  using FactoredImpl = impl<state::Factored, backend::cpu>;
+  Rule::Options options;
+
+  impl() = default;
+  explicit impl(const Rule::Options& o) : options(o) { Rule::validate(o); }
+
+  template <class Store>
+  struct State {
+    FactoredImpl::Buffer v;                   ///< factored for matrices, elementwise for vectors
+    std::optional<typename Store::Buffer> m;  ///< momentum: C when compressed, else m×n
+  };
+
+  template <class Store>
+  State<Store> make(const Store& store, Shape tracked) const {
+    State<Store> s{factored().make(tracked, state::Moment::second), std::nullopt};
+    if (options.beta1 > 0) s.m = store.make(momentum_shape(tracked).size(), state::Moment::first);
+    return s;
+  }
+  template <class Store>
+  std::size_t bytes(const Store& store, const State<Store>& s) const {
+    return factored().bytes(s.v) + (s.m ? store.bytes(*s.m) : 0);
+  }
+  template <class Store>
+  std::size_t bytes_for(const typename Store::Options& o, Shape tracked) const {
+    return FactoredImpl::bytes_for(tracked, state::Moment::second, {}) +
+           (options.beta1 > 0
+                ? Store::bytes_for(momentum_shape(tracked).size(), state::Moment::first, o)
+                : 0);
+  }
+
+  /// In place: `c` holds the gradient on entry and the final update (lr and clipping folded
+  /// in) on exit; the weight takes W ← W − lr·λ·W − c. `key.stream` (the tensor id) names the
+  /// projections. `denom` is not produced.
+  template <class Store>
+  optim::RuleOutput update(const Store& store, State<Store>& st, HostView<float> c, std::int64_t t,
+                           HostView<float> /*denom*/, const random::Key& key,
+                           HostView<const float> weight) const {
+    const optim::Adafactor::Options af = Rule::adafactor(options);
+    const double rms_w = cpu::frobenius(weight) / std::sqrt(static_cast<double>(weight.size()));
+    const double lr = optim::Adafactor::step_size(af, t, rms_w);
+    FactoredImpl f = factored();
+    f.accumulate(st.v, c, optim::Adafactor::beta2_hat(af, t));
+    // U = G / sqrt(v̂), as the official `_approx_sq_grad(row, col).mul_(grad)` or
+    // `exp_avg_sq.rsqrt().mul_(grad)`.
+    if (st.v.factored) {
+      std::vector<float> rf(static_cast<std::size_t>(c.rows)), cf(static_cast<std::size_t>(c.cols));
+      f.inverse_sqrt_factors(st.v, rf.data(), cf.data());
+      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
+        float* x = c.row(i);
+        const float r = rf[static_cast<std::size_t>(i)];
+        for (index_t j = 0; j < c.cols; ++j)
+          x[j] = (r * cf[static_cast<std::size_t>(j)]) * x[j];
+      });
+    } else {
+      const float* v = st.v.full.data();
+      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
+        float* x = c.row(i);
+        for (index_t j = 0; j < c.cols; ++j)
+          x[j] = (1.0f / std::sqrt(v[i * c.cols + j])) * x[j];
+      });
+    }
+    if (st.m) momentum(store, *st.m, c, t, key);
+    // Clipping, then the step size: out ← (out / max(RMS(out)/d, 1))·lr.
+    const double rms_u = cpu::frobenius(c) / std::sqrt(static_cast<double>(c.size()));
+    const float divisor = static_cast<float>(std::max(rms_u / options.clip_threshold, 1.0));
+    const float lr_f = static_cast<float>(lr);
+    cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
+      float* x = c.row(i);
+      for (index_t j = 0; j < c.cols; ++j)
+        x[j] = (x[j] / divisor) * lr_f;
+    });
+    optim::RuleOutput out;
+    out.weight.step_size = 1.0f;
+    out.weight.decay_alpha = static_cast<float>(-options.weight_decay * lr);
+    out.weight.decay_before = true;
+    out.detail_divisor = divisor;
+    return out;
+  }
+
+  /// The plain path: g is copied (the rule needs whole-tensor passes before the weights move).
+  template <class Store>
+  void update_apply(const Store& store, State<Store>& st, HostView<const float> g,
+                    HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<std::size_t>(g.size()));
+    HostView<float> c(scratch.data(), g.rows, g.cols, g.cols);
+    cpu::as_eigen(c) = cpu::as_eigen(g);
+    const optim::RuleOutput out = update(store, st, c, t, {}, key, w);
+    cpu::parallel_for(w.rows, w.cols, [&](index_t i) {
+      float* wr = w.row(i);
+      const float* u = c.row(i);
+      for (index_t j = 0; j < w.cols; ++j)
+        wr[j] = optim::apply_update(wr[j], alpha == 1.0f ? u[j] : alpha * u[j], out.weight);
+    });
+  }
+
+  /// The projection of `shape` for epoch `epoch`: r×m (left, m < n) or n×r (right), entries
+  /// N(0, 1/r) from Philox key (seed, stream, epoch).
+  cpu::RowMatrix projection(Shape shape, std::uint64_t stream, std::uint32_t epoch) const {
+    const bool left = shape.rows < shape.cols;
+    cpu::RowMatrix p(left ? options.rank : shape.cols, left ? shape.rows : options.rank);
+    random::fill_gaussian(cpu::as_view(p), {options.seed, stream, epoch},
+                          1.0 / std::sqrt(static_cast<double>(options.rank)));
+    return p;
+  }
+
+ private:
+  FactoredImpl factored() const {
+    return FactoredImpl(state::Factored::Options{static_cast<float>(options.eps1)});
+  }
+
+  Shape momentum_shape(Shape shape) const {
+    return Rule::compressed(options, shape) ? Rule::compressed_shape(options, shape) : shape;
+  }
+
+  // The official order: out = U·(1−β1) + up(C)·β1, then (at t ≡ 0 mod κ) C ← down_new(up(C)),
+  // then C ← C·β1 + down(U)·(1−β1); uncompressed: out = U·(1−β1) + M·β1, M ← out. Scalars are
+  // Python floats rounded to float, as torch's tensor-scalar kernels do.
+  template <class Store>
+  void momentum(const Store& store, typename Store::Buffer& mb, HostView<float> u, std::int64_t t,
+                const random::Key& key) const {
+    const float b1 = static_cast<float>(options.beta1);
+    const float a1 = static_cast<float>(1.0 - options.beta1);
+    const Shape shape = u.shape();
+    const Shape ms = momentum_shape(shape);
+    thread_local std::vector<float> mbuf;
+    float* m = store.direct(mb);
+    if (m == nullptr) {
+      mbuf.resize(static_cast<std::size_t>(ms.size()));
+      m = mbuf.data();
+      store.load(mb, 0, ms.size(), m);
+    }
+    if (!Rule::compressed(options, shape)) {
+      cpu::parallel_for(u.rows, u.cols, [&](index_t i) {
+        float* x = u.row(i);
+        float* mi = m + i * u.cols;
+        for (index_t j = 0; j < u.cols; ++j) {
+          x[j] = x[j] * a1 + mi[j] * b1;
+          mi[j] = x[j];
+        }
+      });
+    } else {
+      const bool left = shape.rows < shape.cols;
+      const auto k = static_cast<std::uint64_t>(options.kappa);
+      const auto epoch = static_cast<std::uint32_t>(static_cast<std::uint64_t>(t - 1) / k);
+      cpu::MapMatrix cm(m, ms.rows, ms.cols, Eigen::OuterStride<>(ms.cols));
+      const cpu::RowMatrix p = projection(shape, key.stream, epoch);
+      cpu::RowMatrix raw = cpu::as_eigen(HostView<const float>(u));
+      cpu::RowMatrix up(shape.rows, shape.cols);
+      if (left)
+        up.noalias() = p.transpose() * cm;
+      else
+        up.noalias() = cm * p.transpose();
+      cpu::MapMatrix out = cpu::as_eigen(u);
+      out = (raw.array() * a1 + up.array() * b1).matrix();
+      cpu::RowMatrix down(ms.rows, ms.cols);
+      const cpu::RowMatrix* pa = &p;
+      cpu::RowMatrix next;
+      if (static_cast<std::uint64_t>(t) % k == 0) {  // resample and transfer the momentum
+        next = projection(shape, key.stream, epoch + 1);
+        if (left)
+          down.noalias() = next * up;
+        else
+          down.noalias() = up * next;
+        cm = down;
+        pa = &next;
+      }
+      if (left)
+        down.noalias() = *pa * raw;
+      else
+        down.noalias() = raw * *pa;
+      cm = (cm.array() * b1 + down.array() * a1).matrix();
+    }
+    if (store.direct(mb) == nullptr) store.store(mb, 0, ms.size(), m, key);
+  }
+};
+
+}  // namespace slimgrad
