@@ -207,6 +207,14 @@ def expected_state(recipe, shape, compressed):
         return plain_adam_bytes(shape)
     if recipe == "adam8bit":  # uint8 codes + fp32 absmax per 256-block; fp32 under 4096
         return 2 * (n + 4 * -(-n // 256)) + 8 if n >= 4096 else plain_adam_bytes(shape)
+    if recipe == "flora":  # rank 128: Adafactor's factored v (elementwise for vectors) and the
+        # momentum, compressed to r·max(m, n) for matrices with min >= r and max/min <= 4
+        if len(shape) == 1:
+            return 8 * n + 8
+        m, c = shape
+        r = 128
+        keep = min(m, c) >= r and max(m, c) <= 4 * min(m, c)
+        return 4 * (m + c) + (4 * r * max(m, c) if keep else 4 * n) + 8
     m, c = shape
     if recipe == "gwt":  # Haar level 2, zero mode: m × ceil(ceil(n/2)/2) coefficients
         return 2 * m * ceil_div(ceil_div(c, 2), 2) * 4 + 8 + 4  # + limiter scalar
@@ -404,13 +412,13 @@ def main():
             check(all(got["w." + p].shape == peer[p].shape for p in peer) and
                   all(np.all(np.isfinite(v)) for v in got.values()), "replay gwt db2 L3 output")
         for recipe in ("adam8bit", "adafactor", "galore", "subtrack", "subtrack++", "apollo",
-                       "apollo-mini", "compact"):
+                       "apollo-mini", "compact", "flora"):
             extra = ["--set", "rank=4"] if recipe in ("galore", "subtrack", "subtrack++",
-                                                      "apollo") else []
+                                                      "apollo", "flora") else []
             r = run("replay", "--optimizer", recipe, "--set", "fallback_min_size=0", *extra,
                     os.path.join(tmp, "replay_in.safetensors"), dst)
             check(r.returncode == 0 and ("compressed" in r.stdout or recipe in
-                                         ("adam8bit", "adafactor")),
+                                         ("adam8bit", "adafactor", "flora")),
                   f"replay {recipe}: {r.stderr.strip()} {r.stdout}")
 
         # ---- memory: hand computations ----------------------------------------------------------
@@ -418,7 +426,7 @@ def main():
         params60 = sum(size(s) for s, _ in llama60)
         check(params60 == 58073600, f"llama-60m has {params60} parameters")
         adamw60 = sum(expected_state("adamw", s, c) for s, c in llama60)
-        for recipe in ("adamw", "adam8bit", "galore", "gwt"):
+        for recipe in ("adamw", "adam8bit", "galore", "gwt", "flora"):
             r = run("memory", "--optimizer", recipe, "--model", "llama-60m", "--json")
             check(r.returncode == 0, f"memory {recipe}: {r.stderr.strip()}")
             if r.returncode != 0:
@@ -456,7 +464,7 @@ def main():
             j = json.loads(r.stdout)
             names = [x["optimizer"] for x in j.get("recipes", [])]
             check(names == ["adamw", "adam8bit", "adafactor", "galore", "gwt", "subtrack",
-                            "subtrack++", "apollo", "apollo-mini", "compact"],
+                            "subtrack++", "apollo", "apollo-mini", "compact", "flora"],
                   f"memory --all: {names}")
             params7 = sum(size(s) for s, _ in llama_tensors(4096, 11008, 32))
             check(j.get("params") == params7, f"memory --all llama-7b params {j.get('params')}")
