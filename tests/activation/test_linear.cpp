@@ -431,3 +431,40 @@ TEST_CASE("any linear: the codec chosen at run time") {
     layer.backward(dy.cview(), w.cview(), {}, dw.view(), {});
   }
 }
+
+TEST_CASE("compact projection: P regenerated tile by tile has RandomProjection's bits") {
+  using Projection = impl<transforms::CompactProjection, backend::cpu>;
+  const index_t m = 3, r = 150;  // 150 rows of P: two tiles of at most 128
+  const Shape w{m, 320};
+  for (bool keep : {false, true}) {
+    Projection proj({.rank = r, .update_gap = 4, .seed = 5, .keep_matrix = keep});
+    auto s = proj.init(w, tensor_id("tiles"));
+    std::vector<float> g(static_cast<std::size_t>(w.size()));
+    proj.refresh(s, host_view(static_cast<const float*>(g.data()), m, w.cols), 4);  // epoch 1
+    CHECK(s.epoch == 1);
+    // I·Pᵀ is Pᵀ exactly: every element is one product with 1 plus zeros.
+    Mat eye(w.cols, w.cols), pt(w.cols, r);
+    for (index_t i = 0; i < w.cols; ++i)
+      eye(i, i) = 1.0f;
+    proj.times_transpose(s, eye.cview(), pt.view());
+    const cpu::RowMatrix p = random_projection_matrix("tiles", w, r, 4, 5, 4);
+    bool same = true;
+    for (index_t k = 0; k < r; ++k)
+      for (index_t j = 0; j < w.cols; ++j)
+        same = same && pt(j, k) == p(k, j);
+    CHECK(same);
+    CHECK(proj.state_bytes(w) == 16 + (keep ? static_cast<std::size_t>(r * w.cols) * 4 : 0));
+    CHECK(proj.workspace_bytes() ==
+          (keep ? 0 : static_cast<std::size_t>(Projection::tile_rows * w.cols) * 4));
+    // The back-map N P through tiles against a double loop.
+    const Mat coeffs = gaussian(m, r, 9);
+    Mat out(m, w.cols);
+    proj.inverse(s, coeffs.cview(), out.view());
+    std::vector<double> ref(static_cast<std::size_t>(w.size()), 0.0);
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < w.cols; ++j)
+        for (index_t k = 0; k < r; ++k)
+          ref[static_cast<std::size_t>(i * w.cols + j)] += double(coeffs(i, k)) * double(p(k, j));
+    CHECK(rel_err(out, ref) < 1e-5);
+  }
+}

@@ -18,10 +18,32 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../core/concepts.hpp"
 #include "../core/config.hpp"
 #include "../transforms/compact_projection.hpp"
 
 namespace slimgrad::activation {
+
+/// The codec contract: impl<C, B>, for views V = view_t<B> and CV = const_view_t<B>:
+///
+///   impl(Shape weight, const C::Options&, uint64_t tensor_id)   validates (Error on bad input)
+///   Shape   grad_shape()          the weight gradient's shape (out×in, or out×r)
+///   index_t saved_cols()          what is saved per token, in floats
+///   size_t  state_bytes()         the codec's own state (v, a kept P)
+///   void    set_step(int64_t k)   the optimizer step the next forwards belong to
+///   void    compress(CV X, V saved)                 saved = the compressed X (tokens × saved_cols)
+///   void    weight_grad(CV dY, CV saved, V dW)      dW += the weight gradient
+template <class C, class B>
+concept codec_policy = backend_tag<B> &&
+    requires(impl<C, B> x, const impl<C, B> cx, const_view_t<B> cv, view_t<B> v, std::int64_t k) {
+  typename C::Options;
+  { cx.grad_shape() } -> std::same_as<Shape>;
+  { cx.saved_cols() } -> std::same_as<index_t>;
+  { cx.state_bytes() } -> std::convertible_to<std::size_t>;
+  x.set_step(k);
+  x.compress(cv, v);
+  x.weight_grad(cv, cv, v);
+};
 
 /// The exact layer: saves the whole input.
 struct None {

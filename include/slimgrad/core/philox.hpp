@@ -213,12 +213,15 @@ SLIMGRAD_HOST_DEVICE inline float gaussian(const Key& key, std::uint64_t index, 
 }
 
 /// Fills `out` (row-major; element (i, j) has index i·cols + j whatever the leading dimension)
-/// with N(0, stddev²) values named by `key`. Host loop; the CUDA backend has its own.
-inline void fill_gaussian(HostView<float> out, const Key& key, double stddev) {
+/// with N(0, stddev²) values named by `key`. With `first_row`, `out` is the tile of rows
+/// [first_row, first_row + out.rows) of the matrix (same bits as filling it whole). Host loop;
+/// the CUDA backend has its own.
+inline void fill_gaussian(HostView<float> out, const Key& key, double stddev,
+                          index_t first_row = 0) {
   const std::uint64_t cols = static_cast<std::uint64_t>(out.cols);
   for (index_t i = 0; i < out.rows; ++i) {
     float* row = out.row(i);
-    std::uint64_t e = static_cast<std::uint64_t>(i) * cols;
+    std::uint64_t e = static_cast<std::uint64_t>(first_row + i) * cols;
     std::uint64_t j = 0;
     while (j < cols) {
       double z[4];

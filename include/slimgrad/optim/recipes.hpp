@@ -142,7 +142,7 @@ typename SubTrack<B>::Options subtrack_options(bool plus_plus = false) {
 }
 
 /// CompAct's pretraining defaults (60M–350M): r = n/4, T 50, α 0.25, lr 0.01, no weight decay,
-/// P regenerated on every use (keep_matrix=true trades r·n floats per layer for speed);
+/// P regenerated on every use (the default; keep_matrix=true trades r·n floats for speed);
 /// bias-corrected Adam M̂/(sqrt(V̂) + ε) as in the paper's Algorithm 3. SmallAdamW's ε was not
 /// visible (algorithms.md §9.12): 1e-6, the GaLore code base's default, is assumed.
 template <class B = backend::cpu>
@@ -156,7 +156,6 @@ typename CompAct<B>::Options compact_options() {
             .convention = optim::AdamConvention::torch};
   o.transform.ratio = 0.25;
   o.transform.update_gap = 50;
-  o.transform.keep_matrix = false;  // the seed is the state, as in the paper (§4.3)
   o.residual.scale = 0.25;
   return o;
 }

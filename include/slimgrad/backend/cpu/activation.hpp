@@ -156,8 +156,10 @@ struct impl<activation::CompAct, backend::cpu> {
 
   Shape grad_shape() const { return {state_.shape.rows, state_.rank}; }
   index_t saved_cols() const { return state_.rank; }
-  /// P while it is kept (keep_matrix), plus the seed and epoch.
-  std::size_t state_bytes() const { return projection_.state_bytes(state_.shape); }
+  /// Seed and epoch, P if it is kept (keep_matrix), and the buffer of one tile of P otherwise.
+  std::size_t state_bytes() const {
+    return projection_.state_bytes(state_.shape) + projection_.workspace_bytes();
+  }
   /// The epoch of optimizer step k: k / update_gap (the optimizer's schedule).
   void set_step(std::int64_t step) {
     projection_.set_epoch(state_, transforms::RandomProjection::epoch_at(
@@ -170,7 +172,7 @@ struct impl<activation::CompAct, backend::cpu> {
   const Projection::State& state() const { return state_; }
 
   void compress(HostView<const float> x, HostView<float> saved) {
-    cpu::as_eigen(saved).noalias() = cpu::as_eigen(x) * projection_.matrix(state_).transpose();
+    projection_.times_transpose(state_, x, saved);
   }
   /// dw += dYᵀ Z (= G Pᵀ).
   void weight_grad(HostView<const float> dy, HostView<const float> saved, HostView<float> dw) {
@@ -181,6 +183,10 @@ struct impl<activation::CompAct, backend::cpu> {
   Projection projection_;
   Projection::State state_;
 };
+
+static_assert(activation::codec_policy<activation::None, backend::cpu>);
+static_assert(activation::codec_policy<activation::VeLoRA, backend::cpu>);
+static_assert(activation::codec_policy<activation::CompAct, backend::cpu>);
 
 }  // namespace slimgrad
 
