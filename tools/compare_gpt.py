@@ -38,6 +38,8 @@ DEFAULT_RECIPES = [
     "adafactor: --optimizer adafactor --lr 3e-3 --set relative_step=false "
     "--set scale_parameter=false",
     "adamw+velora: --optimizer adamw --lr 3e-3 --activations velora --act-set subtoken=4",
+    # CompAct: its recipe on the m×r gradients of CompAct layers (r = n/4); galore's rate, untuned.
+    "compact: --optimizer compact --lr 2.4e-2 --activations compact",
 ]
 
 
