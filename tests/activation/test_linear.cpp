@@ -468,3 +468,44 @@ TEST_CASE("compact projection: P regenerated tile by tile has RandomProjection's
     CHECK(rel_err(out, ref) < 1e-5);
   }
 }
+
+TEST_CASE("linear: the codec state resumes VeLoRA's v; bad state refused, nothing changed") {
+  const index_t n = 16, m = 4;
+  Linear<VeLoRA> a("v", n, m, {.groups = 4});
+  Mat x = gaussian(6, n, 101), y(6, m), dw(m, n);
+  for (float& e : x.v)
+    e += 1.0f;
+  const Mat w = gaussian(m, n, 102);
+  a.forward(x.cview(), w.cview(), {}, y.view());
+  const std::vector<float> saved = a.codec_state();
+  REQUIRE(saved.size() == 5);
+  CHECK(saved[0] == 1.0f);
+
+  Linear<VeLoRA> b("v", n, m, {.groups = 4});  // a resumed run: its placeholder differs
+  CHECK(b.codec().vector() != a.codec().vector());
+  const std::vector<float> placeholder = b.codec().vector();
+  std::vector<float> bad = saved;
+  bad[2] = NAN;
+  CHECK_THROWS_WITH_AS(b.load_codec_state(bad), doctest::Contains("non-finite"), Error);
+  CHECK_THROWS_WITH_AS(b.load_codec_state(std::span<const float>(saved).first(4)),
+                       doctest::Contains("state has 4 values, expected 5"), Error);
+  CHECK(b.codec().vector() == placeholder);
+  CHECK_FALSE(b.codec().initialised());
+  b.load_codec_state(saved);
+  CHECK(b.codec().vector() == a.codec().vector());
+  CHECK(b.codec().initialised());
+  // batch_average_once: a later batch does not re-estimate the restored v.
+  const Mat other = gaussian(6, n, 103);
+  b.forward(other.cview(), w.cview(), {}, y.view());
+  CHECK(b.codec().vector() == a.codec().vector());
+
+  Linear<CompAct> c("c", n, m, {.rank = 4});
+  CHECK(c.codec_state().empty());
+  CHECK_THROWS_AS(c.load_codec_state(saved), Error);
+  activation::Settings s;
+  s.kind = activation::Kind::velora;
+  s.velora.groups = 4;
+  activation::AnyLinear any("v", n, m, s);
+  any.load_codec_state(saved);
+  CHECK(any.codec_state() == saved);
+}

@@ -33,6 +33,7 @@ namespace slimgrad::activation {
 ///   void    set_step(int64_t k)   the optimizer step the next forwards belong to
 ///   void    compress(CV X, V saved)                 saved = the compressed X (tokens × saved_cols)
 ///   void    weight_grad(CV dY, CV saved, V dW)      dW += the weight gradient
+///   vector<float> save_state(); void load_state(span<const float>)   for checkpoints
 template <class C, class B>
 concept codec_policy = backend_tag<B> &&
     requires(impl<C, B> x, const impl<C, B> cx, const_view_t<B> cv, view_t<B> v, std::int64_t k) {

@@ -6,8 +6,10 @@
 // around it does the exact parts (Y = X Wᵀ + b, dX = dY W, db = Σ dY) with Eigen GEMMs.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -34,6 +36,10 @@ struct impl<activation::None, backend::cpu> {
   index_t saved_cols() const { return weight_.cols; }
   std::size_t state_bytes() const { return 0; }
   void set_step(std::int64_t /*step*/) {}
+  std::vector<float> save_state() const { return {}; }
+  void load_state(std::span<const float> s) {
+    require(s.empty(), "linear (none): the codec has no state to load");
+  }
 
   void compress(HostView<const float> x, HostView<float> saved) {
     cpu::as_eigen(saved) = cpu::as_eigen(x);
@@ -76,6 +82,25 @@ struct impl<activation::VeLoRA, backend::cpu> {
   /// v (D' floats).
   std::size_t state_bytes() const { return v_.size() * sizeof(float); }
   void set_step(std::int64_t /*step*/) {}
+
+  /// What a checkpoint needs to resume: {1 if a batch set v else 0, v[0], …, v[D'−1]}.
+  std::vector<float> save_state() const {
+    std::vector<float> out{initialised_ ? 1.0f : 0.0f};
+    out.insert(out.end(), v_.begin(), v_.end());
+    return out;
+  }
+  /// Restores save_state()'s output; refuses (nothing changed) one of another size or a non-finite
+  /// value.
+  void load_state(std::span<const float> s) {
+    require(s.size() == v_.size() + 1, "velora: state has " + std::to_string(s.size()) +
+                                           " values, expected " + std::to_string(v_.size() + 1) +
+                                           " (the flag and v of D' = " + std::to_string(d_) + ")");
+    require(s[0] == 0.0f || s[0] == 1.0f, "velora: state flag must be 0 or 1");
+    for (float e : s)
+      require(std::isfinite(e), "velora: state holds a non-finite value");
+    initialised_ = s[0] == 1.0f;
+    std::copy(s.begin() + 1, s.end(), v_.begin());
+  }
 
   /// The projection vector v (D' floats, unit norm).
   const std::vector<float>& vector() const { return v_; }
@@ -164,6 +189,11 @@ struct impl<activation::CompAct, backend::cpu> {
   void set_step(std::int64_t step) {
     projection_.set_epoch(state_, transforms::RandomProjection::epoch_at(
                                       static_cast<index_t>(step), projection_.options.update_gap));
+  }
+  /// P is a function of (seed, name, step): nothing to save.
+  std::vector<float> save_state() const { return {}; }
+  void load_state(std::span<const float> s) {
+    require(s.empty(), "compact: the codec has no state to load (P comes from the seed)");
   }
   std::uint32_t epoch() const { return state_.epoch; }
   index_t rank() const { return state_.rank; }
@@ -288,6 +318,10 @@ class Linear<Codec, backend::cpu> {
   }
 
   const CodecImpl& codec() const { return codec_; }
+  /// The codec's state for a checkpoint (VeLoRA's v and its flag; empty for the others).
+  std::vector<float> codec_state() const { return codec_.save_state(); }
+  /// Restores codec_state()'s output (Error, nothing changed, if it does not fit).
+  void load_codec_state(std::span<const float> s) { codec_.load_state(s); }
 
  private:
   std::string name_;
@@ -392,6 +426,12 @@ class AnyLinear {
   }
   void release() {
     std::visit([](auto& l) { l.release(); }, layer_);
+  }
+  std::vector<float> codec_state() const {
+    return std::visit([](const auto& l) { return l.codec_state(); }, layer_);
+  }
+  void load_codec_state(std::span<const float> s) {
+    std::visit([&](auto& l) { l.load_codec_state(s); }, layer_);
   }
 
  private:
