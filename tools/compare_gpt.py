@@ -58,7 +58,9 @@ def human(n):
 def run(gpt, out, label, args, common, threads):
     cmd = [gpt] + common + args + ["--json", os.path.join(out, label + ".json"),
                                    "--log", os.path.join(out, label + ".csv"), "--quiet"]
+    # Passive waits: on a shared machine, spinning OpenMP threads slow everyone down.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", "passive")
     start = time.time()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     took = time.time() - start

@@ -26,13 +26,13 @@ if [ ! -s "$corpus" ]; then
 fi
 
 echo
-echo "== slimgrad-gpt on $(wc -c <"$corpus") bytes of the King James Bible: 2 blocks, width 128,"
+echo "== slimgrad-gpt on $(wc -c <"$corpus") bytes of the King James Bible: 2 blocks, width 64,"
 echo "   4 heads, context 64, batch 8, 300 steps per recipe (lr cosine from the recipe's tuned"
 echo "   peak, 30 warm-up steps), every recipe of the full run, VeLoRA and CompAct activations"
 "$py" tools/compare_gpt.py --gpt "$build/examples/gpt/slimgrad-gpt" --out "$out" \
-  --title "slimgrad-gpt on the KJV (demo: 2x128, 300 steps)" \
+  --title "slimgrad-gpt on the KJV (demo: 2 x 64, 300 steps)" \
   -- \
-  --data "$corpus" --layers 2 --width 128 --heads 4 --block 64 --batch 8 --steps 300 \
+  --data "$corpus" --layers 2 --width 64 --heads 4 --block 64 --batch 8 --steps 300 \
   --warmup 30 --eval-every 50 --eval-batches 10 --sample 0
 echo
 echo "== plot: $out/val_loss.png; per-run JSON and CSV logs: $out/"
