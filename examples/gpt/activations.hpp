@@ -5,7 +5,7 @@
 //   none     the exact layer (saves its N×in input)
 //   velora   VeLoRA on all four projections (c_attn, attn.c_proj, c_fc, mlp.c_proj): sub-tokens
 //            of `subtoken` features (default 8, so the saved input shrinks 8×), v from the first
-//            training batch, `scale` 1. A resumed run re-estimates v from its first batch.
+//            training batch, `scale` 1; v is saved in checkpoints, so resume stays bit-exact.
 //   compact  CompAct on every projection but attn.o_proj (the paper keeps o_proj exact), with the
 //            `compact` recipe's projection settings (ratio 1/4, T, seed: `--set`), so that codec
 //            and optimizer regenerate the same P; the weight gradients are m×r and go to the
@@ -51,6 +51,8 @@ class CompressedLinear final : public LinearLayer<float> {
   std::size_t saved_bytes() const override { return layer_.saved_bytes(); }
   std::size_t state_bytes() const override { return layer_.state_bytes(); }
   Index grad_cols(Index) const override { return layer_.grad_shape().cols; }
+  std::vector<float> codec_state() const override { return layer_.codec_state(); }
+  void load_codec_state(const std::vector<float>& s) override { layer_.load_codec_state(s); }
 
  private:
   slimgrad::activation::AnyLinear layer_;

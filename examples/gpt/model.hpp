@@ -25,6 +25,7 @@
 #include <slimgrad/core/error.hpp>
 #include <slimgrad/core/philox.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace gpt {
@@ -90,6 +91,12 @@ class LinearLayer {
   /// Columns of the weight gradient backward() writes: in, or r for a layer whose gradient is
   /// born compressed (CompAct: out×r, stored at the start of dW's buffer).
   virtual Index grad_cols(Index in) const { return in; }
+  /// The codec's learned state (VeLoRA's v) for checkpoints; empty for stateless layers.
+  virtual std::vector<float> codec_state() const { return {}; }
+  /// Restores codec_state()'s output.
+  virtual void load_codec_state(const std::vector<float>& s) {
+    slimgrad::require(s.empty(), "an exact linear layer has no codec state to load");
+  }
 };
 
 /// The exact layer: saves a copy of x; dW = dyᵀ x.
@@ -205,6 +212,23 @@ class Model {
         break;
     }
     return "mlp.c_proj";
+  }
+  /// Every projection's codec state by parameter name (see LinearLayer::codec_state).
+  std::vector<std::pair<std::string, std::vector<float>>> codec_states() const {
+    std::vector<std::pair<std::string, std::vector<float>>> out;
+    for (Index l = 0; l < c_.layers; ++l)
+      for (Index k = 0; k < 4; ++k)
+        out.emplace_back("h." + std::to_string(l) + "." + linear_name(static_cast<LinearKind>(k)),
+                         linears_[static_cast<std::size_t>(4 * l + k)]->codec_state());
+    return out;
+  }
+  /// Restores the codec state of the projection named `name`.
+  void load_codec_state(const std::string& name, const std::vector<float>& s) {
+    for (Index l = 0; l < c_.layers; ++l)
+      for (Index k = 0; k < 4; ++k)
+        if (name == "h." + std::to_string(l) + "." + linear_name(static_cast<LinearKind>(k)))
+          return linears_[static_cast<std::size_t>(4 * l + k)]->load_codec_state(s);
+    throw slimgrad::Error("slimgrad: no projection named '" + name + "'");
   }
   /// The training step the next forward belongs to (handed to every linear layer).
   void set_step(std::uint64_t step) {

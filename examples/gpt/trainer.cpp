@@ -34,6 +34,7 @@ namespace io = slimgrad::io;
 
 constexpr const char* checkpoint_format = "slimgrad-gpt-1";
 constexpr const char* model_prefix = "gpt.model/";
+constexpr const char* codec_prefix = "gpt.codec/";
 
 // Philox streams of the trainer's random draws (the model's init uses the tensor index).
 constexpr std::uint64_t train_stream = 1001, eval_stream = 1002, sample_stream = 1003;
@@ -248,13 +249,16 @@ Result train(const Options& o, std::ostream& out) {
     require(meta("gpt.vocab") == hex(corpus.vocab),
             "the checkpoint '" + o.resume + "' was trained on another vocabulary than '" + o.data +
                 "'");
+    require(meta("gpt.activations") == o.activations,
+            "the checkpoint '" + o.resume + "' was trained with --activations " +
+                meta("gpt.activations") + ", this run uses " + o.activations);
     require(meta("gpt.optimizer") == o.optimizer, "the checkpoint '" + o.resume + "' holds " +
                                                       meta("gpt.optimizer") +
                                                       " state, this run uses " + o.optimizer);
     io::TensorFile model_part, opt_part;
     opt_part.metadata = f.metadata;
     for (auto& [name, t] : f.tensors)
-      (name.starts_with(model_prefix) ? model_part : opt_part).add(name, std::move(t));
+      (name.starts_with("gpt.") ? model_part : opt_part).add(name, std::move(t));
     require(meta("gpt.model_checksum") == std::to_string(io::checksum(model_part)),
             "the checkpoint '" + o.resume + "' is corrupted (model checksum mismatch)");
     std::vector<float> weights(model.num_params());
@@ -267,11 +271,22 @@ Result train(const Options& o, std::ostream& out) {
       const std::vector<float> v = it->second.to_f32();
       std::copy(v.begin(), v.end(), weights.begin() + static_cast<std::ptrdiff_t>(t.offset));
     }
+    std::vector<std::pair<std::string, std::vector<float>>> codecs = model.codec_states();
+    for (auto& [name, state] : codecs) {
+      if (state.empty()) continue;
+      const auto it = model_part.tensors.find(codec_prefix + name);
+      require(
+          it != model_part.tensors.end(),
+          "the checkpoint '" + o.resume + "' lacks the activation codec state of '" + name + "'");
+      state = it->second.to_f32();
+    }
     const long step = std::stol(meta("gpt.step"));
     require(step >= 0 && step <= o.steps, "the checkpoint '" + o.resume + "' is at step " +
                                               std::to_string(step) + ", beyond --steps " +
                                               std::to_string(o.steps));
     opt->from_checkpoint(opt_part);  // throws with nothing changed
+    for (const auto& [name, state] : codecs)
+      if (!state.empty()) model.load_codec_state(name, state);
     std::copy(weights.begin(), weights.end(), model.params());
     start = step;
   }
@@ -400,7 +415,12 @@ Result train(const Options& o, std::ostream& out) {
                      io::Tensor::f32({t.rows, t.cols},
                                      std::span<const float>(model.params() + t.offset,
                                                             static_cast<std::size_t>(t.size()))));
+    for (const auto& [name, state] : model.codec_states())
+      if (!state.empty())
+        model_part.add(codec_prefix + name,
+                       io::Tensor::f32({static_cast<std::int64_t>(state.size())}, state));
     f.metadata["gpt.format"] = checkpoint_format;
+    f.metadata["gpt.activations"] = o.activations;
     f.metadata["gpt.config"] = config_text(cfg);
     f.metadata["gpt.vocab"] = hex(corpus.vocab);
     f.metadata["gpt.optimizer"] = o.optimizer;
