@@ -20,6 +20,7 @@
 
 #include <CLI/CLI.hpp>
 #include <slimgrad/core/error.hpp>
+#include "cli.hpp"
 #include "registry.hpp"
 
 namespace slimgrad::tools {
@@ -226,14 +227,10 @@ void add_bench_step_command(CLI::App& bench) {
   auto args = std::make_shared<BenchStepArgs>();
   CLI::App* cmd =
       bench.add_subcommand("step", "Time one optimizer step over every weight of a LLaMA model");
-  cmd->add_option("--optimizer", args->optimizer, "Recipe: " + recipe_names())->required();
-  cmd->add_option("--set", args->sets, "A hyper-parameter, key=value (repeatable)")
-      ->allow_extra_args(false);
-  cmd->add_option("--model", args->model,
-                  "llama-60m, llama-130m, llama-350m, llama-1b or llama-7b");
-  cmd->add_option("--shapes", args->shapes,
-                  "Instead of --model: tensors MxN or N, comma-separated (roles by the "
-                  "recipe's fallback rules)");
+  add_recipe_options(cmd, args->optimizer, args->sets, recipe_names())->required();
+  add_model_options(cmd, args->model, args->shapes,
+                    "Instead of --model: tensors MxN or N, comma-separated (roles by the "
+                    "recipe's fallback rules)");
   cmd->add_option("--repeat", args->repeat, "Timed steady steps")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -154,18 +154,10 @@ void add_bench_transform_command(CLI::App& bench) {
   auto args = std::make_shared<BenchTransformArgs>();
   CLI::App* cmd = bench.add_subcommand(
       "transform", "Time the DWT forward + inverse on random N(0,1) float32 data");
-  cmd->add_option("--wavelet", args->wavelet, "Wavelet")
-      ->check(wavelet_validator())
-      ->capture_default_str();
-  cmd->add_option("--levels", args->levels, "Decomposition levels")
-      ->check(levels_validator())
-      ->capture_default_str();
+  add_dwt_options(cmd, args->wavelet, args->levels, args->mode);
   cmd->add_option("--shape", args->shape, "Matrix shape ROWSxCOLS, e.g. 4096x4096")->required();
   cmd->add_option("--repeat", args->repeat, "Timed repetitions after one warm-up")
       ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  cmd->add_option("--mode", args->mode, "Boundary mode (pywt's names)")
-      ->check(mode_validator())
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the random matrix (std::mt19937)")
       ->capture_default_str();

@@ -95,6 +95,45 @@ inline CLI::Validator levels_validator() {
       "1..8", "levels");
 }
 
+// ---- options more than one subcommand takes
+// ----------------------------------------------------------------------------------
+
+/// --wavelet, --levels and --mode, with pywt's names (transform, bench transform).
+inline void add_dwt_options(CLI::App* cmd, std::string& wavelet, int& levels, std::string& mode) {
+  cmd->add_option("--wavelet", wavelet, "Wavelet")
+      ->check(wavelet_validator())
+      ->capture_default_str();
+  cmd->add_option("--levels", levels, "Decomposition levels")
+      ->check(levels_validator())
+      ->capture_default_str();
+  cmd->add_option("--mode", mode, "Boundary mode (pywt's names)")
+      ->check(mode_validator())
+      ->capture_default_str();
+}
+
+/// The positional IN and OUT safetensors files of a command that writes OUT only on success.
+inline void add_in_out(CLI::App* cmd, std::string& in, std::string& out) {
+  cmd->add_option("IN", in, "Input safetensors file")->required();
+  cmd->add_option("OUT", out, "Output safetensors file (written only on success)")->required();
+}
+
+/// --optimizer NAME and the repeatable --set key=value (replay, memory, bench step).
+inline CLI::Option* add_recipe_options(CLI::App* cmd, std::string& optimizer,
+                                       std::vector<std::string>& sets,
+                                       const std::string& recipe_names) {
+  CLI::Option* name = cmd->add_option("--optimizer", optimizer, "Recipe: " + recipe_names);
+  cmd->add_option("--set", sets, "A hyper-parameter, key=value (repeatable)")
+      ->allow_extra_args(false);
+  return name;
+}
+
+/// --model NAME (the LLaMA shapes of the GaLore paper) or --shapes MxN,... (memory, bench step).
+inline void add_model_options(CLI::App* cmd, std::string& model, std::string& shapes,
+                              const std::string& shapes_help) {
+  cmd->add_option("--model", model, "llama-60m, llama-130m, llama-350m, llama-1b or llama-7b");
+  cmd->add_option("--shapes", shapes, shapes_help);
+}
+
 // ---- wavelet and level dispatch
 // --------------------------------------------------------------------
 

@@ -10,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 #include <slimgrad/core/error.hpp>
+#include "cli.hpp"
 #include "registry.hpp"
 
 namespace slimgrad::tools {
@@ -233,12 +234,8 @@ void add_memory_command(CLI::App& app) {
   auto args = std::make_shared<MemoryArgs>();
   CLI::App* cmd = app.add_subcommand(
       "memory", "Exact optimizer-state bytes of a recipe on LLaMA shapes (or given shapes)");
-  cmd->add_option("--optimizer", args->optimizer, "Recipe: " + recipe_names());
-  cmd->add_option("--set", args->sets, "A hyper-parameter, key=value (repeatable)")
-      ->allow_extra_args(false);
-  cmd->add_option("--model", args->model,
-                  "llama-60m, llama-130m, llama-350m, llama-1b or llama-7b");
-  cmd->add_option("--shapes", args->shapes, "Tensors MxN or N, comma-separated");
+  add_recipe_options(cmd, args->optimizer, args->sets, recipe_names());
+  add_model_options(cmd, args->model, args->shapes, "Tensors MxN or N, comma-separated");
   cmd->add_flag("--all", args->all, "One table over every recipe (with their defaults)");
   cmd->add_flag("--json", args->json, "Print exactly one JSON object on stdout");
   cmd->footer(

@@ -12,6 +12,7 @@
 #include <CLI/CLI.hpp>
 #include <slimgrad/core/error.hpp>
 #include <slimgrad/io/safetensors.hpp>
+#include "cli.hpp"
 #include "registry.hpp"
 
 namespace slimgrad::tools {
@@ -159,13 +160,9 @@ void add_replay_command(CLI::App& app) {
       "replay",
       "Run an optimizer over recorded gradients: IN holds w.NAME and g.NAME.K, OUT gets the "
       "final w.NAME");
-  cmd->add_option("--optimizer", args->optimizer, "Recipe: " + recipe_names())->required();
-  cmd->add_option("--set", args->sets, "A hyper-parameter, key=value (repeatable)")
-      ->allow_extra_args(false);
+  add_recipe_options(cmd, args->optimizer, args->sets, recipe_names())->required();
   cmd->add_flag("--quiet", args->quiet, "Print nothing on success");
-  cmd->add_option("IN", args->in, "Input safetensors file")->required();
-  cmd->add_option("OUT", args->out, "Output safetensors file (written only on success)")
-      ->required();
+  add_in_out(cmd, args->in, args->out);
   cmd->footer(
       "IN: for every parameter NAME, w.NAME (F32, 1-D or 2-D; a vector of n is a 1 x n view)\n"
       "and its gradients g.NAME.K for K = 0 .. K-1 (F32, the shape of w.NAME); every parameter\n"

@@ -221,20 +221,10 @@ void add_transform_command(CLI::App& app) {
       "transform",
       "Wavelet transform (GWT) of every 2-D float32 tensor of a safetensors file along its rows, "
       "as pywt.wavedec(x, WAVELET, level=LEVELS, axis=1, mode=MODE); --inverse as pywt.waverec.");
-  cmd->add_option("--wavelet", args->wavelet, "Wavelet")
-      ->check(wavelet_validator())
-      ->capture_default_str();
-  cmd->add_option("--levels", args->levels, "Decomposition levels")
-      ->check(levels_validator())
-      ->capture_default_str();
-  cmd->add_option("--mode", args->mode, "Boundary mode (pywt's names)")
-      ->check(mode_validator())
-      ->capture_default_str();
+  add_dwt_options(cmd, args->wavelet, args->levels, args->mode);
   cmd->add_flag("--inverse", args->inverse,
                 "Read NAME.a, NAME.d1..dL and write NAME (pywt.waverec)");
-  cmd->add_option("IN", args->in, "Input safetensors file")->required();
-  cmd->add_option("OUT", args->out, "Output safetensors file (written only on success)")
-      ->required();
+  add_in_out(cmd, args->in, args->out);
   cmd->footer(
       "Forward: for every tensor NAME of IN, OUT holds NAME.a (the level-L approximation) and\n"
       "NAME.d1 ... NAME.dL (d1 the finest detail, dL the coarsest), all m x N_l float32, plus\n"
