@@ -18,12 +18,14 @@ NVCC="nvcc -std=c++20 -O3 -arch=sm_90 -fmad=false -Werror=all-warnings -Iinclude
 CXX="${CXX:-g++} -std=c++20 -O2 -fopenmp -Iinclude -isystem $DEPS/eigen3 -isystem $DEPS -isystem /usr/local/cuda/include"
 set -x
 $NVCC -c tests/cuda/instantiate.cu -o $B/instantiate.o &
-for f in main test_adam test_gwt; do $CXX -c tests/cuda/$f.cpp -o $B/$f.o & done
+tests=$(cd tests/cuda && ls *.cpp | sed 's/\.cpp$//')
+for f in $tests; do $CXX -c tests/cuda/$f.cpp -o $B/$f.o & done
 $NVCC -shared -Xcompiler -fPIC bench/cuda/bench_cuda.cu -o $B/libslimgrad_cuda_bench.so &
 $NVCC -DSLIMGRAD_BENCH_MAIN bench/cuda/bench_cuda.cu -o $B/bench_cuda &
+$NVCC bench/cuda/bench_activation.cu -o $B/bench_cuda_activation -lcublas &
 wait
-${CXX%% *} -o $B/test_cuda $B/main.o $B/test_adam.o $B/test_gwt.o $B/instantiate.o \
-  -L/usr/local/cuda/lib64 -lcudart -fopenmp || exit 1
+${CXX%% *} -o $B/test_cuda $(for f in $tests; do echo $B/$f.o; done) $B/instantiate.o \
+  -L/usr/local/cuda/lib64 -lcudart -lcublas -fopenmp || exit 1
 set +x
 rc=0
 if [[ $what == *tests* || $what == all ]]; then
@@ -31,6 +33,7 @@ if [[ $what == *tests* || $what == all ]]; then
 fi
 if [[ $what == *bench* || $what == all ]]; then
   $B/bench_cuda 2>&1 | tee "$OUT/bench_cuda.log"
+  $B/bench_cuda_activation 2>&1 | tee "$OUT/bench_cuda_activation.log"
   PYTHONUNBUFFERED=1 python3 bench/cuda/side_by_side.py --lib $B/libslimgrad_cuda_bench.so \
     --json "$OUT/side_by_side.json" 2>&1 | tee "$OUT/side_by_side.log"
 fi

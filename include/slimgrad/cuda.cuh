@@ -13,6 +13,7 @@
 #endif
 
 // Core and the host/device math of the policies (no Eigen, nothing host-only).
+#include "activation/codecs.hpp"
 #include "core/backend.hpp"
 #include "core/concepts.hpp"
 #include "core/config.hpp"
@@ -24,10 +25,13 @@
 #include "optim/adam.hpp"
 #include "state/q8_math.hpp"
 #include "state/stores.hpp"
+#include "transforms/compact_projection.hpp"
 #include "transforms/dwt.hpp"
 #include "transforms/random_projection.hpp"
 
 // The CUDA backend.
+#include "backend/cuda/activation.cuh"
+#include "backend/cuda/activation.hpp"
 #include "backend/cuda/adam.cuh"
 #include "backend/cuda/api.hpp"
 #include "backend/cuda/common.cuh"

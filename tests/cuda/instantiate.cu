@@ -8,6 +8,9 @@ template class sg::cuda::MultiTensorAdam<sg::state::Bf16>;
 template class sg::cuda::MultiTensorAdam<sg::state::Q8Block<256>>;
 template class sg::cuda::MultiTensorGwt<sg::transforms::Haar, 2>;
 template class sg::cuda::MultiTensorGwt<sg::transforms::Haar, 3>;
+template class sg::cuda::Linear<sg::activation::None>;
+template class sg::cuda::Linear<sg::activation::VeLoRA>;
+template class sg::cuda::Linear<sg::activation::CompAct>;
 template void sg::cuda::q8_quantize_codes<float>(const float*, const float*, std::uint8_t*,
                                                  sg::index_t, sg::state::Moment,
                                                  sg::cuda::stream_t);

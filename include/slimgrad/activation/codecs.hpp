@@ -15,11 +15,15 @@
 //            `compact` recipe consumes directly.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "../core/concepts.hpp"
 #include "../core/config.hpp"
+#include "../core/philox.hpp"
+#include "../core/view.hpp"
 #include "../transforms/compact_projection.hpp"
 
 namespace slimgrad::activation {
@@ -81,6 +85,49 @@ struct VeLoRA {
       z += sub[j] * v[j];
     return z;
   }
+
+  /// The placeholder v until a training batch sets it: a random unit vector (as the paper's
+  /// code), Philox-named by (seed, tensor id, 0) so every backend starts from the same bits.
+  static std::vector<float> placeholder(index_t d, std::uint64_t seed, std::uint64_t tensor_id) {
+    std::vector<float> v(static_cast<std::size_t>(d));
+    random::fill_gaussian(host_view(v.data(), 1, d), {seed, tensor_id, 0}, 1.0);
+    double norm = 0.0;
+    for (float e : v)
+      norm += random::detail::mul_rn(e, e);
+    norm = std::sqrt(norm);
+    for (float& e : v)
+      e = static_cast<float>(e / norm);
+    return v;
+  }
+
+  // batch_average's v = the normalised sum of a batch's sub-tokens, in double, summed in one
+  // fixed order that every backend follows (so v has the same bits everywhere): tokens in chunks
+  // of init_chunk rows, each chunk's sum over (token, group) in order, then the chunks in order.
+
+  /// Tokens per partial sum of the v initialisation.
+  static constexpr index_t init_chunk = 16;
+  /// Feature j of the sum of the sub-tokens of `rows` tokens (row i at x + i·ld).
+  SLIMGRAD_HOST_DEVICE static double chunk_sum(const float* x, index_t ld, index_t rows,
+                                               index_t groups, index_t d, index_t j) {
+    double s = 0.0;
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t k = 0; k < groups; ++k)
+        s += static_cast<double>(x[i * ld + k * d + j]);
+    return s;
+  }
+  /// The norm of the summed sub-token (D' values, in order), 0 if it cannot be normalised (a
+  /// batch whose mean is zero or not finite leaves v as it was).
+  SLIMGRAD_HOST_DEVICE static double sum_norm(const double* sum, index_t d) {
+    double n2 = 0.0;
+    for (index_t j = 0; j < d; ++j)
+      n2 += random::detail::mul_rn(sum[j], sum[j]);
+    const double norm = random::detail::sqrt_rn(n2);
+    return norm > 0 && norm <= 1.79769313486231570815e308 ? norm : 0.0;
+  }
+
+  /// One element of the expanded weight gradient: dW[i, g·D' + j] += s·H[i, g]·v[j], with
+  /// f = s·H[i, g] computed once per (i, g).
+  SLIMGRAD_HOST_DEVICE static float expand(float dw, float f, float vj) { return dw + f * vj; }
 };
 
 /// CompAct (arXiv 2410.15352): a seeded Gaussian sketch of the input; the optimizer side is

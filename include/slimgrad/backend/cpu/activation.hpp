@@ -66,15 +66,7 @@ struct impl<activation::VeLoRA, backend::cpu> {
                                              std::to_string(weight.cols));
     require(std::isfinite(o.scale), "velora: scale must be finite");
     d_ = weight.cols / o.groups;
-    // The placeholder until a training batch sets v: a random unit vector (as the paper's code).
-    v_.resize(static_cast<std::size_t>(d_));
-    random::fill_gaussian(host_view(v_.data(), 1, d_), {o.seed, tensor_id, 0}, 1.0);
-    double norm = 0.0;
-    for (float e : v_)
-      norm += static_cast<double>(e) * e;
-    norm = std::sqrt(norm);
-    for (float& e : v_)
-      e = static_cast<float>(e / norm);
+    v_ = Policy::placeholder(d_, o.seed, tensor_id);
   }
 
   Shape grad_shape() const { return weight_; }
@@ -133,7 +125,7 @@ struct impl<activation::VeLoRA, backend::cpu> {
         const float f = s * h_(i, k);
         float* block = wr + k * d;
         for (index_t j = 0; j < d; ++j)
-          block[j] += f * v[j];
+          block[j] = Policy::expand(block[j], f, v[j]);
       }
     });
   }
@@ -146,22 +138,24 @@ struct impl<activation::VeLoRA, backend::cpu> {
   bool initialised_ = false;
   cpu::RowMatrix h_;
 
-  // v = mean of the batch's sub-tokens, normalised (no centring). A batch whose mean is zero
-  // leaves v as it was.
+  // v = mean of the batch's sub-tokens, normalised (no centring), summed in the order that
+  // VeLoRA::chunk_sum fixes for every backend. A batch whose mean is zero leaves v as it was.
   void set_vector(HostView<const float> x) {
-    const index_t g = options_.groups, d = d_;
+    const index_t g = options_.groups, d = d_, c = Policy::init_chunk;
+    const index_t chunks = (x.rows + c - 1) / c;
+    std::vector<double> partial(static_cast<std::size_t>(chunks * d));
+    cpu::parallel_for(chunks, c * x.cols, [&](index_t q) {
+      const index_t rows = std::min(c, x.rows - q * c);
+      for (index_t j = 0; j < d; ++j)
+        partial[static_cast<std::size_t>(q * d + j)] =
+            Policy::chunk_sum(x.row(q * c), x.ld, rows, g, d, j);
+    });
     std::vector<double> sum(static_cast<std::size_t>(d), 0.0);
-    for (index_t i = 0; i < x.rows; ++i) {
-      const float* xr = x.row(i);
-      for (index_t k = 0; k < g; ++k)
-        for (index_t j = 0; j < d; ++j)
-          sum[static_cast<std::size_t>(j)] += xr[k * d + j];
-    }
-    double norm = 0.0;
-    for (double e : sum)
-      norm += e * e;
-    norm = std::sqrt(norm);
-    if (!(norm > 0) || !std::isfinite(norm)) return;
+    for (index_t q = 0; q < chunks; ++q)
+      for (index_t j = 0; j < d; ++j)
+        sum[static_cast<std::size_t>(j)] += partial[static_cast<std::size_t>(q * d + j)];
+    const double norm = Policy::sum_norm(sum.data(), d);
+    if (norm == 0.0) return;
     for (std::size_t j = 0; j < sum.size(); ++j)
       v_[j] = static_cast<float>(sum[j] / norm);
     initialised_ = true;

@@ -10,6 +10,7 @@
 // m, v read and w, m, v written (28 for fp32; 4 + 4 + 4 + 2·(1 + 4/256)·2 ≈ 16.1 for 8-bit).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -130,7 +131,11 @@ template <class Store, Precision P>
 __global__ void __launch_bounds__(256, 4)
     adam_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
                 int ntensors, index_t units, optim::AdamStep s, bool stochastic, std::uint64_t seed,
-                std::uint32_t epoch) {
+                std::uint32_t epoch, const StepScalars* __restrict__ device_scalars) {
+  if (device_scalars != nullptr) {  // a graph's replay: this step's scalars, not the capture's
+    s = device_scalars->adam;
+    if constexpr (std::is_same_v<Store, state::Bf16>) epoch = device_scalars->epoch;
+  }
   using PW = typename Params<P>::W;
   using PG = typename Params<P>::G;
   constexpr bool q8 = is_q8<Store>::value;
@@ -470,10 +475,33 @@ void MultiTensorAdam<Store>::set_steps(std::int64_t t) {
 }
 
 template <class Store>
+void MultiTensorAdam<Store>::set_lr(double lr) {
+  require(std::isfinite(lr) && lr >= 0,
+          "cuda::MultiTensorAdam::set_lr: lr must be finite and >= 0");
+  options_.rule.lr = lr;
+}
+
+template <class Store>
+StepScalars MultiTensorAdam<Store>::scalars(std::int64_t t) const {
+  require(t >= 1, "cuda::MultiTensorAdam::scalars: steps count from 1");
+  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1)};
+}
+
+template <class Store>
 void MultiTensorAdam<Store>::step(stream_t stream) {
-  const std::int64_t t = t_ + 1;
-  const optim::AdamStep s = optim::Adam::step_scalars(options_.rule, t);
-  t_ = t;
+  launch(stream, scalars(t_ + 1), nullptr);
+}
+
+template <class Store>
+void MultiTensorAdam<Store>::step(stream_t stream, const StepScalars* device_scalars) {
+  require(device_scalars != nullptr, "cuda::MultiTensorAdam::step: null device scalars");
+  launch(stream, scalars(t_ + 1), device_scalars);
+}
+
+template <class Store>
+void MultiTensorAdam<Store>::launch(stream_t stream, const StepScalars& sc,
+                                    const StepScalars* device_scalars) {
+  t_ += 1;
   if (units_ == 0) return;
   const auto* entries = static_cast<const detail::AdamEntry*>(table_);
   const auto* begin = reinterpret_cast<const index_t*>(
@@ -489,21 +517,20 @@ void MultiTensorAdam<Store>::step(stream_t stream) {
   bool stochastic = false;
   if constexpr (std::is_same_v<Store, state::Bf16>) stochastic = options_.store.stochastic_rounding;
   const auto n = static_cast<int>(moments_.size());
-  const auto epoch = static_cast<std::uint32_t>(t - 1);
-  auto launch = [&](auto kernel) {
+  auto launch_kernel = [&](auto kernel) {
     const std::size_t smem = detail::is_q8<Store>::value ? detail::q8_smem_bytes : 0;
-    kernel<<<blocks, threads, smem, stream>>>(entries, begin, n, units_, s, stochastic,
-                                              options_.seed, epoch);
+    kernel<<<blocks, threads, smem, stream>>>(entries, begin, n, units_, sc.adam, stochastic,
+                                              options_.seed, sc.epoch, device_scalars);
   };
   switch (options_.precision) {
     case Precision::fp32:
-      launch(detail::adam_kernel<Store, Precision::fp32>);
+      launch_kernel(detail::adam_kernel<Store, Precision::fp32>);
       break;
     case Precision::bf16:
-      launch(detail::adam_kernel<Store, Precision::bf16>);
+      launch_kernel(detail::adam_kernel<Store, Precision::bf16>);
       break;
     case Precision::fp32_master:
-      launch(detail::adam_kernel<Store, Precision::fp32_master>);
+      launch_kernel(detail::adam_kernel<Store, Precision::fp32_master>);
       break;
   }
   detail::check_launch("MultiTensorAdam::step");

@@ -12,7 +12,8 @@
 // asynchronous work on it (zeroing the state, uploading the launch table). A steady-state step()
 // then allocates nothing and never synchronises with the host: it is a fixed number of kernel
 // launches on the caller's stream (one for Adam over every tensor; three for GWT with its
-// limiter or finite check, one without), whose per-step scalars travel as kernel arguments.
+// limiter or finite check, one without), whose per-step scalars travel as kernel arguments, or,
+// for a step captured in a CUDA graph, are read from a caller-owned device StepScalars.
 // Errors of the arguments are reported with slimgrad::Error before anything is enqueued; a
 // failed launch throws slimgrad::Error with the runtime's message.
 //
@@ -76,6 +77,15 @@ struct MomentBuffers {
   index_t count = 0;
 };
 
+/// The per-step scalars of one optimizer step, for steps captured in a CUDA graph: a captured
+/// launch replays its kernel arguments, so step(stream, device_scalars) has the kernels read
+/// these from device memory instead, where the caller writes scalars(t) before each replay
+/// (e.g. a cudaMemcpyAsync from pinned memory, inside or outside the graph).
+struct StepScalars {
+  optim::AdamStep adam{};   ///< optim::Adam::step_scalars(rule with the current lr, t)
+  std::uint32_t epoch = 0;  ///< t − 1: names stochastic rounding's random words (Adam, Bf16)
+};
+
 /// Adam (any convention: torch, hf, bnb) over a list of tensors, one launch per step for all of
 /// them. Store: state::Fp32, state::Bf16 (nearest-even or stochastic rounding) or
 /// state::Q8Block<256> (bitsandbytes' blockwise 8-bit: dequantise, update, requantise in one
@@ -98,6 +108,15 @@ class MultiTensorAdam {
 
   /// Step t = steps() + 1 of every tensor.
   void step(stream_t stream);
+  /// The same launch with the per-step scalars read from `device_scalars` (device memory, at
+  /// least until the kernel has run): capturable in a CUDA graph whose replays take whatever
+  /// the caller wrote there (scalars(t) of the step being replayed). Counts one step on the
+  /// host, as step() does; replays do not, so a caller that replays sets set_steps() itself.
+  void step(stream_t stream, const StepScalars* device_scalars);
+  /// What step t reads: Adam's scalars with the current learning rate, and the epoch t − 1.
+  StepScalars scalars(std::int64_t t) const;
+  /// The learning rate of the following steps (a schedule; finite, >= 0).
+  void set_lr(double lr);
   std::int64_t steps() const { return t_; }
   /// Exact bytes of optimizer state (the moments; the launch table is not state).
   std::size_t state_bytes() const { return state_bytes_; }
@@ -122,6 +141,7 @@ class MultiTensorAdam {
   index_t units_ = 0;
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;
+  void launch(stream_t stream, const StepScalars& s, const StepScalars* device_scalars);
 };
 
 /// GWT's step (algorithms.md §1.2) over a list of tensors: L-level DWT along each row, Adam on
@@ -150,6 +170,11 @@ class MultiTensorGwt {
                  std::size_t workspace_size, stream_t stream);
 
   void step(stream_t stream);
+  /// For CUDA graphs: the kernels read Adam's scalars from `device_scalars` (see
+  /// MultiTensorAdam::step(stream, device_scalars); the epoch is not used).
+  void step(stream_t stream, const StepScalars* device_scalars);
+  StepScalars scalars(std::int64_t t) const;
+  void set_lr(double lr);
   std::int64_t steps() const { return t_; }
   std::size_t state_bytes() const { return state_bytes_; }
   /// Device pointers: the moments of tensor k (fp32, m × N_L).
@@ -173,6 +198,7 @@ class MultiTensorGwt {
   index_t units_ = 0;
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;
+  void launch(stream_t stream, const StepScalars& s, const StepScalars* device_scalars);
 };
 
 /// `out` (device, row-major, any leading dimension) ← N(0, stddev²) values named by `key`: the

@@ -15,6 +15,7 @@
 // finite check) reads G and the moments again (6): 22 in all, 16 without it (28 for AdamW).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -227,7 +228,9 @@ template <class W, int L, Precision P>
 __global__ void __launch_bounds__(gwt_threads)
     gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
-                    double* partial, std::int32_t* bad) {
+                    double* partial, std::int32_t* bad,
+                    const StepScalars* __restrict__ device_scalars) {
+  if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
@@ -300,7 +303,9 @@ __global__ void __launch_bounds__(gwt_threads)
     gwt_step_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
                     float alpha, const float* __restrict__ rho_of,
-                    const std::int32_t* __restrict__ skipped) {
+                    const std::int32_t* __restrict__ skipped,
+                    const StepScalars* __restrict__ device_scalars) {
+  if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   using PW = typename Params<P>::W;
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
@@ -504,10 +509,33 @@ MomentBuffers MultiTensorGwt<Wavelet, Levels>::moments(index_t tensor) const {
 }
 
 template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::set_lr(double lr) {
+  require(std::isfinite(lr) && lr >= 0, "cuda::MultiTensorGwt::set_lr: lr must be finite and >= 0");
+  options_.rule.lr = lr;
+}
+
+template <class Wavelet, int Levels>
+StepScalars MultiTensorGwt<Wavelet, Levels>::scalars(std::int64_t t) const {
+  require(t >= 1, "cuda::MultiTensorGwt::scalars: steps count from 1");
+  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1)};
+}
+
+template <class Wavelet, int Levels>
 void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream) {
-  const std::int64_t t = t_ + 1;
-  const optim::AdamStep s = optim::Adam::step_scalars(options_.rule, t);
-  t_ = t;
+  launch(stream, scalars(t_ + 1), nullptr);
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream, const StepScalars* device_scalars) {
+  require(device_scalars != nullptr, "cuda::MultiTensorGwt::step: null device scalars");
+  launch(stream, scalars(t_ + 1), device_scalars);
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars& sc,
+                                             const StepScalars* device_scalars) {
+  const optim::AdamStep s = sc.adam;
+  t_ += 1;
   if (units_ == 0) return;
   const auto* entries = static_cast<const detail::GwtEntry<Levels>*>(table_);
   const auto* begin = reinterpret_cast<const index_t*>(
@@ -520,8 +548,8 @@ void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream) {
   const auto blocks = static_cast<unsigned>(units_);
   auto run = [&](auto norm_kernel, auto step_kernel) {
     if (first_pass) {
-      norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(entries, begin, unit_tensor_, s,
-                                                              periodic, partial_, bad_);
+      norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
+          entries, begin, unit_tensor_, s, periodic, partial_, bad_, device_scalars);
       detail::check_launch("MultiTensorGwt::step (norm)");
       detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
           begin, partial_, bad_, gamma, options_.check_finite, limiter_, rho_, skipped_);
@@ -529,7 +557,7 @@ void MultiTensorGwt<Wavelet, Levels>::step(stream_t stream) {
     }
     step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
         entries, begin, unit_tensor_, s, periodic, static_cast<float>(options_.residual.scale),
-        first_pass ? rho_ : nullptr, first_pass ? skipped_ : nullptr);
+        first_pass ? rho_ : nullptr, first_pass ? skipped_ : nullptr, device_scalars);
     detail::check_launch("MultiTensorGwt::step");
   };
   using W = Wavelet;
