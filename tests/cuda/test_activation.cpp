@@ -96,7 +96,7 @@ void check_bound(const std::vector<float>& gpu, const std::vector<float>& cpu,
     if (d > tol * m[i]) ++bad;
     if (m[i] > 0) worst = std::max(worst, d / (tol * m[i]));
   }
-  INFO(what << ": worst |gpu - cpu| / (2 gamma_K M) = " << worst << " (K = " << k << ")");
+  MESSAGE(what << ": worst |gpu - cpu| / (2 gamma_K M) = " << worst << " (K = " << k << ")");
   CHECK(bad == 0);
 }
 
