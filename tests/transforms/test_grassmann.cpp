@@ -11,7 +11,10 @@
 #include <slimgrad/backend/cpu/grassmann.hpp>
 #include <vector>
 
+#include "matrices.hpp"
+
 using namespace slimgrad;
+using namespace slimgrad::test;
 using Gr = impl<transforms::Grassmann, backend::cpu>;
 using Svd = impl<transforms::SvdProjection, backend::cpu>;
 using transforms::RefreshFailure;
@@ -19,39 +22,10 @@ using transforms::RefreshStatus;
 
 namespace {
 
-using MatD = Eigen::MatrixXd;
-
-std::vector<float> gaussian(index_t m, index_t n, std::uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> g(static_cast<std::size_t>(m * n));
-  for (auto& x : g)
-    x = nd(rng);
-  return g;
-}
-
-MatD to_double(const std::vector<float>& g, index_t m, index_t n) {
-  MatD d(m, n);
-  for (index_t i = 0; i < m; ++i)
-    for (index_t j = 0; j < n; ++j)
-      d(i, j) = g[static_cast<std::size_t>(i * n + j)];
-  return d;
-}
-
-// The basis as dim0×r (S; P transposed on the right).
-MatD columns(const cpu::RowMatrix& basis, Side side) {
-  const MatD b = basis.cast<double>();
-  return side == Side::left ? b : MatD(b.transpose());
-}
-
 // Ĝ = G (left) or Gᵀ (right).
 MatD ghat(const std::vector<float>& g, Shape shape, Side side) {
   const MatD d = to_double(g, shape.rows, shape.cols);
   return side == Side::left ? d : MatD(d.transpose());
-}
-
-double orthonormality(const MatD& s) {
-  return (s.transpose() * s - MatD::Identity(s.cols(), s.cols())).norm();
 }
 
 double projection_error(const MatD& s, const MatD& gh) {
@@ -125,7 +99,7 @@ TEST_CASE("grassmann: one tracking step equals a double-precision implementation
     Gr probe({.rank = r});
     auto s = probe.init(shape, 1);
     probe.refresh(s, host_view(g0.data(), m, n), 0);
-    const MatD s0 = columns(s.basis, s.side);
+    const MatD s0 = basis_columns(s.basis, s.side);
     const MatD gh = ghat(g1, shape, s.side);
     const double eta = 0.6 / reference_step(s0, gh, 1.0).sigma;
     const RefStep ref = reference_step(s0, gh, eta);
@@ -137,14 +111,15 @@ TEST_CASE("grassmann: one tracking step equals a double-precision implementation
     CHECK(std::abs(st.last_sigma - ref.sigma) <= 1e-5 * ref.sigma);
     CHECK(std::abs(st.last_angle - ref.theta) <= 1e-5 * ref.theta);
     // fp32 GEMMs of length ≤ 60 and an angle of 0.6 rad: entries agree to ~1e-6.
-    CHECK((columns(st.basis, st.side) - ref.s_new).cwiseAbs().maxCoeff() < 2e-5);
+    CHECK((basis_columns(st.basis, st.side) - ref.s_new).cwiseAbs().maxCoeff() < 2e-5);
     // The forward map is SvdProjection's with the tracked basis: Sᵀ G or G Pᵀ.
     const Shape cs = gr.coeff_shape(shape);
     std::vector<float> c(static_cast<std::size_t>(cs.size()));
     gr.forward(st, host_view(g1.data(), m, n), host_view(c.data(), cs.rows, cs.cols));
     const MatD g1d = to_double(g1, m, n);
-    const MatD cref = st.side == Side::left ? MatD(columns(st.basis, st.side).transpose() * g1d)
-                                            : MatD(g1d * columns(st.basis, st.side));
+    const MatD cref = st.side == Side::left
+                          ? MatD(basis_columns(st.basis, st.side).transpose() * g1d)
+                          : MatD(g1d * basis_columns(st.basis, st.side));
     double err = 0;
     for (index_t i = 0; i < cs.rows; ++i)
       for (index_t j = 0; j < cs.cols; ++j)
@@ -168,7 +143,7 @@ TEST_CASE("grassmann: the geodesic stays on the manifold over many steps") {
         gr.refresh(s, host_view(g.data(), m, n), k);
         max_angle = std::max(max_angle, s.last_angle);
       }
-      const double err = orthonormality(columns(s.basis, s.side));
+      const double err = orthonormality(basis_columns(s.basis, s.side));
       MESSAGE(m, "x", n, " r=", r, " reorth_every=", reorth,
               ": ||S^T S - I||_F after 300 steps = ", err, " (largest turn ", max_angle, " rad)");
       CHECK(s.tracking_count == 300);
@@ -188,13 +163,13 @@ TEST_CASE("grassmann: small steps lower the projection error on a fixed target")
     auto s = gr.init(shape, 1);
     gr.refresh(s, host_view(g0.data(), m, n), 0);
     const MatD gh = ghat(target, shape, s.side);
-    double err = projection_error(columns(s.basis, s.side), gh);
+    double err = projection_error(basis_columns(s.basis, s.side), gh);
     const double start = err;
     for (index_t k = 1; k <= 20; ++k) {
       gr.refresh(s, host_view(target.data(), m, n), k);
       CHECK(s.last_angle > 0.0);
       CHECK(s.last_angle < 0.1);
-      const double e = projection_error(columns(s.basis, s.side), gh);
+      const double e = projection_error(basis_columns(s.basis, s.side), gh);
       CHECK(e < err);
       err = e;
     }
@@ -229,7 +204,7 @@ TEST_CASE("grassmann: B = 0 leaves S unchanged") {
     }
     SUBCASE("gradient inside span(S): B is round-off only") {
       // G = S X (left) or X P (right), formed in double and rounded once.
-      const MatD sd = columns(before, s.side);
+      const MatD sd = basis_columns(before, s.side);
       const MatD x =
           to_double(gaussian(r, s.side == Side::left ? n : m, 32), r, s.side == Side::left ? n : m);
       const MatD gd = s.side == Side::left ? MatD(sd * x) : MatD((sd * x).transpose());
@@ -239,7 +214,7 @@ TEST_CASE("grassmann: B = 0 leaves S unchanged") {
       MESSAGE("in-span gradient: sigma = ", s.last_sigma, " (round-off), no rotation");
     }
     SUBCASE("a small out-of-span part still rotates") {
-      const MatD sd = columns(before, s.side);
+      const MatD sd = basis_columns(before, s.side);
       const index_t other = s.side == Side::left ? n : m;
       const MatD x = to_double(gaussian(r, other, 33), r, other);
       MatD gd = sd * x + 1e-3 * to_double(gaussian(sd.rows(), other, 34), sd.rows(), other);
@@ -273,7 +248,7 @@ TEST_CASE("grassmann: geodesic update is invariant under (u, v) -> (-u, -v)") {
     CHECK((b3 - b4).cwiseAbs().maxCoeff() < 1e-6);
     CHECK((b1 - b3).cwiseAbs().maxCoeff() > 0.1);
     // The step is a rotation: still orthonormal, and the turn is θ (principal angle).
-    const MatD s1 = columns(b1, side);
+    const MatD s1 = basis_columns(b1, side);
     CHECK(orthonormality(s1) < 1e-5);
     Eigen::JacobiSVD<MatD> cs(sd.transpose() * s1);
     CHECK(std::abs(std::acos(std::min(1.0, cs.singularValues().minCoeff())) - theta) < 1e-4);
@@ -291,7 +266,7 @@ TEST_CASE("grassmann: rotation output C and the previous basis at a tracking ste
     const cpu::RowMatrix old = s.basis;
     REQUIRE(gr.refresh(s, host_view(g1.data(), m, n), 2, host_view(c.data(), r, r)));
     CHECK(cpu::as_eigen(gr.previous_basis()) == old);
-    const MatD cref = columns(s.basis, s.side).transpose() * columns(old, s.side);
+    const MatD cref = basis_columns(s.basis, s.side).transpose() * basis_columns(old, s.side);
     double err = 0;
     for (index_t i = 0; i < r; ++i)
       for (index_t j = 0; j < r; ++j)
@@ -423,7 +398,7 @@ TEST_CASE("grassmann: recovery residual against a double loop") {
                          host_view<const float>(y.data(), cs.rows, cs.cols),
                          host_view(nn.data(), cs.rows, cs.cols), host_view(out.data(), m, n));
     // Reference: φ from N and Y in double; residual G − S SᵀG from the basis in double.
-    const MatD sd = columns(s.basis, s.side), gd = to_double(g, m, n);
+    const MatD sd = basis_columns(s.basis, s.side), gd = to_double(g, m, n);
     const MatD resid = s.side == Side::left ? MatD(gd - sd * (sd.transpose() * gd))
                                             : MatD(gd - (gd * sd) * sd.transpose());
     const MatD yd = to_double(y, cs.rows, cs.cols), nd = to_double(nn, cs.rows, cs.cols);

@@ -12,6 +12,8 @@
 #include <slimgrad/backend/cpu/svd_projection.hpp>
 #include <vector>
 
+#include "matrices.hpp"
+
 using namespace slimgrad;
 using Svd = impl<transforms::SvdProjection, backend::cpu>;
 using transforms::RefreshFailure;
@@ -20,7 +22,10 @@ using transforms::SvdMethod;
 
 namespace {
 
-using MatD = Eigen::MatrixXd;
+using test::gaussian;
+using test::MatD;
+using test::orthonormality;
+using test::to_double;
 
 // A random orthonormal n×k matrix (QR of a Gaussian matrix, in double).
 MatD random_orthonormal(index_t n, index_t k, std::mt19937_64& rng) {
@@ -65,27 +70,9 @@ std::vector<double> slow_spectrum(index_t k) {
   return s;
 }
 
-std::vector<float> gaussian(index_t m, index_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd;
-  std::vector<float> g(static_cast<std::size_t>(m * n));
-  for (auto& x : g)
-    x = nd(rng);
-  return g;
-}
-
-MatD to_double(const std::vector<float>& g, index_t m, index_t n) {
-  MatD d(m, n);
-  for (index_t i = 0; i < m; ++i)
-    for (index_t j = 0; j < n; ++j)
-      d(i, j) = g[static_cast<std::size_t>(i * n + j)];
-  return d;
-}
-
 // The basis as a dim0×r double matrix S (P transposed on the right).
 MatD basis_columns(const Svd::State& s) {
-  const MatD b = s.basis.cast<double>();
-  return s.side == Side::left ? b : MatD(b.transpose());
+  return test::basis_columns(s.basis, s.side);
 }
 
 // Top-r left singular vectors of Ĝ (G on the left, Gᵀ on the right) by JacobiSVD in double,
@@ -112,10 +99,6 @@ Eigen::VectorXd principal_angles(const MatD& a, const MatD& b) {
   for (index_t i = 0; i < s.size(); ++i)
     s[i] = std::asin(std::min(1.0, s[i]));
   return s;
-}
-
-double orthonormality(const MatD& s) {
-  return (s.transpose() * s - MatD::Identity(s.cols(), s.cols())).norm();
 }
 
 constexpr double deg = 180.0 / 3.14159265358979323846;
