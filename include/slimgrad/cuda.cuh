@@ -4,6 +4,7 @@
 // program uses, e.g.
 //   template class slimgrad::cuda::MultiTensorAdam<slimgrad::state::Q8Block<256>>;
 //   template class slimgrad::cuda::MultiTensorGwt<slimgrad::transforms::Haar, 2>;
+//   template class slimgrad::cuda::MultiTensorLowRank<slimgrad::transforms::SvdProjection>;
 // and call those from any .cpp through <slimgrad/backend/cuda/api.hpp>.
 #pragma once
 
@@ -27,6 +28,7 @@
 #include "state/stores.hpp"
 #include "transforms/compact_projection.hpp"
 #include "transforms/dwt.hpp"
+#include "transforms/grassmann.hpp"
 #include "transforms/random_projection.hpp"
 
 // The CUDA backend.
@@ -36,4 +38,5 @@
 #include "backend/cuda/api.hpp"
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/gwt.cuh"
+#include "backend/cuda/lowrank.cuh"
 #include "backend/cuda/random.cuh"

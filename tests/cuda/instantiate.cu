@@ -11,6 +11,8 @@ template class sg::cuda::MultiTensorGwt<sg::transforms::Haar, 3>;
 template class sg::cuda::Linear<sg::activation::None>;
 template class sg::cuda::Linear<sg::activation::VeLoRA>;
 template class sg::cuda::Linear<sg::activation::CompAct>;
+template class sg::cuda::MultiTensorLowRank<sg::transforms::SvdProjection>;
+template class sg::cuda::MultiTensorLowRank<sg::transforms::Grassmann>;
 template void sg::cuda::q8_quantize_codes<float>(const float*, const float*, std::uint8_t*,
                                                  sg::index_t, sg::state::Moment,
                                                  sg::cuda::stream_t);

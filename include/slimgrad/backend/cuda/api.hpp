@@ -27,16 +27,20 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "../../core/config.hpp"
+#include "../../core/orientation.hpp"
 #include "../../core/philox.hpp"
 #include "../../core/view.hpp"
 #include "../../optim/adam.hpp"
 #include "../../optim/residual.hpp"
 #include "../../state/stores.hpp"
 #include "../../transforms/dwt.hpp"
+#include "../../transforms/grassmann.hpp"
+#include "../../transforms/svd_projection.hpp"
 
 struct CUstream_st;
 
@@ -199,6 +203,82 @@ class MultiTensorGwt {
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;
   void launch(stream_t stream, const StepScalars& s, const StepScalars* device_scalars);
+};
+
+/// GaLore (Transform = transforms::SvdProjection, algorithms.md §5) and SubTrack-Grad
+/// (transforms::Grassmann, §2.2) over a list of fp32 tensors, with the CPU's orientation rules
+/// (side_for: the smaller side is projected) and stored layouts (basis m×r on the left, P r×n on
+/// the right; coefficients and moments r×n or m×r, row-major). A steady step is three pieces of
+/// work on the caller's stream: R = projection of G (one batched cuBLAS GEMM per shape group),
+/// Adam on every coefficient (one kernel; N = M/D overwrites R), and one batched GEMM per group
+/// that updates W in place, W ← β·W + α'·Back(N), which expresses the convention's decoupled
+/// decay exactly up to rounding (hf: β = 1 − lr·λ, α' = −c·α·β). With Options::tf32 (the
+/// default) the GEMMs run on TF32 tensor cores (10-bit mantissa products, fp32 accumulation);
+/// off, they are plain fp32 (the tests compare with the CPU that way).
+///
+/// Refresh (GaLore: k ≡ 0 mod T; SubTrack: its SVD at k = 0, then a geodesic step at k ≡ 0 mod
+/// T, k > 0) runs inside the step that is due, spread over Options::lanes internal streams
+/// (forked from and joined back into the caller's stream with events), each with its own cuBLAS
+/// and cuSOLVER handle created at construction; the steady step uses one more cuBLAS handle,
+/// also created at construction and bound to the caller's stream at each step. Every handle gets
+/// its cuBLAS workspace from the caller's buffer, so no step allocates. The refresh's cuSOLVER
+/// eigensolvers (syevd) may synchronise with the host internally; the steady step never does.
+///   randomized (SvdMethod::randomized): Ω from Philox (Key{seed, Tensor::id, k/T}, the CPU's
+///     bits), Y = ĜΩ, q power iterations orthonormalised by shifted Cholesky-QR, then Q by
+///     Cholesky-QR2, Bᵀ = ĜᵀQ and the top-r eigenvectors of BBᵀ (ℓ×ℓ, cuSOLVER syevd):
+///     S = Q·V, canonical signs. The CPU uses Householder QR and an SVD of R: same subspace.
+///   exact: the top-r eigenvectors of ĜĜᵀ (dim0×dim0, fp32 GEMM + syevd), canonical signs.
+///   Grassmann tracking: the CPU's step (A = SᵀĜ, W = ĜAᵀ, B = (I − SSᵀ)W twice, top
+///     eigenvector of BᵀB in double by syevd, u = −Bv/‖Bv‖, θ = ησ, rank-1 geodesic update),
+///     then Cholesky-QR (R with a positive diagonal: the CPU's Householder Q) every
+///     reorth_every-th tracking step (counted whether or not the step turned the basis).
+/// Not on the GPU yet: bf16 parameters, SubTrack++'s recovery scaling and moment rotation, the
+/// non-finite gradient skip and the refresh fallbacks of the CPU (a non-finite gradient at a
+/// refresh gives a non-finite basis).
+template <class Transform>
+class MultiTensorLowRank {
+ public:
+  struct Options {
+    optim::Adam::Options rule{};              ///< the recipes use the hf convention, ε 1e-6
+    typename Transform::Options transform{};  ///< rank, T, method / η, ...
+    double scale = 0.25;                      ///< α of the back-projection
+    bool tf32 = true;                         ///< TF32 tensor cores for the large GEMMs
+    int lanes = 8;                            ///< streams a refresh spreads its tensors over
+  };
+
+  static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
+  MultiTensorLowRank(std::span<const Tensor> tensors, const Options& options, void* workspace,
+                     std::size_t workspace_size, stream_t stream);
+  ~MultiTensorLowRank();
+  MultiTensorLowRank(const MultiTensorLowRank&) = delete;
+  MultiTensorLowRank& operator=(const MultiTensorLowRank&) = delete;
+
+  /// Step t = steps() + 1 of every tensor (k = steps(): refreshes first when k is due).
+  void step(stream_t stream);
+  /// Runs the refresh that step k = steps() would run (SVD or tracking) now, on every tensor,
+  /// without an Adam step (benchmarks time it on its own).
+  void refresh(stream_t stream);
+  /// Whether the next step() refreshes (some tensor has no basis, or k is due).
+  bool refresh_due() const;
+  std::int64_t steps() const;
+  void set_steps(std::int64_t t);
+  /// Exact bytes of state: the moments (8 bytes per coefficient) and the fp32 bases.
+  std::size_t state_bytes() const;
+  index_t tensors() const;
+  Side side(index_t tensor) const;
+  Shape basis_shape(index_t tensor) const;  ///< m×r (left) or r×n (right)
+  Shape coeff_shape(index_t tensor) const;  ///< r×n (left) or m×r (right)
+  /// Synchronous copies in the CPU state's layout (checkpoints, tests): the basis as
+  /// BasisState::basis stores it; writing one marks the tensor's basis as present.
+  void read_basis(index_t tensor, float* host) const;
+  void write_basis(index_t tensor, const float* host);
+  void read_moments(index_t tensor, float* m, float* v) const;
+  void write_moments(index_t tensor, const float* m, const float* v);
+
+  struct State;  // defined in backend/cuda/lowrank.cuh
+
+ private:
+  std::unique_ptr<State> s_;
 };
 
 /// `out` (device, row-major, any leading dimension) ← N(0, stddev²) values named by `key`: the

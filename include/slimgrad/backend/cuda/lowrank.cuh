@@ -1,0 +1,916 @@
+// slimgrad/backend/cuda/lowrank.cuh — MultiTensorLowRank (api.hpp): GaLore's projected Adam
+// (transforms::SvdProjection) and SubTrack-Grad's tracked projection (transforms::Grassmann) on
+// cuBLAS and cuSOLVER.
+//
+// Column-major view of the row-major buffers (what cuBLAS sees): G (m×n row-major) is Gc = Gᵀ
+// (n×m, ld n). Right side (m ≥ n under std): P (r×n) is Pc = S (n×r, ld n), R = G Pᵀ (m×r) is
+// Rc = P Gᵀ (r×m). Left side: S (m×r) is Sc = Sᵀ (r×m, ld r), R = Sᵀ G (r×n) is Rc = Gᵀ S
+// (n×r). So both GEMMs of a step need no transposed copy, and the coefficient buffers hold the
+// CPU's row-major coefficients bit for bit in layout.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../../core/orientation.hpp"
+#include "../../optim/adam.hpp"
+#include "../../transforms/grassmann.hpp"
+#include "../../transforms/svd_projection.hpp"
+#include "common.cuh"
+#include "random.cuh"
+
+namespace slimgrad::cuda {
+
+namespace detail {
+
+inline void check_blas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw Error(std::string("slimgrad cuda: ") + what + ": " + cublasGetStatusString(s));
+}
+inline void check_solver(cusolverStatus_t s, const char* what) {
+  if (s != CUSOLVER_STATUS_SUCCESS)
+    throw Error(std::string("slimgrad cuda: ") + what + ": cuSOLVER status " +
+                std::to_string(static_cast<int>(s)));
+}
+
+inline transforms::SvdProjection::Options svd_options_of(
+    const transforms::SvdProjection::Options& o) {
+  return o;
+}
+inline transforms::SvdProjection::Options svd_options_of(const transforms::Grassmann::Options& o) {
+  transforms::SvdProjection::Options s;
+  s.rank = o.rank;
+  s.update_gap = o.update_gap;
+  s.proj_type = o.proj_type;
+  s.method = o.init_method;
+  s.oversampling = o.oversampling;
+  s.power_iterations = o.power_iterations;
+  s.seed = o.seed;
+  return s;
+}
+
+/// C ← alpha·op(A)·op(B) + beta·C, fp32 data; tf32 picks the tensor-core compute type.
+inline void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, float alpha,
+                 const float* a, index_t lda, const float* b, index_t ldb, float beta, float* c,
+                 index_t ldc, bool tf32) {
+  check_blas(
+      cublasGemmEx(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a,
+                   CUDA_R_32F, static_cast<int>(lda), b, CUDA_R_32F, static_cast<int>(ldb), &beta,
+                   c, CUDA_R_32F, static_cast<int>(ldc),
+                   tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx");
+}
+
+/// Adam on every coefficient at once (all tensors' coefficients are one contiguous array whose
+/// length is a multiple of 4): x ← N = M / D, the CPU's update() element math.
+__global__ void __launch_bounds__(256)
+    lowrank_adam_kernel(float4* __restrict__ x, float4* __restrict__ m, float4* __restrict__ v,
+                        index_t n4, optim::AdamStep s) {
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    float4 g = x[i], mm = m[i], vv = v[i];
+    float* gp = &g.x;
+    float* mp = &mm.x;
+    float* vp = &vv.x;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      optim::adam_moments(gp[l], mp[l], vp[l], s);
+      gp[l] = mp[l] / optim::adam_denominator(vp[l], s);
+    }
+    x[i] = g;
+    m[i] = mm;
+    v[i] = vv;
+  }
+}
+
+/// Block-wide argmax of |x| over a column (first index on ties, as canonical_sign_flip).
+__device__ inline void block_argmax_abs(const float* x, index_t n, float& best_abs, index_t& best) {
+  __shared__ float sa[256];
+  __shared__ index_t si[256];
+  float ba = -1.0f;
+  index_t bi = 0;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float a = fabsf(x[i]);
+    if (a > ba) ba = a, bi = i;
+  }
+  sa[threadIdx.x] = ba;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float oa = sa[threadIdx.x + s];
+      const index_t oi = si[threadIdx.x + s];
+      if (oa > sa[threadIdx.x] || (oa == sa[threadIdx.x] && oi < si[threadIdx.x]))
+        sa[threadIdx.x] = oa, si[threadIdx.x] = oi;
+    }
+    __syncthreads();
+  }
+  best_abs = sa[0];
+  best = si[0];
+}
+
+/// Writes basis column j (0 = largest) from u (dim0 × width, col-major; the columns in
+/// ascending eigenvalue order, so column j is u[:, width − 1 − j]) into the stored basis with
+/// the canonical sign: right side P (r×n row-major: row j = column j of S), left side S (m×r
+/// row-major). One block of 256 threads per column.
+__global__ void __launch_bounds__(256)
+    install_basis_kernel(const float* __restrict__ u, index_t dim0, index_t width, index_t r,
+                         bool left, float* __restrict__ out) {
+  const index_t j = blockIdx.x;
+  const float* col = u + (width - 1 - j) * dim0;
+  float ba;
+  index_t bi;
+  block_argmax_abs(col, dim0, ba, bi);
+  const bool flip = dim0 > 0 && col[bi] < 0.0f;
+  for (index_t i = threadIdx.x; i < dim0; i += blockDim.x) {
+    const float x = flip ? -col[i] : col[i];
+    if (left)
+      out[i * r + j] = x;
+    else
+      out[j * dim0 + i] = x;
+  }
+}
+
+/// H (n×n, col-major) += shift·I with shift = factor·trace(H): keeps the Cholesky factorisation
+/// of a rank-deficient Gram matrix defined (shifted Cholesky-QR). One block.
+__global__ void __launch_bounds__(256) shift_diagonal_kernel(float* h, index_t n, float factor) {
+  __shared__ float part[256];
+  float s = 0.0f;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x)
+    s += h[i * n + i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (unsigned k = blockDim.x / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
+    __syncthreads();
+  }
+  const float shift = factor * part[0];
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x)
+    h[i * n + i] += shift;
+}
+
+__global__ void to_double_kernel(const float* __restrict__ x, double* __restrict__ y, index_t n) {
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    y[i] = static_cast<double>(x[i]);
+}
+
+/// v (float, r) ← the last column of the double eigenvector matrix (the top eigenvector).
+__global__ void top_vector_kernel(const double* __restrict__ vecs, index_t r,
+                                  float* __restrict__ v) {
+  for (index_t i = threadIdx.x; i < r; i += blockDim.x)
+    v[i] = static_cast<float>(vecs[(r - 1) * r + i]);
+}
+
+/// The geodesic coefficients of one tracking step (one block): from bv = B v, sv = S v and
+/// ‖W‖_F, with the CPU's rule: no rotation when ‖Bv‖ is under the round-off floor of W or η = 0;
+/// else w_i = geodesic_row(sv_i, u_i, cos θ − 1, sin θ) with u = −Bv/‖Bv‖, θ = η·2‖Bv‖.
+/// w = 0 when the basis stays. info ← {σ, θ}.
+__global__ void __launch_bounds__(256)
+    geodesic_kernel(const float* __restrict__ bv, const float* __restrict__ sv,
+                    const float* __restrict__ wnorm, index_t dim0, index_t dim1, double eta,
+                    float* __restrict__ w, double* __restrict__ info) {
+  __shared__ float part[256];
+  float s = 0.0f;
+  for (index_t i = threadIdx.x; i < dim0; i += blockDim.x)
+    s += bv[i] * bv[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (unsigned k = blockDim.x / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
+    __syncthreads();
+  }
+  const double nb = static_cast<double>(sqrtf(part[0]));
+  const double floor = 4.0 * static_cast<double>(FLT_EPSILON) * sqrt(static_cast<double>(dim1)) *
+                       static_cast<double>(*wnorm);
+  const double sigma = 2.0 * nb;
+  const bool move = nb > floor && eta != 0.0 && isfinite(nb);
+  const double theta = move ? eta * sigma : 0.0;
+  if (threadIdx.x == 0) info[0] = sigma, info[1] = theta;
+  const double half = sin(0.5 * theta);
+  const double cos_minus_one = -2.0 * half * half;
+  const double sin_theta = sin(theta);
+  const float scale = static_cast<float>(-1.0 / nb);
+  for (index_t i = threadIdx.x; i < dim0; i += blockDim.x)
+    w[i] = move
+               ? transforms::Grassmann::geodesic_row(sv[i], bv[i] * scale, cos_minus_one, sin_theta)
+               : 0.0f;
+}
+
+/// Refresh scratch of one lane (internal stream): sized for the largest tensor.
+struct Lane {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t done = nullptr;
+  cublasHandle_t blas = nullptr;
+  cusolverDnHandle_t solver = nullptr;
+  float *omega = nullptr, *y = nullptr, *z = nullptr, *h = nullptr, *u = nullptr, *s = nullptr;
+  float *eig = nullptr, *vec = nullptr, *work = nullptr;
+  double *hd = nullptr, *eigd = nullptr, *workd = nullptr;
+  int* info = nullptr;
+  int lwork = 0, lworkd = 0;
+};
+
+}  // namespace detail
+
+template <class Transform>
+struct MultiTensorLowRank<Transform>::State {
+  static constexpr bool grassmann = std::is_same_v<Transform, transforms::Grassmann>;
+  struct Entry {
+    Tensor t;
+    Side side;
+    index_t dim0, dim1, ell;
+    float* basis;
+    float* coeff;
+    float* m;
+    float* v;
+    index_t count;
+    bool ready = false;
+  };
+  struct Group {
+    index_t rows, cols;
+    Side side;
+    int count;
+    const float** a1;  // device pointer arrays of the two batched GEMMs
+    const float** b1;
+    float** c1;
+    const float** a2;
+    const float** b2;
+    float** c2;
+  };
+  Options options;
+  transforms::SvdProjection::Options svd;
+  index_t rank = 0;
+  std::vector<Entry> entries;
+  std::vector<Group> groups;
+  std::vector<const void*> host_table;  // kept alive for the asynchronous table upload
+  float* coeff = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  index_t total = 0;             // coefficients, padded to multiples of 64 per tensor
+  double* track_info = nullptr;  // Grassmann: {σ, θ} per tensor
+  cublasHandle_t blas = nullptr;
+  cudaEvent_t fork = nullptr;
+  std::vector<detail::Lane> lanes;
+  std::int64_t t = 0;
+  std::int64_t tracking_steps = 0;
+  std::size_t state_bytes = 0;
+  double eta = 0.0;  // Grassmann's η and reorth_every (0 for GaLore)
+  index_t reorth_every = 0;
+
+  // ---- sizes -------------------------------------------------------------------------------
+  struct Sizes {
+    index_t omega = 0, y = 0, z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, hd = 0, eigd = 0;
+    int lwork = 0, lworkd = 0;
+  };
+
+  static void shapes_of(const Tensor& tn, const transforms::SvdProjection::Options& o, Side& side,
+                        index_t& dim0, index_t& dim1, index_t& ell) {
+    side = side_for(Shape{tn.rows, tn.cols}, o.proj_type);
+    dim0 = projected_dim(Shape{tn.rows, tn.cols}, side);
+    dim1 = side == Side::left ? tn.cols : tn.rows;
+    ell = transforms::SvdProjection::sketch_width(Shape{tn.rows, tn.cols}, o.rank, o.oversampling);
+  }
+
+  // cuSOLVER workspace sizes need a handle: a temporary one (construction and the static
+  // workspace query only).
+  static Sizes sizes(std::span<const Tensor> tensors, const Options& options) {
+    const auto o = detail::svd_options_of(options.transform);
+    const index_t r = o.rank;
+    const bool exact = o.method == transforms::SvdMethod::exact;
+    Sizes z;
+    cusolverDnHandle_t h = nullptr;
+    detail::check_solver(cusolverDnCreate(&h), "cusolverDnCreate");
+    std::map<std::tuple<index_t, index_t>, bool> seen;
+    try {
+      for (const Tensor& tn : tensors) {
+        Side side;
+        index_t dim0, dim1, ell;
+        shapes_of(tn, o, side, dim0, dim1, ell);
+        if (seen.contains({dim0, dim1})) continue;
+        seen[{dim0, dim1}] = true;
+        z.omega = std::max(z.omega, dim1 * ell);
+        z.y = std::max(z.y, dim0 * ell);
+        z.z = std::max(z.z, dim1 * std::max(ell, r));
+        z.h = std::max(z.h, std::max(ell * ell, exact ? dim0 * dim0 : index_t{0}));
+        z.h = std::max(z.h, r * r);
+        z.u = std::max(z.u, dim0 * r);
+        z.s = std::max(z.s, dim0 * r);
+        z.eig = std::max(z.eig, exact ? dim0 : ell);
+        z.vec = std::max(z.vec, 4 * dim0 + r + 8);
+        int lw = 0;
+        const int ie = static_cast<int>(ell), ir = static_cast<int>(r);
+        detail::check_solver(
+            cusolverDnSpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, ie, nullptr, ie, &lw),
+            "potrf_bufferSize");
+        z.lwork = std::max(z.lwork, lw);
+        detail::check_solver(
+            cusolverDnSpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, ir, nullptr, ir, &lw),
+            "potrf_bufferSize");
+        z.lwork = std::max(z.lwork, lw);
+        const int ne = static_cast<int>(exact ? dim0 : ell);
+        detail::check_solver(
+            cusolverDnSsyevd_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ne,
+                                        nullptr, ne, nullptr, &lw),
+            "syevd_bufferSize");
+        z.lwork = std::max(z.lwork, lw);
+        if constexpr (grassmann) {
+          z.hd = std::max(z.hd, r * r);
+          z.eigd = std::max(z.eigd, r);
+          detail::check_solver(
+              cusolverDnDsyevd_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ir,
+                                          nullptr, ir, nullptr, &lw),
+              "syevd_bufferSize");
+          z.lworkd = std::max(z.lworkd, lw);
+        }
+      }
+    } catch (...) {
+      cusolverDnDestroy(h);
+      throw;
+    }
+    cusolverDnDestroy(h);
+    return z;
+  }
+
+  static constexpr std::size_t blas_workspace = std::size_t{32} << 20;  // the steady handle
+  static constexpr std::size_t lane_blas_workspace = std::size_t{4} << 20;
+
+  /// Carves everything; with a null base it only counts. Fills `self` when given.
+  static std::size_t carve(std::span<const Tensor> tensors, const Options& options, const Sizes& z,
+                           char* base, State* self) {
+    detail::Carver c{base};
+    const auto o = detail::svd_options_of(options.transform);
+    std::map<std::tuple<index_t, index_t, int>, int> group_count;
+    index_t total = 0;
+    std::vector<index_t> offsets;
+    for (const Tensor& tn : tensors) {
+      Side side;
+      index_t dim0, dim1, ell;
+      shapes_of(tn, o, side, dim0, dim1, ell);
+      ++group_count[{tn.rows, tn.cols, static_cast<int>(side)}];
+      offsets.push_back(total);
+      total += (o.rank * dim1 + 63) / 64 * 64;
+    }
+    float* coeff = c.take<float>(static_cast<std::size_t>(total));
+    float* m = c.take<float>(static_cast<std::size_t>(total));
+    float* v = c.take<float>(static_cast<std::size_t>(total));
+    std::vector<float*> bases;
+    for (const Tensor& tn : tensors) {
+      Side side;
+      index_t dim0, dim1, ell;
+      shapes_of(tn, o, side, dim0, dim1, ell);
+      bases.push_back(c.take<float>(static_cast<std::size_t>(o.rank * dim0)));
+    }
+    std::vector<void*> tables;
+    for (const auto& [key, n] : group_count)
+      tables.push_back(c.take<const float*>(6 * static_cast<std::size_t>(n)));
+    double* info = c.take<double>(2 * tensors.size());
+    void* blas_ws = c.take<char>(blas_workspace);
+    const int nl = std::max(1, options.lanes);
+    std::vector<detail::Lane> lanes(static_cast<std::size_t>(nl));
+    std::vector<void*> lane_ws;
+    for (detail::Lane& l : lanes) {
+      auto f = [&](index_t n) { return c.take<float>(static_cast<std::size_t>(n)); };
+      l.omega = f(z.omega);
+      l.y = f(z.y);
+      l.z = f(z.z);
+      l.h = f(z.h);
+      l.u = f(z.u);
+      l.s = f(z.s);
+      l.eig = f(z.eig);
+      l.vec = f(z.vec);
+      l.work = f(z.lwork);
+      l.hd = c.take<double>(static_cast<std::size_t>(z.hd));
+      l.eigd = c.take<double>(static_cast<std::size_t>(z.eigd));
+      l.workd = c.take<double>(static_cast<std::size_t>(z.lworkd));
+      l.info = c.take<int>(4);
+      l.lwork = z.lwork;
+      l.lworkd = z.lworkd;
+      lane_ws.push_back(c.take<char>(lane_blas_workspace));
+    }
+    if (self == nullptr) return c.bytes();
+
+    State& s = *self;
+    s.coeff = coeff;
+    s.m = m;
+    s.v = v;
+    s.total = total;
+    s.track_info = info;
+    s.lanes = lanes;
+    s.entries.resize(tensors.size());
+    for (std::size_t k = 0; k < tensors.size(); ++k) {
+      Entry& e = s.entries[k];
+      e.t = tensors[k];
+      shapes_of(e.t, o, e.side, e.dim0, e.dim1, e.ell);
+      e.basis = bases[k];
+      e.coeff = coeff + offsets[k];
+      e.m = m + offsets[k];
+      e.v = v + offsets[k];
+      e.count = o.rank * e.dim1;
+    }
+    // Group tables: [a1 b1 c1 a2 b2 c2] × count, in tensor order within a group.
+    std::size_t g = 0;
+    for (const auto& [key, n] : group_count) {
+      const auto [rows, cols, side] = key;
+      Group gr{rows,    cols,   static_cast<Side>(side), n, nullptr, nullptr, nullptr, nullptr,
+               nullptr, nullptr};
+      auto* tab = static_cast<const float**>(tables[g++]);
+      gr.a1 = tab;
+      gr.b1 = tab + n;
+      gr.c1 = const_cast<float**>(tab + 2 * n);
+      gr.a2 = tab + 3 * n;
+      gr.b2 = tab + 4 * n;
+      gr.c2 = const_cast<float**>(tab + 5 * n);
+      std::vector<const void*> host(6 * static_cast<std::size_t>(n));
+      int i = 0;
+      for (const Entry& e : s.entries) {
+        if (e.t.rows != rows || e.t.cols != cols || static_cast<int>(e.side) != side) continue;
+        const auto nn = static_cast<std::size_t>(n);
+        const auto ii = static_cast<std::size_t>(i);
+        if (e.side == Side::right) {
+          host[ii] = e.basis, host[nn + ii] = e.t.grad, host[2 * nn + ii] = e.coeff;
+          host[3 * nn + ii] = e.basis, host[4 * nn + ii] = e.coeff, host[5 * nn + ii] = e.t.weight;
+        } else {
+          host[ii] = e.t.grad, host[nn + ii] = e.basis, host[2 * nn + ii] = e.coeff;
+          host[3 * nn + ii] = e.coeff, host[4 * nn + ii] = e.basis, host[5 * nn + ii] = e.t.weight;
+        }
+        ++i;
+      }
+      s.host_table.insert(s.host_table.end(), host.begin(), host.end());
+      s.groups.push_back(gr);
+    }
+    s.blas_ws = blas_ws;
+    s.lane_ws = lane_ws;
+    return c.bytes();
+  }
+  void* blas_ws = nullptr;
+  std::vector<void*> lane_ws;
+
+  ~State() {
+    for (detail::Lane& l : lanes) {
+      if (l.blas) cublasDestroy(l.blas);
+      if (l.solver) cusolverDnDestroy(l.solver);
+      if (l.done) cudaEventDestroy(l.done);
+      if (l.stream) cudaStreamDestroy(l.stream);
+    }
+    if (blas) cublasDestroy(blas);
+    if (fork) cudaEventDestroy(fork);
+  }
+
+  // ---- refresh -----------------------------------------------------------------------------
+  // Ĝ = G (left) or Gᵀ (right), dim0×dim1; X, Y col-major.
+  void ghat_times(const detail::Lane& l, const Entry& e, const float* x, float* y, index_t w,
+                  bool tf32) const {  // Y (dim0×w) = Ĝ X (dim1×w)
+    const auto* g = static_cast<const float*>(e.t.grad);
+    const index_t n = e.t.cols, mm = e.t.rows;
+    if (e.side == Side::right)
+      detail::gemm(l.blas, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
+    else
+      detail::gemm(l.blas, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
+  }
+  void ghatT_times(const detail::Lane& l, const Entry& e, const float* x, float* y, index_t w,
+                   bool tf32) const {  // Y (dim1×w) = Ĝᵀ X (dim0×w)
+    const auto* g = static_cast<const float*>(e.t.grad);
+    const index_t n = e.t.cols, mm = e.t.rows;
+    if (e.side == Side::right)
+      detail::gemm(l.blas, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
+    else
+      detail::gemm(l.blas, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
+  }
+
+  /// X (rows×w, col-major) ← an orthonormal basis of its span: R from the Cholesky factor of
+  /// XᵀX (+ shift_factor·trace·I), X ← X R⁻¹. R has a positive diagonal.
+  void cholesky_qr(const detail::Lane& l, float* x, index_t rows, index_t w,
+                   float shift_factor) const {
+    detail::gemm(l.blas, true, false, w, w, rows, 1.0f, x, rows, x, rows, 0.0f, l.h, w, false);
+    if (shift_factor > 0.0f) {
+      detail::shift_diagonal_kernel<<<1, 256, 0, l.stream>>>(l.h, w, shift_factor);
+      detail::check_launch("shift_diagonal_kernel");
+    }
+    detail::check_solver(cusolverDnSpotrf(l.solver, CUBLAS_FILL_MODE_UPPER, static_cast<int>(w),
+                                          l.h, static_cast<int>(w), l.work, l.lwork, l.info),
+                         "cusolverDnSpotrf");
+    const float one = 1.0f;
+    detail::check_blas(
+        cublasStrsm(l.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
+                    CUBLAS_DIAG_NON_UNIT, static_cast<int>(rows), static_cast<int>(w), &one, l.h,
+                    static_cast<int>(w), x, static_cast<int>(rows)),
+        "cublasStrsm");
+  }
+
+  void install(const detail::Lane& l, Entry& e, const float* u, index_t width) {
+    detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, l.stream>>>(
+        u, e.dim0, width, rank, e.side == Side::left, e.basis);
+    detail::check_launch("install_basis_kernel");
+    e.ready = true;
+  }
+
+  void svd_refresh(const detail::Lane& l, Entry& e, std::int64_t k) {
+    const bool tf32 = options.tf32;
+    if (svd.method == transforms::SvdMethod::exact) {
+      // H = ĜĜᵀ (fp32 products: the Gram squares the spectrum) and its top-r eigenvectors.
+      const auto* g = static_cast<const float*>(e.t.grad);
+      const index_t n = e.t.cols, mm = e.t.rows;
+      if (e.side == Side::right)  // Ĝ = Gc (n×m): H = Gc Gcᵀ
+        detail::gemm(l.blas, false, true, n, n, mm, 1.0f, g, n, g, n, 0.0f, l.h, n, false);
+      else  // Ĝ = Gcᵀ: H = Gcᵀ Gc
+        detail::gemm(l.blas, true, false, mm, mm, n, 1.0f, g, n, g, n, 0.0f, l.h, mm, false);
+      const int d = static_cast<int>(e.dim0);
+      detail::check_solver(
+          cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, d, l.h, d,
+                           l.eig, l.work, l.lwork, l.info),
+          "cusolverDnSsyevd");
+      install(l, e, l.h, e.dim0);
+      return;
+    }
+    const index_t ell = e.ell, d0 = e.dim0, d1 = e.dim1;
+    const random::Key key{svd.seed, e.t.id, static_cast<std::uint32_t>(k / svd.update_gap)};
+    // Ω (dim1×ℓ) in Philox's row-major order, then transposed into Z (col-major dim1×ℓ).
+    fill_gaussian(DeviceView<float>(l.omega, d1, ell, ell), key, 1.0, l.stream);
+    const float one = 1.0f, zero = 0.0f;
+    detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d1),
+                                   static_cast<int>(ell), &one, l.omega, static_cast<int>(ell),
+                                   &zero, l.z, static_cast<int>(d1), l.z, static_cast<int>(d1)),
+                       "cublasSgeam");
+    ghat_times(l, e, l.z, l.y, ell, tf32);
+    // Shifted Cholesky-QR between products: enough to keep the sketch from collapsing onto the
+    // top singular vector; the shift (ℓ·ε·‖X‖²_F) keeps a rank-deficient sketch factorisable.
+    const float shift = static_cast<float>(ell) * std::numeric_limits<float>::epsilon();
+    for (index_t it = 0; it < svd.power_iterations; ++it) {
+      cholesky_qr(l, l.y, d0, ell, shift);
+      ghatT_times(l, e, l.y, l.z, ell, tf32);
+      cholesky_qr(l, l.z, d1, ell, shift);
+      ghat_times(l, e, l.z, l.y, ell, tf32);
+    }
+    cholesky_qr(l, l.y, d0, ell, shift);  // Cholesky-QR2: Q orthonormal to working accuracy
+    cholesky_qr(l, l.y, d0, ell, std::numeric_limits<float>::epsilon());
+    ghatT_times(l, e, l.y, l.z, ell, tf32);  // Bᵀ = ĜᵀQ (dim1×ℓ)
+    detail::gemm(l.blas, true, false, ell, ell, d1, 1.0f, l.z, d1, l.z, d1, 0.0f, l.h, ell,
+                 false);  // BBᵀ
+    const int ie = static_cast<int>(ell);
+    detail::check_solver(
+        cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ie, l.h, ie,
+                         l.eig, l.work, l.lwork, l.info),
+        "cusolverDnSsyevd");
+    // U = Q·V[:, ℓ−r:] (ascending), then reversed and signed by install.
+    detail::gemm(l.blas, false, false, d0, rank, ell, 1.0f, l.y, d0, l.h + (ell - rank) * ell, ell,
+                 0.0f, l.u, d0, false);
+    install(l, e, l.u, rank);
+  }
+
+  void track(const detail::Lane& l, Entry& e, std::size_t k, bool reorth) {
+    const bool tf32 = options.tf32;
+    const index_t d0 = e.dim0, d1 = e.dim1, r = rank;
+    const float one = 1.0f, zero = 0.0f;
+    // S (dim0×r col-major) from the stored basis: a copy (right) or a transpose (left).
+    if (e.side == Side::right)
+      detail::check(cudaMemcpyAsync(l.s, e.basis, static_cast<std::size_t>(d0 * r) * 4,
+                                    cudaMemcpyDeviceToDevice, l.stream),
+                    "cudaMemcpyAsync");
+    else
+      detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d0),
+                                     static_cast<int>(r), &one, e.basis, static_cast<int>(r), &zero,
+                                     l.s, static_cast<int>(d0), l.s, static_cast<int>(d0)),
+                         "cublasSgeam");
+    float* at = l.z;   // Aᵀ = ĜᵀS (dim1×r)
+    float* w = l.u;    // W = ĜAᵀ (dim0×r), then B
+    float* sw = l.h;   // SᵀW (r×r), then BᵀB
+    float* v = l.vec;  // r
+    float* bv = v + r;
+    float* sv = bv + d0;
+    float* gw = sv + d0;
+    float* wnorm = gw + d0;
+    ghatT_times(l, e, l.s, at, r, tf32);
+    ghat_times(l, e, at, w, r, tf32);
+    detail::check_blas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
+    detail::check_blas(cublasSnrm2(l.blas, static_cast<int>(d0 * r), w, 1, wnorm), "cublasSnrm2");
+    detail::check_blas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
+    for (int pass = 0; pass < 2; ++pass) {  // B = (I − SSᵀ)W, twice
+      detail::gemm(l.blas, true, false, r, r, d0, 1.0f, l.s, d0, w, d0, 0.0f, sw, r, false);
+      detail::gemm(l.blas, false, false, d0, r, r, -1.0f, l.s, d0, sw, r, 1.0f, w, d0, false);
+    }
+    detail::gemm(l.blas, true, false, r, r, d0, 1.0f, w, d0, w, d0, 0.0f, sw, r, false);  // BᵀB
+    detail::to_double_kernel<<<64, 256, 0, l.stream>>>(sw, l.hd, r * r);
+    detail::check_launch("to_double_kernel");
+    const int ir = static_cast<int>(r);
+    detail::check_solver(
+        cusolverDnDsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ir, l.hd, ir,
+                         l.eigd, l.workd, l.lworkd, l.info),
+        "cusolverDnDsyevd");
+    detail::top_vector_kernel<<<1, 256, 0, l.stream>>>(l.hd, r, v);
+    detail::check_launch("top_vector_kernel");
+    detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, w,
+                                   static_cast<int>(d0), v, 1, &zero, bv, 1),
+                       "cublasSgemv");
+    detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, l.s,
+                                   static_cast<int>(d0), v, 1, &zero, sv, 1),
+                       "cublasSgemv");
+    detail::geodesic_kernel<<<1, 256, 0, l.stream>>>(bv, sv, wnorm, d0, d1, eta, gw,
+                                                     track_info + 2 * k);
+    detail::check_launch("geodesic_kernel");
+    detail::check_blas(
+        cublasSger(l.blas, static_cast<int>(d0), ir, &one, gw, 1, v, 1, l.s, static_cast<int>(d0)),
+        "cublasSger");
+    if (reorth) cholesky_qr(l, l.s, d0, r, 0.0f);
+    if (e.side == Side::right)
+      detail::check(cudaMemcpyAsync(e.basis, l.s, static_cast<std::size_t>(d0 * r) * 4,
+                                    cudaMemcpyDeviceToDevice, l.stream),
+                    "cudaMemcpyAsync");
+    else
+      detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r),
+                                     static_cast<int>(d0), &one, l.s, static_cast<int>(d0), &zero,
+                                     e.basis, static_cast<int>(r), e.basis, static_cast<int>(r)),
+                         "cublasSgeam");
+  }
+
+  bool due(std::int64_t k) const {
+    for (const Entry& e : entries)
+      if (!e.ready) return true;
+    if constexpr (grassmann)
+      return k == 0 || transforms::Grassmann::tracking_due(k, svd.update_gap);
+    else
+      return transforms::SvdProjection::refresh_due(k, svd.update_gap);
+  }
+
+  void refresh_all(cudaStream_t stream, std::int64_t k) {
+    bool any_track = false;
+    if constexpr (grassmann) {
+      bool all_ready = true;
+      for (const Entry& e : entries)
+        all_ready = all_ready && e.ready;
+      any_track = all_ready && k > 0;
+    }
+    bool reorth = false;
+    if (any_track) {
+      ++tracking_steps;
+      const index_t every = reorth_every;
+      reorth = every > 0 && tracking_steps % every == 0;
+    }
+    detail::check(cudaEventRecord(fork, stream), "cudaEventRecord");
+    for (detail::Lane& l : lanes)
+      detail::check(cudaStreamWaitEvent(l.stream, fork, 0), "cudaStreamWaitEvent");
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const detail::Lane& l = lanes[i % lanes.size()];
+      Entry& e = entries[i];
+      if (any_track && e.ready)
+        track(l, e, i, reorth);
+      else
+        svd_refresh(l, e, k);
+    }
+    for (detail::Lane& l : lanes) {
+      detail::check(cudaEventRecord(l.done, l.stream), "cudaEventRecord");
+      detail::check(cudaStreamWaitEvent(stream, l.done, 0), "cudaStreamWaitEvent");
+    }
+  }
+
+  // ---- the steady step ---------------------------------------------------------------------
+  void project_adam_update(cudaStream_t stream) {
+    // cublasSetStream resets the handle to its default workspace pool: set ours again, so the
+    // step never allocates.
+    detail::check_blas(cublasSetStream(blas, stream), "cublasSetStream");
+    detail::check_blas(cublasSetWorkspace(blas, blas_ws, blas_workspace), "cublasSetWorkspace");
+    const cublasComputeType_t ct = options.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const float one = 1.0f, zero = 0.0f;
+    const index_t r = rank;
+    for (const Group& g : groups) {
+      const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
+      const int ri = static_cast<int>(r);
+      if (g.side == Side::right)  // Rc (r×m) = Pcᵀ (n×r)ᵀ · Gc (n×m)
+        detail::check_blas(
+            cublasGemmBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, ri, m, n, &one,
+                                reinterpret_cast<const void* const*>(g.a1), CUDA_R_32F, n,
+                                reinterpret_cast<const void* const*>(g.b1), CUDA_R_32F, n, &zero,
+                                reinterpret_cast<void* const*>(g.c1), CUDA_R_32F, ri, g.count, ct,
+                                CUBLAS_GEMM_DEFAULT),
+            "cublasGemmBatchedEx (project)");
+      else  // Rc (n×r) = Gc (n×m) · Sc (r×m)ᵀ
+        detail::check_blas(
+            cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, ri, m, &one,
+                                reinterpret_cast<const void* const*>(g.a1), CUDA_R_32F, n,
+                                reinterpret_cast<const void* const*>(g.b1), CUDA_R_32F, ri, &zero,
+                                reinterpret_cast<void* const*>(g.c1), CUDA_R_32F, n, g.count, ct,
+                                CUBLAS_GEMM_DEFAULT),
+            "cublasGemmBatchedEx (project)");
+    }
+    const optim::AdamStep s = optim::Adam::step_scalars(options.rule, t + 1);
+    const index_t n4 = total / 4;
+    const int blocks = static_cast<int>(std::min<index_t>((n4 + 255) / 256, 132 * 8));
+    detail::lowrank_adam_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<float4*>(coeff),
+                                                            reinterpret_cast<float4*>(m),
+                                                            reinterpret_cast<float4*>(v), n4, s);
+    detail::check_launch("lowrank_adam_kernel");
+    // W ← β·W + α'·Back(N): decay and step of the convention in one GEMM epilogue.
+    const optim::WeightUpdate& wu = s.weight;
+    const double decay =
+        static_cast<double>(wu.decay_multiplier) * (1.0 + static_cast<double>(wu.decay_alpha));
+    const double step = -static_cast<double>(wu.step_size) * options.scale;
+    const float beta = static_cast<float>(decay);
+    const float alpha = static_cast<float>(wu.decay_before ? step : step * decay);
+    for (const Group& g : groups) {
+      const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
+      const int ri = static_cast<int>(r);
+      // Wc (n×m) += Pc (n×r) · Nc (r×m)  |  Nc (n×r) · Sc (r×m)
+      detail::check_blas(
+          cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, &alpha,
+                              reinterpret_cast<const void* const*>(g.a2), CUDA_R_32F, n,
+                              reinterpret_cast<const void* const*>(g.b2), CUDA_R_32F, ri, &beta,
+                              reinterpret_cast<void* const*>(g.c2), CUDA_R_32F, n, g.count, ct,
+                              CUBLAS_GEMM_DEFAULT),
+          "cublasGemmBatchedEx (update)");
+    }
+  }
+};
+
+template <class Transform>
+std::size_t MultiTensorLowRank<Transform>::workspace_bytes(std::span<const Tensor> tensors,
+                                                           const Options& options) {
+  return State::carve(tensors, options, State::sizes(tensors, options), nullptr, nullptr);
+}
+
+template <class Transform>
+MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensors,
+                                                  const Options& options, void* workspace,
+                                                  std::size_t workspace_size, stream_t stream)
+    : s_(std::make_unique<State>()) {
+  constexpr const char* who = "cuda::MultiTensorLowRank";
+  optim::Adam::validate(options.rule);
+  const auto o = detail::svd_options_of(options.transform);
+  require(o.rank >= 1, std::string(who) + ": rank must be at least 1");
+  require(o.update_gap >= 1, std::string(who) + ": update_gap must be at least 1");
+  require(o.oversampling >= 0 && o.power_iterations >= 0,
+          std::string(who) + ": oversampling and power_iterations must be non-negative");
+  require(std::isfinite(options.scale), std::string(who) + ": scale must be finite");
+  require(options.lanes >= 1 && options.lanes <= 64,
+          std::string(who) + ": lanes must lie in [1, 64]");
+  if constexpr (State::grassmann)
+    require(std::isfinite(options.transform.eta) && options.transform.eta >= 0.0 &&
+                options.transform.reorth_every >= 0,
+            std::string(who) + ": eta must be finite and >= 0, reorth_every >= 0");
+  for (std::size_t k = 0; k < tensors.size(); ++k) {
+    const Tensor& t = tensors[k];
+    detail::check_tensor(t, Precision::fp32, k, who);
+    require(t.rows > 0 && t.cols > 0 && o.rank <= std::min(t.rows, t.cols),
+            std::string(who) + ": tensor " + std::to_string(k) + " (" + std::to_string(t.rows) +
+                "x" + std::to_string(t.cols) + ") is empty or smaller than the rank " +
+                std::to_string(o.rank));
+    require(t.rows < (index_t{1} << 31) && t.cols < (index_t{1} << 31),
+            std::string(who) + ": dimensions must fit cuBLAS's int");
+  }
+  const auto sizes = State::sizes(tensors, options);
+  const std::size_t need = State::carve(tensors, options, sizes, nullptr, nullptr);
+  detail::check_workspace(workspace, workspace_size, need, who);
+  State& s = *s_;
+  s.options = options;
+  s.svd = o;
+  s.rank = o.rank;
+  if constexpr (State::grassmann) {
+    s.eta = options.transform.eta;
+    s.reorth_every = options.transform.reorth_every;
+  }
+  State::carve(tensors, options, sizes, static_cast<char*>(workspace), &s);
+  for (const auto& e : s.entries)
+    s.state_bytes +=
+        2 * static_cast<std::size_t>(e.count) * 4 + static_cast<std::size_t>(o.rank * e.dim0) * 4;
+
+  detail::check_blas(cublasCreate(&s.blas), "cublasCreate");
+  detail::check_blas(cublasSetWorkspace(s.blas, s.blas_ws, State::blas_workspace),
+                     "cublasSetWorkspace");
+  detail::check(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming), "cudaEventCreate");
+  for (std::size_t i = 0; i < s.lanes.size(); ++i) {
+    detail::Lane& l = s.lanes[i];
+    detail::check(cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    detail::check(cudaEventCreateWithFlags(&l.done, cudaEventDisableTiming), "cudaEventCreate");
+    detail::check_blas(cublasCreate(&l.blas), "cublasCreate");
+    detail::check_blas(cublasSetStream(l.blas, l.stream), "cublasSetStream");
+    detail::check_blas(cublasSetWorkspace(l.blas, s.lane_ws[i], State::lane_blas_workspace),
+                       "cublasSetWorkspace");
+    detail::check_solver(cusolverDnCreate(&l.solver), "cusolverDnCreate");
+    detail::check_solver(cusolverDnSetStream(l.solver, l.stream), "cusolverDnSetStream");
+  }
+  // Zero moments (the coefficients' padding too) and the tracking info; upload the tables.
+  const std::size_t bytes = static_cast<std::size_t>(s.total) * 4;
+  detail::check(cudaMemsetAsync(s.coeff, 0, bytes, stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.m, 0, bytes, stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.v, 0, bytes, stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.track_info, 0, 2 * tensors.size() * sizeof(double), stream),
+                "cudaMemsetAsync");
+  std::size_t off = 0;
+  for (const auto& g : s.groups) {
+    const std::size_t n = 6 * static_cast<std::size_t>(g.count);
+    detail::check(cudaMemcpyAsync(const_cast<float**>(g.a1), s.host_table.data() + off,
+                                  n * sizeof(void*), cudaMemcpyHostToDevice, stream),
+                  "cudaMemcpyAsync");
+    off += n;
+  }
+  detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+}
+
+template <class Transform>
+MultiTensorLowRank<Transform>::~MultiTensorLowRank() = default;
+
+template <class Transform>
+void MultiTensorLowRank<Transform>::step(stream_t stream) {
+  State& s = *s_;
+  if (s.due(s.t)) s.refresh_all(stream, s.t);
+  s.project_adam_update(stream);
+  ++s.t;
+}
+
+template <class Transform>
+void MultiTensorLowRank<Transform>::refresh(stream_t stream) {
+  s_->refresh_all(stream, s_->t);
+}
+
+template <class Transform>
+bool MultiTensorLowRank<Transform>::refresh_due() const {
+  return s_->due(s_->t);
+}
+template <class Transform>
+std::int64_t MultiTensorLowRank<Transform>::steps() const {
+  return s_->t;
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::set_steps(std::int64_t t) {
+  require(t >= 0, "cuda::MultiTensorLowRank: the step count must not be negative");
+  s_->t = t;
+}
+template <class Transform>
+std::size_t MultiTensorLowRank<Transform>::state_bytes() const {
+  return s_->state_bytes;
+}
+template <class Transform>
+index_t MultiTensorLowRank<Transform>::tensors() const {
+  return static_cast<index_t>(s_->entries.size());
+}
+
+namespace detail {
+template <class State>
+const auto& lowrank_entry(const State& s, index_t k) {
+  require(k >= 0 && k < static_cast<index_t>(s.entries.size()),
+          "cuda::MultiTensorLowRank: tensor index out of range");
+  return s.entries[static_cast<std::size_t>(k)];
+}
+}  // namespace detail
+
+template <class Transform>
+Side MultiTensorLowRank<Transform>::side(index_t tensor) const {
+  return detail::lowrank_entry(*s_, tensor).side;
+}
+template <class Transform>
+Shape MultiTensorLowRank<Transform>::basis_shape(index_t tensor) const {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  return transforms::SvdProjection::basis_shape(Shape{e.t.rows, e.t.cols}, e.side, s_->rank);
+}
+template <class Transform>
+Shape MultiTensorLowRank<Transform>::coeff_shape(index_t tensor) const {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  return transforms::SvdProjection::coeff_shape(Shape{e.t.rows, e.t.cols}, e.side, s_->rank);
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::read_basis(index_t tensor, float* host) const {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(host, e.basis, static_cast<std::size_t>(s_->rank * e.dim0) * 4,
+                           cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::write_basis(index_t tensor, const float* host) {
+  (void)detail::lowrank_entry(*s_, tensor);  // range check
+  auto& e = s_->entries[static_cast<std::size_t>(tensor)];
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(e.basis, host, static_cast<std::size_t>(s_->rank * e.dim0) * 4,
+                           cudaMemcpyHostToDevice),
+                "cudaMemcpy");
+  e.ready = true;
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::read_moments(index_t tensor, float* m, float* v) const {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  const auto bytes = static_cast<std::size_t>(e.count) * 4;
+  detail::check(cudaMemcpy(m, e.m, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  detail::check(cudaMemcpy(v, e.v, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::write_moments(index_t tensor, const float* m, const float* v) {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  const auto bytes = static_cast<std::size_t>(e.count) * 4;
+  detail::check(cudaMemcpy(e.m, m, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  detail::check(cudaMemcpy(e.v, v, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+}
+
+}  // namespace slimgrad::cuda

@@ -1,0 +1,319 @@
+// MultiTensorLowRank (GaLore and SubTrack-Grad on cuBLAS/cuSOLVER) against the CPU optimizers.
+// The steady step and the tracking step are compared with recipes::GaLore / recipes::SubTrack
+// from the same state (the CPU's basis, moments and weights after its first step, uploaded), with
+// TF32 off: the GEMMs sum in another order, so the bound is float rounding, not bits. The GPU's
+// refresh is compared with the CPU's exact SVD to subspace accuracy (principal angles) and, the
+// singular values being well separated, vector by vector under the canonical sign rule; its
+// Philox test matrix is bit-identical to the CPU's.
+#include <doctest/doctest.h>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <slimgrad/backend/cuda/api.hpp>
+#include <slimgrad/slimgrad.hpp>
+#include <string>
+#include <vector>
+
+#include "device.hpp"
+
+using namespace slimgrad;
+using test::DeviceBuffer;
+
+namespace {
+
+struct Dims {
+  index_t rows, cols;
+};
+// Right side (m ≥ n), left side (m < n), and a square one (right under std).
+const std::vector<Dims> dims = {{96, 64}, {48, 80}, {64, 64}};
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    d = std::max(d, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+  return d;
+}
+double max_abs(const std::vector<float>& a) {
+  double d = 0;
+  for (float x : a)
+    d = std::max(d, std::abs(static_cast<double>(x)));
+  return d;
+}
+
+std::vector<float> field(const io::TensorFile& f, const std::string& name) {
+  const auto it = f.tensors.find(name);
+  REQUIRE(it != f.tensors.end());
+  return it->second.to_f32();
+}
+
+/// Runs `steps` steps of the CPU optimizer `cpu` and of the GPU one, the GPU starting from the
+/// CPU's state after its first step; checks weights, moments and bases after every step.
+template <class CpuOpt, class Transform>
+void compare_with_cpu(typename CpuOpt::Options co,
+                      typename cuda::MultiTensorLowRank<Transform>::Options go, int steps,
+                      float grad_scale, double w_tol, double basis_tol,
+                      io::TensorFile* after_cpu = nullptr) {
+  CpuOpt cpu(co);
+  std::vector<std::vector<float>> w;
+  std::vector<std::string> names;
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    w.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                                    static_cast<std::uint32_t>(10 + k)));
+    names.push_back("layer" + std::to_string(k) + ".weight");
+  }
+  auto grads = [&](int s) {
+    std::vector<std::vector<float>> g;
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      g.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                                      static_cast<std::uint32_t>(1000 + 37 * s + k), grad_scale));
+    return g;
+  };
+  auto cpu_step = [&](const std::vector<std::vector<float>>& g) {
+    std::vector<Param> params;
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      params.push_back({names[k], host_view(w[k].data(), dims[k].rows, dims[k].cols),
+                        host_view(g[k].data(), dims[k].rows, dims[k].cols)});
+    const StepReport rep = cpu.step(params);
+    REQUIRE(rep.skipped.empty());
+  };
+  cpu_step(grads(0));
+
+  // The GPU optimizer over the same tensors, from the CPU's state after step 1.
+  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
+  std::vector<cuda::Tensor> tensors;
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
+    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    test::upload(wd.back()->ptr, w[k]);
+    cuda::Tensor t;
+    t.weight = wd.back()->ptr;
+    t.grad = gd.back()->ptr;
+    t.rows = dims[k].rows;
+    t.cols = dims[k].cols;
+    t.id = tensor_id(names[k]);
+    tensors.push_back(t);
+  }
+  using Gpu = cuda::MultiTensorLowRank<Transform>;
+  const std::size_t bytes = Gpu::workspace_bytes(tensors, go);
+  DeviceBuffer ws(bytes);
+  Gpu gpu(tensors, go, ws.ptr, bytes, nullptr);
+  {
+    const io::TensorFile f = cpu.to_checkpoint();
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      const auto ki = static_cast<index_t>(k);
+      const std::vector<float> basis = field(f, names[k] + "/basis");
+      const Shape bs = gpu.basis_shape(ki);
+      REQUIRE(basis.size() == static_cast<std::size_t>(bs.size()));
+      gpu.write_basis(ki, basis.data());
+      const std::vector<float> m = field(f, names[k] + "/m"), v = field(f, names[k] + "/v");
+      REQUIRE(m.size() == static_cast<std::size_t>(gpu.coeff_shape(ki).size()));
+      gpu.write_moments(ki, m.data(), v.data());
+    }
+  }
+  gpu.set_steps(1);
+  CHECK(gpu.state_bytes() == cpu.state_bytes() - dims.size() * sizeof(std::int64_t));
+
+  for (int s = 1; s < steps; ++s) {
+    const auto g = grads(s);
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      test::upload(gd[k]->ptr, g[k]);
+    cpu_step(g);
+    gpu.step(nullptr);
+    test::cuda_check(cudaDeviceSynchronize(), "step");
+    const io::TensorFile f = cpu.to_checkpoint();
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      const auto ki = static_cast<index_t>(k);
+      CAPTURE(k);
+      CAPTURE(s);
+      const auto wg = test::download<float>(wd[k]->ptr, w[k].size());
+      CHECK(max_abs_diff(wg, w[k]) <= w_tol);
+      const std::vector<float> mc = field(f, names[k] + "/m"), vc = field(f, names[k] + "/v");
+      std::vector<float> mg(mc.size()), vg(vc.size());
+      gpu.read_moments(ki, mg.data(), vg.data());
+      CHECK(max_abs_diff(mg, mc) <= 1e-4 * max_abs(mc));
+      CHECK(max_abs_diff(vg, vc) <= 1e-4 * max_abs(vc));
+      const std::vector<float> bc = field(f, names[k] + "/basis");
+      std::vector<float> bg(bc.size());
+      gpu.read_basis(ki, bg.data());
+      CHECK(max_abs_diff(bg, bc) <= basis_tol);
+    }
+  }
+  if (after_cpu) *after_cpu = cpu.to_checkpoint();
+}
+
+/// S (dim0×r, column-major doubles) from a stored basis (m×r on the left, r×n on the right).
+Eigen::MatrixXd basis_matrix(const std::vector<float>& stored, Side side, index_t dim0, index_t r) {
+  Eigen::MatrixXd s(dim0, r);
+  for (index_t i = 0; i < dim0; ++i)
+    for (index_t j = 0; j < r; ++j)
+      s(i, j) = side == Side::left ? stored[static_cast<std::size_t>(i * r + j)]
+                                   : stored[static_cast<std::size_t>(j * dim0 + i)];
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("cuda galore: the projected Adam step matches the CPU galore optimizer") {
+  auto co = recipes::galore_options();
+  co.rule.weight_decay = 0.1;  // exercise the decay folded into the update GEMM
+  co.transform.rank = 8;
+  co.transform.update_gap = 1000;  // the basis stays the CPU's
+  co.fallback = {.min_dim = 1, .max_aspect = 1e9, .min_size = 0};
+  cuda::MultiTensorLowRank<transforms::SvdProjection>::Options go;
+  go.rule = co.rule;
+  go.transform = co.transform;
+  go.scale = co.residual.scale;
+  go.tf32 = false;
+  go.lanes = 2;
+  // Weights ~1: float rounding of the products bounds the difference at a few ulps of 1.
+  compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 5, 1.0f, 2e-6, 0.0);
+}
+
+TEST_CASE("cuda galore: torch-convention decay before the step, several groups") {
+  auto co = recipes::galore_options();
+  co.rule.weight_decay = 0.05;
+  co.rule.convention = optim::AdamConvention::torch;
+  co.rule.eps = 1e-8;
+  co.transform.rank = 5;
+  co.transform.update_gap = 1000;
+  co.fallback = {.min_dim = 1, .max_aspect = 1e9, .min_size = 0};
+  cuda::MultiTensorLowRank<transforms::SvdProjection>::Options go;
+  go.rule = co.rule;
+  go.transform = co.transform;
+  go.scale = co.residual.scale;
+  go.tf32 = false;
+  go.lanes = 1;
+  compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 3, 1.0f, 2e-6, 0.0);
+}
+
+TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it match the CPU") {
+  auto co = recipes::subtrack_options();
+  co.transform.rank = 8;
+  co.transform.update_gap = 2;  // tracking at k = 2 and k = 4
+  co.transform.eta = 5.0;
+  co.rule.weight_decay = 0.01;
+  co.fallback = {.min_dim = 1, .max_aspect = 1e9, .min_size = 0};
+  cuda::MultiTensorLowRank<transforms::Grassmann>::Options go;
+  go.rule = co.rule;
+  go.transform = co.transform;
+  go.scale = co.residual.scale;
+  go.tf32 = false;
+  go.lanes = 3;
+  io::TensorFile f;
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 6, 0.05f, 2e-6, 2e-5, &f);
+  // The test means something only if the basis really turned.
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const std::string n = "layer" + std::to_string(k) + ".weight";
+    const auto it = f.tensors.find(n + "/last_angle");
+    REQUIRE(it != f.tensors.end());
+    const double angle = it->second.values<double>(io::Dtype::F64)[0];
+    MESSAGE(n << ": last tracking angle " << angle << " rad");
+    CHECK(angle > 0.05);
+  }
+}
+
+TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's test matrix") {
+  const index_t r = 10;
+  for (const Dims d : std::vector<Dims>{{200, 120}, {90, 150}}) {
+    CAPTURE(d.rows);
+    // G = U diag(s) Vᵀ + small noise: well separated top singular values, a gap after r.
+    const index_t k = std::min(d.rows, d.cols);
+    Eigen::MatrixXf u(d.rows, k), v(d.cols, k);
+    for (index_t i = 0; i < u.size(); ++i)
+      u.data()[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)) +
+                                       std::cos(1.3 * static_cast<double>(i * i)));
+    for (index_t i = 0; i < v.size(); ++i)
+      v.data()[i] = static_cast<float>(std::cos(0.71 * static_cast<double>(i)) +
+                                       std::sin(0.9 * static_cast<double>(i * i)));
+    u = Eigen::HouseholderQR<Eigen::MatrixXf>(u).householderQ() *
+        Eigen::MatrixXf::Identity(d.rows, k);
+    v = Eigen::HouseholderQR<Eigen::MatrixXf>(v).householderQ() *
+        Eigen::MatrixXf::Identity(d.cols, k);
+    Eigen::VectorXf s(k);
+    for (index_t i = 0; i < k; ++i)
+      s[i] = i < r ? 10.0f * std::pow(0.8f, static_cast<float>(i))
+                   : 0.05f / (1.0f + 0.1f * static_cast<float>(i));
+    const cpu::RowMatrix g = u * s.asDiagonal() * v.transpose();
+    const std::vector<float> gv(g.data(), g.data() + g.size());
+
+    DeviceBuffer wd(gv.size() * 4), gd(gv.size() * 4);
+    test::upload(gd.ptr, gv);
+    cuda::Tensor t;
+    t.weight = wd.ptr;
+    t.grad = gd.ptr;
+    t.rows = d.rows;
+    t.cols = d.cols;
+    t.id = 77;
+    const Side side = side_for({d.rows, d.cols});
+    const index_t dim0 = projected_dim({d.rows, d.cols}, side);
+    cpu::ColMatrix ucpu;
+    REQUIRE(cpu::exact_top_singular_vectors(host_view(gv.data(), d.rows, d.cols), side, r, ucpu) ==
+            transforms::RefreshFailure::none);
+    const Eigen::MatrixXd sc = ucpu.cast<double>();
+
+    for (const auto method : {transforms::SvdMethod::randomized, transforms::SvdMethod::exact}) {
+      for (const bool tf32 : {false, true}) {
+        CAPTURE(static_cast<int>(method));
+        CAPTURE(tf32);
+        cuda::MultiTensorLowRank<transforms::SvdProjection>::Options o;
+        o.transform.rank = r;
+        o.transform.method = method;
+        o.transform.seed = 5;
+        o.tf32 = tf32;
+        o.lanes = 1;
+        const std::vector<cuda::Tensor> ts{t};
+        using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
+        const std::size_t bytes = Gpu::workspace_bytes(ts, o);
+        DeviceBuffer ws(bytes);
+        Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+        REQUIRE(gpu.refresh_due());
+        gpu.refresh(nullptr);
+        std::vector<float> stored(static_cast<std::size_t>(r * dim0));
+        gpu.read_basis(0, stored.data());
+        const Eigen::MatrixXd sg = basis_matrix(stored, side, dim0, r);
+        // Orthonormal, and the principal angles with the CPU's subspace are small.
+        CHECK((sg.transpose() * sg - Eigen::MatrixXd::Identity(r, r)).norm() < 1e-4);
+        const Eigen::VectorXd cosines =
+            Eigen::JacobiSVD<Eigen::MatrixXd>(sc.transpose() * sg).singularValues();
+        const double sin_max =
+            std::sqrt(std::max(0.0, 1.0 - cosines.minCoeff() * cosines.minCoeff()));
+        MESSAGE("largest principal angle sine " << sin_max);
+        CHECK(sin_max < (tf32 ? 1e-2 : 1e-3));
+        // Vector by vector, canonical signs: the same singular vectors.
+        CHECK((sg - sc).cwiseAbs().maxCoeff() < (tf32 ? 2e-2 : 2e-3));
+      }
+    }
+    // The refresh's test matrix: Philox keyed (seed, id, k / T) over dim1 × ℓ, the CPU's bits.
+    const index_t dim1 = side == Side::left ? d.cols : d.rows;
+    const index_t ell = transforms::SvdProjection::sketch_width({d.rows, d.cols}, r, 10);
+    const random::Key key{5, 77, 0};
+    std::vector<float> host(static_cast<std::size_t>(dim1 * ell));
+    random::fill_gaussian(host_view(host.data(), dim1, ell), key, 1.0);
+    DeviceBuffer om(host.size() * 4);
+    cuda::fill_gaussian(device_view(om.as<float>(), dim1, ell), key, 1.0, nullptr);
+    CHECK(test::max_ulp(test::download<float>(om.ptr, host.size()), host) == 0);
+  }
+}
+
+TEST_CASE("cuda galore: arguments are checked before anything happens") {
+  DeviceBuffer a(64 * 64 * 4), b(64 * 64 * 4);
+  cuda::Tensor t;
+  t.weight = a.ptr;
+  t.grad = b.ptr;
+  t.rows = 64;
+  t.cols = 4;  // smaller than the rank
+  cuda::MultiTensorLowRank<transforms::SvdProjection>::Options o;
+  o.transform.rank = 8;
+  const std::vector<cuda::Tensor> ts{t};
+  DeviceBuffer ws(1 << 20);
+  CHECK_THROWS_AS(
+      cuda::MultiTensorLowRank<transforms::SvdProjection>(ts, o, ws.ptr, 1 << 20, nullptr), Error);
+  t.cols = 64;
+  const std::vector<cuda::Tensor> ok{t};
+  CHECK_THROWS_AS(cuda::MultiTensorLowRank<transforms::SvdProjection>(ok, o, ws.ptr, 16, nullptr),
+                  Error);
+}
