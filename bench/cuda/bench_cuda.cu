@@ -21,6 +21,7 @@ struct Handle {
   void* workspace = nullptr;
   std::size_t state_bytes = 0;
   std::function<void(cudaStream_t)> step;
+  std::function<void(cudaStream_t)> refresh;  // low-rank methods: the refresh work alone
   std::shared_ptr<void> object;
   ~Handle() {
     object.reset();
@@ -50,6 +51,8 @@ Handle* make(const std::vector<sg::cuda::Tensor>& t, const typename Opt::Options
   auto opt = std::make_shared<Opt>(t, o, h->workspace, bytes, nullptr);
   h->state_bytes = opt->state_bytes();
   h->step = [opt](cudaStream_t s) { opt->step(s); };
+  if constexpr (requires { opt->refresh(nullptr); })
+    h->refresh = [opt](cudaStream_t s) { opt->refresh(s); };
   h->object = opt;
   return h.release();
 }
@@ -116,6 +119,50 @@ void* sg_gwt_create(int precision, int check_finite, double gamma, double scale,
   } catch (const std::exception& e) {
     std::fprintf(stderr, "sg_gwt_create: %s\n", e.what());
     return nullptr;
+  }
+}
+
+/// GaLore (subtrack = 0) or SubTrack-Grad (subtrack = 1) on fp32 tensors: rank, T, HF-Adam;
+/// method 0 exact, 1 randomized (GaLore's refresh; SubTrack's first SVD); eta: SubTrack's η.
+void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, double eta,
+                        int lanes, int n, void** w, void** g, const long* rows, const long* cols,
+                        double lr, double b1, double b2, double eps, double wd, double scale) {
+  try {
+    const auto t = tensors_of(n, w, g, nullptr, rows, cols);
+    auto fill = [&](auto& o, auto& svd) {
+      o.rule = rule(1, lr, b1, b2, eps, wd);
+      o.tf32 = tf32 != 0;
+      o.lanes = lanes;
+      o.scale = scale;
+      o.transform.rank = rank;
+      o.transform.update_gap = gap;
+      svd = method == 0 ? sg::transforms::SvdMethod::exact : sg::transforms::SvdMethod::randomized;
+    };
+    if (subtrack == 0) {
+      using Opt = sg::cuda::MultiTensorLowRank<sg::transforms::SvdProjection>;
+      Opt::Options o;
+      fill(o, o.transform.method);
+      return make<Opt>(t, o);
+    }
+    using Opt = sg::cuda::MultiTensorLowRank<sg::transforms::Grassmann>;
+    Opt::Options o;
+    fill(o, o.transform.init_method);
+    o.transform.eta = eta;
+    return make<Opt>(t, o);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sg_lowrank_create: %s\n", e.what());
+    return nullptr;
+  }
+}
+
+/// The refresh that the next step would run (GaLore's SVD, SubTrack's tracking), alone.
+int sg_refresh(void* h, void* stream) {
+  try {
+    static_cast<Handle*>(h)->refresh(static_cast<cudaStream_t>(stream));
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sg_refresh: %s\n", e.what());
+    return 1;
   }
 }
 

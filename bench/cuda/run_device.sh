@@ -20,12 +20,12 @@ set -x
 $NVCC -c tests/cuda/instantiate.cu -o $B/instantiate.o &
 tests=$(cd tests/cuda && ls *.cpp | sed 's/\.cpp$//')
 for f in $tests; do $CXX -c tests/cuda/$f.cpp -o $B/$f.o & done
-$NVCC -shared -Xcompiler -fPIC bench/cuda/bench_cuda.cu -o $B/libslimgrad_cuda_bench.so &
-$NVCC -DSLIMGRAD_BENCH_MAIN bench/cuda/bench_cuda.cu -o $B/bench_cuda &
+$NVCC -shared -Xcompiler -fPIC bench/cuda/bench_cuda.cu -o $B/libslimgrad_cuda_bench.so -lcublas -lcusolver &
+$NVCC -DSLIMGRAD_BENCH_MAIN bench/cuda/bench_cuda.cu -o $B/bench_cuda -lcublas -lcusolver &
 $NVCC bench/cuda/bench_activation.cu -o $B/bench_cuda_activation -lcublas &
 wait
 ${CXX%% *} -o $B/test_cuda $(for f in $tests; do echo $B/$f.o; done) $B/instantiate.o \
-  -L/usr/local/cuda/lib64 -lcudart -lcublas -fopenmp || exit 1
+  -L/usr/local/cuda/lib64 -lcudart -lcublas -lcusolver -fopenmp || exit 1
 set +x
 rc=0
 if [[ $what == *tests* || $what == all ]]; then

@@ -48,6 +48,104 @@ def copy_bandwidth(warmup, reps):
     return 2 * n * 4 / (ms * 1e-3)  # bytes/s, read + write
 
 
+# Bytes a low-rank step must move per parameter: W read + written, G read (12), and the moments
+# of the r/min(m, n) = 1/4 coefficients per parameter read + written (16 B each: 4 B/param).
+LOWRANK_BPP = 16
+
+
+def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
+    """slimgrad GaLore and SubTrack-Grad (rank args.rank, T = 200, HF-Adam lr 1e-2, alpha 0.25)
+    on the same tensors: the steady step, the refresh alone, and the step amortised over T."""
+    T = 200
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    flops = sum(4 * args.rank * r * c for r, c in shapes)
+    results["lowrank"] = {"rank": args.rank, "T": T, "gemm_flops_per_step": flops, "runs": []}
+    print(f"low-rank steady step: {flops / 1e12:.2f} TFLOP of GEMMs per step", flush=True)
+
+    def one(name, subtrack, method, tf32, refresh_reps=3):
+        h = lib.sg_lowrank_create(subtrack, method, tf32, args.rank, T, 10.0, args.lanes, n, W, G,
+                                  R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
+        if not h:
+            print(f"{name}: creation failed", flush=True)
+            return None
+        first, _, _ = timed(lambda: lib.sg_step(h, stream), 0, 1)
+        steady, lo, hi = timed(lambda: lib.sg_step(h, stream), args.warmup, args.reps)
+        refresh, rlo, rhi = timed(lambda: lib.sg_refresh(h, stream), 1 if refresh_reps > 1 else 0,
+                                  refresh_reps)
+        amort = steady + refresh / T
+        state = lib.sg_state_bytes(h) / 1e9
+        tflops = flops / (steady * 1e-3) / 1e12
+        print(f"{name}: first step (SVD + step) {first:.1f} ms; refresh {refresh:.1f} ms "
+              f"(min {rlo:.1f} max {rhi:.1f}); state {state:.2f} GB; steady {tflops:.0f} TFLOP/s",
+              flush=True)
+        row(f"{name} steady", steady, LOWRANK_BPP, ref, f"min {lo:.3f} max {hi:.3f}")
+        row(f"{name} amortised /{T}", amort, LOWRANK_BPP, ref, f"refresh {refresh:.1f} ms")
+        results["lowrank"]["runs"].append({"name": name, "first_ms": first, "steady_ms": steady,
+                                           "refresh_ms": refresh, "amortised_ms": amort,
+                                           "state_GB": state, "steady_TFLOPs": tflops})
+        lib.sg_destroy(h)
+        return amort
+
+    one("slimgrad galore r512 tf32 randomized", 0, 1, 1)
+    one("slimgrad galore r512 fp32 randomized", 0, 1, 0)
+    if not args.no_exact:
+        one("slimgrad galore r512 tf32 exact (syevd)", 0, 0, 1, refresh_reps=1)
+    one("slimgrad subtrack r512 tf32", 1, 1, 1)
+    one("slimgrad subtrack r512 fp32", 1, 1, 0)
+    torch.cuda.synchronize()
+    if args.official_layers > 0:
+        official_galore(args, results, row, timed, ref)
+
+
+def official_galore(args, results, row, timed, ref):
+    """The official GaLore AdamW (pip galore-torch 1.0) on the first args.official_layers layers,
+    scaled to args.layers (its step is one chain of per-tensor kernels, linear in the tensors).
+    transformers and bitsandbytes are stubbed: GaLoreAdamW needs neither."""
+    import types
+    for mod in ["transformers", "transformers.utils", "transformers.utils.versions",
+                "bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer"]:
+        sys.modules.setdefault(mod, types.ModuleType(mod))
+    sys.modules["transformers.utils.versions"].require_version = lambda *a, **k: None
+    sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
+    try:
+        from galore_torch import GaLoreAdamW
+    except Exception as e:  # noqa: BLE001
+        print(f"official GaLore: import failed: {e}", flush=True)
+        return
+    layers = args.official_layers
+    shapes = SHAPES * layers
+    params = [torch.nn.Parameter(torch.randn(r, c, device="cuda") * 0.02) for r, c in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    T = 200
+    opt = GaLoreAdamW([{"params": params, "rank": args.rank, "update_proj_gap": T, "scale": 0.25,
+                        "proj_type": "std"}], lr=1e-2, weight_decay=0.0)
+    scale = args.layers / layers
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    out = {"layers": layers, "scale": scale, "allow_tf32_default": tf32_before}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    first, _, _ = timed(opt.step, 0, 1)
+    steady, lo, hi = timed(opt.step, 2, 10)
+    refresh = first - steady
+    amort = (steady + refresh / T) * scale
+    print(f"official GaLore AdamW ({layers} layers, x{scale:g}): first step {first:.0f} ms, "
+          f"steady {steady:.2f} ms, refresh ~{refresh:.0f} ms", flush=True)
+    row(f"official galore-torch steady (fp32, x{scale:g})", steady * scale, LOWRANK_BPP, ref,
+        f"{layers} layers measured: {steady:.2f} ms")
+    row(f"official galore-torch amortised /{T} (x{scale:g})", amort, LOWRANK_BPP, ref,
+        f"refresh {refresh * scale:.0f} ms scaled")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    steady32, _, _ = timed(opt.step, 2, 10)
+    row(f"official galore-torch steady (allow_tf32, x{scale:g})", steady32 * scale, LOWRANK_BPP,
+        ref, f"{layers} layers measured: {steady32:.2f} ms")
+    torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    out.update({"first_ms": first, "steady_ms": steady, "refresh_ms": refresh,
+                "amortised_ms_scaled": amort, "steady_tf32_ms": steady32})
+    results["official_galore"] = out
+    del opt, params
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
@@ -55,6 +153,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
+    ap.add_argument("--rank", type=int, default=512)
+    ap.add_argument("--lanes", type=int, default=8)
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact-SVD refresh timing")
+    ap.add_argument("--official-layers", type=int, default=4,
+                    help="layers for the official GaLore AdamW (its SVD refresh takes seconds "
+                         "per tensor; the time is scaled to --layers); 0 skips it")
+    ap.add_argument("--only-lowrank", action="store_true")
     args = ap.parse_args()
 
     lib = ctypes.CDLL(args.lib)
@@ -70,6 +175,10 @@ def main():
     lib.sg_state_bytes.restype = ctypes.c_ulonglong
     lib.sg_state_bytes.argtypes = [vp]
     lib.sg_destroy.argtypes = [vp]
+    lib.sg_lowrank_create.restype = vp
+    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 2 +
+                                      [pp, pp, lp, lp] + [d] * 6)
+    lib.sg_refresh.argtypes = [vp, vp]
 
     torch.manual_seed(0)
     dev = torch.cuda.get_device_properties(0)
@@ -133,6 +242,12 @@ def main():
     torch.cuda.empty_cache()
 
     n, W, G, C, R, K = arrays(ws, gs)
+    lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref)
+    if args.only_lowrank:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     h = lib.sg_adam_create(0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw fp32 (torch convention)", 28, ref)
     h = lib.sg_adam_create(2, 2, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)

@@ -277,12 +277,12 @@ TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's te
         const Eigen::MatrixXd sg = basis_matrix(stored, side, dim0, r);
         // Orthonormal, and the principal angles with the CPU's subspace are small.
         CHECK((sg.transpose() * sg - Eigen::MatrixXd::Identity(r, r)).norm() < 1e-4);
-        const Eigen::VectorXd cosines =
-            Eigen::JacobiSVD<Eigen::MatrixXd>(sc.transpose() * sg).singularValues();
-        const double sin_max =
-            std::sqrt(std::max(0.0, 1.0 - cosines.minCoeff() * cosines.minCoeff()));
+        // sin of the largest principal angle = ‖(I − S_cpu S_cpuᵀ) S_gpu‖₂ (accurate where
+        // the cosines' form √(1 − cos²) is not).
+        const Eigen::MatrixXd resid = sg - sc * (sc.transpose() * sg);
+        const double sin_max = Eigen::JacobiSVD<Eigen::MatrixXd>(resid).singularValues()(0);
         MESSAGE("largest principal angle sine " << sin_max);
-        CHECK(sin_max < (tf32 ? 1e-2 : 1e-3));
+        CHECK(sin_max < (tf32 ? 1e-2 : 1e-4));
         // Vector by vector, canonical signs: the same singular vectors.
         CHECK((sg - sc).cwiseAbs().maxCoeff() < (tf32 ? 2e-2 : 2e-3));
       }
