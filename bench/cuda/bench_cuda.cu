@@ -125,14 +125,16 @@ void* sg_gwt_create(int precision, int check_finite, double gamma, double scale,
 /// GaLore (subtrack = 0) or SubTrack-Grad (subtrack = 1) on fp32 tensors: rank, T, HF-Adam;
 /// method 0 exact, 1 randomized (GaLore's refresh; SubTrack's first SVD); eta: SubTrack's η.
 void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, double eta,
-                        int lanes, int n, void** w, void** g, const long* rows, const long* cols,
-                        double lr, double b1, double b2, double eps, double wd, double scale) {
+                        int lanes, int batched, int n, void** w, void** g, const long* rows,
+                        const long* cols, double lr, double b1, double b2, double eps, double wd,
+                        double scale) {
   try {
     const auto t = tensors_of(n, w, g, nullptr, rows, cols);
     auto fill = [&](auto& o, auto& svd) {
       o.rule = rule(1, lr, b1, b2, eps, wd);
       o.tf32 = tf32 != 0;
       o.lanes = lanes;
+      o.batched = batched != 0;
       o.scale = scale;
       o.transform.rank = rank;
       o.transform.update_gap = gap;

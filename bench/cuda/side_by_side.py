@@ -62,9 +62,9 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
     results["lowrank"] = {"rank": args.rank, "T": T, "gemm_flops_per_step": flops, "runs": []}
     print(f"low-rank steady step: {flops / 1e12:.2f} TFLOP of GEMMs per step", flush=True)
 
-    def one(name, subtrack, method, tf32, refresh_reps=3):
-        h = lib.sg_lowrank_create(subtrack, method, tf32, args.rank, T, 10.0, args.lanes, n, W, G,
-                                  R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
+    def one(name, subtrack, method, tf32, refresh_reps=3, lanes=None, batched=1):
+        h = lib.sg_lowrank_create(subtrack, method, tf32, args.rank, T, 10.0, lanes or args.lanes,
+                                  batched, n, W, G, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
         if not h:
             print(f"{name}: creation failed", flush=True)
             return None
@@ -87,10 +87,14 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
         return amort
 
     one("slimgrad galore r512 tf32 randomized", 0, 1, 1)
+    one("slimgrad galore r512 tf32 randomized, GEMM per tensor", 0, 1, 1, batched=0)
+    one("slimgrad galore r512 tf32 randomized, 16 lanes", 0, 1, 1, lanes=16)
+    one("slimgrad galore r512 tf32 randomized, 1 lane", 0, 1, 1, lanes=1)
     one("slimgrad galore r512 fp32 randomized", 0, 1, 0)
     if not args.no_exact:
         one("slimgrad galore r512 tf32 exact (syevd)", 0, 0, 1, refresh_reps=1)
     one("slimgrad subtrack r512 tf32", 1, 1, 1)
+    one("slimgrad subtrack r512 tf32, 16 lanes", 1, 1, 1, lanes=16)
     one("slimgrad subtrack r512 fp32", 1, 1, 0)
     torch.cuda.synchronize()
     if args.official_layers > 0:
@@ -176,7 +180,7 @@ def main():
     lib.sg_state_bytes.argtypes = [vp]
     lib.sg_destroy.argtypes = [vp]
     lib.sg_lowrank_create.restype = vp
-    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 2 +
+    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 3 +
                                       [pp, pp, lp, lp] + [d] * 6)
     lib.sg_refresh.argtypes = [vp, vp]
 

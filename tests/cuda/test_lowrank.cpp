@@ -173,7 +173,7 @@ TEST_CASE("cuda galore: the projected Adam step matches the CPU galore optimizer
   compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 5, 1.0f, 2e-6, 0.0);
 }
 
-TEST_CASE("cuda galore: torch-convention decay before the step, several groups") {
+TEST_CASE("cuda galore: torch-convention decay before the step, one GEMM per tensor") {
   auto co = recipes::galore_options();
   co.rule.weight_decay = 0.05;
   co.rule.convention = optim::AdamConvention::torch;
@@ -187,6 +187,7 @@ TEST_CASE("cuda galore: torch-convention decay before the step, several groups")
   go.scale = co.residual.scale;
   go.tf32 = false;
   go.lanes = 1;
+  go.batched = false;  // one GEMM per tensor
   compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 3, 1.0f, 2e-6, 0.0);
 }
 

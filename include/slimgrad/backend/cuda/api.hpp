@@ -219,8 +219,9 @@ class MultiTensorGwt {
 /// Refresh (GaLore: k ≡ 0 mod T; SubTrack: its SVD at k = 0, then a geodesic step at k ≡ 0 mod
 /// T, k > 0) runs inside the step that is due, spread over Options::lanes internal streams
 /// (forked from and joined back into the caller's stream with events), each with its own cuBLAS
-/// and cuSOLVER handle created at construction; the steady step uses one more cuBLAS handle,
-/// also created at construction and bound to the caller's stream at each step. Every handle gets
+/// and cuSOLVER handle created at construction and fed by its own host thread during the
+/// refresh; the steady step uses one more cuBLAS handle, also created at construction and bound
+/// to the caller's stream at each step. Every handle gets
 /// its cuBLAS workspace from the caller's buffer, so no step allocates. The refresh's cuSOLVER
 /// eigensolvers (syevd) may synchronise with the host internally; the steady step never does.
 ///   randomized (SvdMethod::randomized): Ω from Philox (Key{seed, Tensor::id, k/T}, the CPU's
@@ -243,7 +244,9 @@ class MultiTensorLowRank {
     typename Transform::Options transform{};  ///< rank, T, method / η, ...
     double scale = 0.25;                      ///< α of the back-projection
     bool tf32 = true;                         ///< TF32 tensor cores for the large GEMMs
-    int lanes = 8;                            ///< streams a refresh spreads its tensors over
+    int lanes = 8;  ///< streams (each with a host thread) a refresh spreads its tensors over
+    /// One batched cuBLAS GEMM per shape group (true) or one GEMM per tensor (false).
+    bool batched = true;
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
