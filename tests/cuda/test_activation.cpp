@@ -10,9 +10,11 @@
 #include <slimgrad/backend/cpu/activation.hpp>
 #include <slimgrad/backend/cuda/activation.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "device.hpp"
@@ -334,4 +336,68 @@ TEST_CASE("cuda linear: bad input is refused before anything runs") {
                        doctest::Contains("expected 9"), Error);
   CHECK_THROWS_WITH_AS(l.load_codec_state(std::vector<float>(1, 0.0f)),
                        doctest::Contains("no state"), Error);
+}
+
+namespace {
+
+// Forward + backward of one micro-batch captured once in a CUDA graph and replayed twice (dW and
+// db accumulate) against two direct calls of an identical layer.
+template <class Codec>
+void graph_case(const typename Codec::Options& o) {
+  const index_t n = 64, m = 24, t = 40;
+  cudaStream_t stream = nullptr;
+  test::cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  Pair<Codec> direct("layers.2.mlp.gate_proj", n, m, t, o),
+      graphed("layers.2.mlp.gate_proj", n, m, t, o);
+  const Mat x = gaussian(t, n, 41, 0.2f), w = gaussian(m, n, 42), b = gaussian(1, m, 43),
+            dy = gaussian(t, m, 44);
+  DMat xd(x), wd(w), bd(b), dyd(dy);
+  const Shape gs = direct.gpu->grad_shape();
+  DMat y1(Mat(t, m)), dx1(Mat(t, n)), dw1(Mat(gs.rows, gs.cols)), db1(Mat(1, m));
+  DMat y2(Mat(t, m)), dx2(Mat(t, n)), dw2(Mat(gs.rows, gs.cols)), db2(Mat(1, m));
+  for (int rep = 0; rep < 2; ++rep) {
+    direct.gpu->forward(xd.cview(), wd.cview(), bd.cview(), y1.view(), stream);
+    direct.gpu->backward(dyd.cview(), wd.cview(), dx1.view(), dw1.view(), db1.view(), stream);
+  }
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  test::cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+  graphed.gpu->forward(xd.cview(), wd.cview(), bd.cview(), y2.view(), stream);
+  graphed.gpu->backward(dyd.cview(), wd.cview(), dx2.view(), dw2.view(), db2.view(), stream);
+  test::cuda_check(cudaStreamEndCapture(stream, &graph), "end capture");
+  test::cuda_check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  for (int rep = 0; rep < 2; ++rep)
+    test::cuda_check(cudaGraphLaunch(exec, stream), "launch");
+  test::cuda_check(cudaStreamSynchronize(stream), "sync");
+  // The same kernels and GEMM configurations: the bits are expected to agree; the bound of the
+  // comparison with the CPU is the test, the ulp count is reported.
+  for (auto [a, c, what] :
+       {std::tuple{&y1, &y2, "Y"}, {&dx1, &dx2, "dX"}, {&dw1, &dw2, "dW"}, {&db1, &db2, "db"}}) {
+    const std::vector<float> va = a->get(), vc = c->get();
+    MESSAGE(what << " (graph vs direct): max " << test::max_ulp(va, vc) << " ulp");
+    double worst = 0, scale = 0;
+    for (std::size_t i = 0; i < va.size(); ++i) {
+      worst = std::max(worst, std::abs(double(va[i]) - double(vc[i])));
+      scale = std::max(scale, std::abs(double(va[i])));
+    }
+    CHECK(worst <= 1e-5 * scale);
+  }
+  CHECK(graphed.gpu->codec_state() == direct.gpu->codec_state());
+  test::cuda_check(cudaGraphExecDestroy(exec), "destroy");
+  test::cuda_check(cudaGraphDestroy(graph), "destroy");
+  test::cuda_check(cudaStreamDestroy(stream), "destroy");
+}
+
+}  // namespace
+
+TEST_CASE("cuda linear: forward and backward captured in a CUDA graph replay as direct calls") {
+  SUBCASE("velora (the first replay sets v)") {
+    graph_case<activation::VeLoRA>({.groups = 4});
+  }
+  SUBCASE("compact (P generated inside the graph)") {
+    graph_case<activation::CompAct>({.ratio = 0.25, .seed = 2});
+  }
+  SUBCASE("none") {
+    graph_case<activation::None>({});
+  }
 }

@@ -209,6 +209,40 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   }
   std::size_t size() const { return slots_.size(); }
 
+  // Moving a run between backends (backend/cuda/transfer.hpp): the moments of a parameter in
+  // the store's own format, which the CUDA optimizer copies to and from device memory.
+
+  /// Creates a parameter's state as its first step would (zero moments, step 0), without
+  /// stepping; nothing happens if it has state. Error (nothing changed) for a bad name or shape.
+  void add_state(std::string_view name, Shape shape) {
+    require(!name.empty(), "optimizer: a parameter has an empty name");
+    require(shape.rows > 0 && shape.cols > 0,
+            "optimizer: parameter '" + std::string(name) + "' has zero size");
+    if (slots_.find(name) != slots_.end()) return;
+    slots_.emplace(std::string(name), make_slot(std::string(name), shape));
+  }
+  /// A parameter's rule state (Adam: m and v in the store's format).
+  RuleState& rule_state(std::string_view name) { return slot_of(name).rs; }
+  const RuleState& rule_state(std::string_view name) const {
+    const auto it = slots_.find(name);
+    require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
+    return it->second.rs;
+  }
+  /// The norm-growth limiter's remembered norm of a parameter (negative or NaN: unset).
+  float limiter_state(std::string_view name) const {
+    const auto it = slots_.find(name);
+    require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
+    return it->second.limiter;
+  }
+  void set_limiter_state(std::string_view name, float remembered) {
+    slot_of(name).limiter = remembered;
+  }
+  /// Sets the number of steps a parameter has taken (its next step is steps + 1).
+  void set_step_count(std::string_view name, std::int64_t steps) {
+    require(steps >= 0, "optimizer: negative step count for '" + std::string(name) + "'");
+    slot_of(name).step = steps;
+  }
+
   /// The composition as text, e.g. "adam/dwt<haar,2>/fp32/wavelet_details".
   static std::string composition() {
     std::string t = Transform::name;
@@ -531,6 +565,12 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       s.rs = rule_.make(store_, shape);
     }
     return s;
+  }
+
+  Slot& slot_of(std::string_view name) {
+    const auto it = slots_.find(name);
+    require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
+    return it->second;
   }
 
   std::size_t slot_bytes(const Slot& s) const {

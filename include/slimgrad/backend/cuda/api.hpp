@@ -189,6 +189,14 @@ class MultiTensorGwt {
   float* limiter_state() const { return limiter_; }
   index_t tensors() const { return static_cast<index_t>(moments_.size()); }
 
+  /// Checkpoints across backends (backend/cuda/transfer.hpp): tensor k's moments (fp32,
+  /// m × N_L floats each, the CPU optimizer's layout) and the limiter's remembered norm
+  /// (negative or NaN: unset), with synchronous copies (not for the steady-state step).
+  void read_state(index_t tensor, float* m, float* v, float& limiter) const;
+  void write_state(index_t tensor, const float* m, const float* v, float limiter);
+  /// The number of steps taken so far (the next step() is t + 1).
+  void set_steps(std::int64_t t);
+
  private:
   Options options_;
   std::vector<MomentBuffers> moments_;

@@ -509,6 +509,42 @@ MomentBuffers MultiTensorGwt<Wavelet, Levels>::moments(index_t tensor) const {
 }
 
 template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::read_state(index_t tensor, float* m, float* v,
+                                                 float& limiter) const {
+  const MomentBuffers mb = moments(tensor);
+  const auto bytes = static_cast<std::size_t>(mb.count) * sizeof(float);
+  require(bytes == 0 || (m != nullptr && v != nullptr), "cuda::read_state: null moment pointer");
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (bytes) {
+    detail::check(cudaMemcpy(m, mb.m, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    detail::check(cudaMemcpy(v, mb.v, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  }
+  detail::check(cudaMemcpy(&limiter, limiter_ + tensor, sizeof(float), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::write_state(index_t tensor, const float* m, const float* v,
+                                                  float limiter) {
+  const MomentBuffers mb = moments(tensor);
+  const auto bytes = static_cast<std::size_t>(mb.count) * sizeof(float);
+  require(bytes == 0 || (m != nullptr && v != nullptr), "cuda::write_state: null moment pointer");
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (bytes) {
+    detail::check(cudaMemcpy(mb.m, m, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+    detail::check(cudaMemcpy(mb.v, v, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+  detail::check(cudaMemcpy(limiter_ + tensor, &limiter, sizeof(float), cudaMemcpyHostToDevice),
+                "cudaMemcpy");
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::set_steps(std::int64_t t) {
+  require(t >= 0, "cuda::MultiTensorGwt::set_steps: the step count must be >= 0");
+  t_ = t;
+}
+
+template <class Wavelet, int Levels>
 void MultiTensorGwt<Wavelet, Levels>::set_lr(double lr) {
   require(std::isfinite(lr) && lr >= 0, "cuda::MultiTensorGwt::set_lr: lr must be finite and >= 0");
   options_.rule.lr = lr;

@@ -1,0 +1,284 @@
+// Checkpoints across backends through files (backend/cuda/transfer.hpp): a CPU run (the
+// optimizer engine, recipes::AdamW-style) saves after step 3; the file loads into a fresh CPU
+// optimizer whose state goes to the GPU, which takes steps 4–5 beside the CPU run; the GPU's
+// state is saved through a CPU optimizer into a second file, which loads into another fresh CPU
+// optimizer for step 6. Weights and moments stay bit-identical to the uninterrupted CPU run
+// (fp32 torch, bf16 stochastic hf, 8-bit bnb with the fp32 fallback of a small tensor).
+#include <slimgrad/backend/cuda/transfer.hpp>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "device.hpp"
+
+using namespace slimgrad;
+using test::DeviceBuffer;
+
+namespace {
+
+struct Dims {
+  index_t rows, cols;
+};
+// "norm" (3×5) is an 8-bit store's fp32 fallback and a tensor GWT's CPU engine keeps plain.
+const std::vector<std::string> names = {"layers.0.q_proj", "layers.0.mlp.up", "lm_head", "norm"};
+const std::vector<Dims> dims = {{64, 100}, {33, 257}, {70, 300}, {3, 5}};
+
+std::vector<float> grad(int step, std::size_t k) {
+  return test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                             static_cast<std::uint32_t>(100 * step + k), 0.05f);
+}
+
+template <class Opt>
+struct Host {
+  Opt opt;
+  std::vector<std::vector<float>> w;
+  explicit Host(const typename Opt::Options& o) : opt(o) {
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      w.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                                      static_cast<std::uint32_t>(7 + k)));
+  }
+  void step(int t) {
+    std::vector<std::vector<float>> g;
+    std::vector<Param> params;
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      g.push_back(grad(t, k));
+      params.push_back(
+          {names[k], host_view(w[k].data(), dims[k].rows, dims[k].cols),
+           HostView<const float>(g[k].data(), dims[k].rows, dims[k].cols, dims[k].cols)});
+    }
+    const StepReport r = opt.step(params);
+    REQUIRE(r.skipped.empty());
+  }
+};
+
+template <class Store>
+void roundtrip(const typename cuda::CpuAdam<Store>::Options& o, cuda::Precision precision) {
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto file1 = dir / ("slimgrad_transfer_a_" + std::string(Store::name) + ".safetensors");
+  const auto file2 = dir / ("slimgrad_transfer_b_" + std::string(Store::name) + ".safetensors");
+  Host<cuda::CpuAdam<Store>> ref(o);  // the uninterrupted CPU run
+  for (int t = 1; t <= 3; ++t)
+    ref.step(t);
+  ref.opt.save(file1);
+
+  // File → CPU optimizer → GPU.
+  cuda::CpuAdam<Store> loaded(o);
+  loaded.load(file1);
+  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
+  std::vector<cuda::Tensor> tensors;
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
+    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    test::upload(wd[k]->ptr, ref.w[k]);
+    tensors.push_back(
+        {wd[k]->ptr, gd[k]->ptr, nullptr, dims[k].rows, dims[k].cols, tensor_id(names[k])});
+  }
+  typename cuda::MultiTensorAdam<Store>::Options go{
+      .rule = o.rule, .store = o.store, .precision = precision, .seed = o.seed};
+  const std::size_t bytes = cuda::MultiTensorAdam<Store>::workspace_bytes(tensors, go);
+  DeviceBuffer ws(bytes);
+  cuda::MultiTensorAdam<Store> gpu(tensors, go, ws.ptr, bytes, nullptr);
+  cuda::copy_state(loaded, names, gpu);
+  CHECK(gpu.steps() == 3);
+  for (int t = 4; t <= 5; ++t) {
+    ref.step(t);
+    for (std::size_t k = 0; k < dims.size(); ++k)
+      test::upload(gd[k]->ptr, grad(t, k));
+    gpu.step(nullptr);
+  }
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, ref.w[k].size()), ref.w[k]) == 0);
+  }
+
+  // GPU → CPU optimizer → file → a fresh CPU optimizer, which takes step 6.
+  cuda::CpuAdam<Store> out(o);
+  cuda::copy_state(gpu, tensors, names, out);
+  out.save(file2);
+  Host<cuda::CpuAdam<Store>> resumed(o);
+  resumed.opt.load(file2);
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    resumed.w[k] = test::download<float>(wd[k]->ptr, ref.w[k].size());
+    CHECK(resumed.opt.step_count(names[k]) == 5);
+  }
+  ref.step(6);
+  resumed.step(6);
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(resumed.w[k], ref.w[k]) == 0);
+  }
+  // Every tensor of the resumed state (moments, step counts) equals the uninterrupted run's.
+  CHECK(io::checksum(resumed.opt.to_checkpoint()) == io::checksum(ref.opt.to_checkpoint()));
+  std::filesystem::remove(file1);
+  std::filesystem::remove(file2);
+}
+
+}  // namespace
+
+TEST_CASE("cuda checkpoints: a file written by either backend resumes on the other") {
+  SUBCASE("fp32, torch") {
+    cuda::CpuAdam<state::Fp32>::Options o;
+    roundtrip<state::Fp32>(o, cuda::Precision::fp32);
+  }
+  SUBCASE("bf16 stochastic, hf") {
+    cuda::CpuAdam<state::Bf16>::Options o;
+    o.rule.convention = optim::AdamConvention::hf;
+    o.store.stochastic_rounding = true;
+    o.seed = 77;
+    roundtrip<state::Bf16>(o, cuda::Precision::fp32);
+  }
+  SUBCASE("8-bit, bnb (the small tensor stays fp32)") {
+    cuda::CpuAdam<state::Q8Block<256>>::Options o;
+    o.rule.convention = optim::AdamConvention::bnb;
+    roundtrip<state::Q8Block<256>>(o, cuda::Precision::fp32);
+  }
+}
+
+namespace {
+
+// GWT: the first three tensors (the CPU engine transforms them; "norm" it keeps plain, which the
+// transfer refuses). With the limiter, ‖N‖ is summed in another order on each backend, so the
+// weights agree to a few ulps (test_gwt's bound) and the limiter memory to float rounding.
+void gwt_roundtrip(double gamma) {
+  using Cpu = cuda::CpuGwt<transforms::Haar, 2>;
+  using Gpu = cuda::MultiTensorGwt<transforms::Haar, 2>;
+  const std::vector<std::string> gnames(names.begin(), names.begin() + 3);
+  Cpu::Options o;
+  o.residual.limiter_gamma = gamma;
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto file = dir / "slimgrad_transfer_gwt.safetensors";
+  // The CPU run over the first three tensors only.
+  Cpu ref(o);
+  std::vector<std::vector<float>> w;
+  for (std::size_t k = 0; k < 3; ++k)
+    w.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                                    static_cast<std::uint32_t>(7 + k)));
+  auto cpu_step = [&](Cpu& opt, std::vector<std::vector<float>>& ws, int t) {
+    std::vector<std::vector<float>> g;
+    std::vector<Param> params;
+    for (std::size_t k = 0; k < 3; ++k) {
+      g.push_back(grad(t, k));
+      params.push_back(
+          {gnames[k], host_view(ws[k].data(), dims[k].rows, dims[k].cols),
+           HostView<const float>(g[k].data(), dims[k].rows, dims[k].cols, dims[k].cols)});
+    }
+    REQUIRE(opt.step(params).skipped.empty());
+  };
+  for (int t = 1; t <= 3; ++t)
+    cpu_step(ref, w, t);
+  ref.save(file);
+  Cpu loaded(o);
+  loaded.load(file);
+
+  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
+  std::vector<cuda::Tensor> tensors;
+  for (std::size_t k = 0; k < 3; ++k) {
+    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
+    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    test::upload(wd[k]->ptr, w[k]);
+    tensors.push_back(
+        {wd[k]->ptr, gd[k]->ptr, nullptr, dims[k].rows, dims[k].cols, tensor_id(gnames[k])});
+  }
+  Gpu::Options go;
+  go.rule = o.rule;
+  go.residual = o.residual;
+  const std::size_t bytes = Gpu::workspace_bytes(tensors, go);
+  DeviceBuffer ws(bytes);
+  Gpu gpu(tensors, go, ws.ptr, bytes, nullptr);
+  cuda::copy_state(loaded, gnames, gpu);
+  CHECK(gpu.steps() == 3);
+  const std::int64_t ulps = gamma > 0 ? 4 : 0;
+  for (int t = 4; t <= 5; ++t) {
+    cpu_step(ref, w, t);
+    for (std::size_t k = 0; k < 3; ++k)
+      test::upload(gd[k]->ptr, grad(t, k));
+    gpu.step(nullptr);
+  }
+  for (std::size_t k = 0; k < 3; ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, w[k].size()), w[k]) <= ulps);
+  }
+  Cpu out(o);
+  cuda::copy_state(gpu, tensors, gnames, out);
+  out.save(file);
+  Cpu resumed(o);
+  resumed.load(file);
+  std::vector<std::vector<float>> w2;
+  for (std::size_t k = 0; k < 3; ++k) {
+    w2.push_back(test::download<float>(wd[k]->ptr, w[k].size()));
+    CHECK(resumed.step_count(gnames[k]) == 5);
+    const float a = resumed.limiter_state(gnames[k]), b = ref.limiter_state(gnames[k]);
+    if (gamma > 0)
+      CHECK(a == doctest::Approx(b).epsilon(1e-5));
+    else
+      CHECK(a == b);  // unset on both (−1)
+  }
+  cpu_step(ref, w, 6);
+  cpu_step(resumed, w2, 6);
+  for (std::size_t k = 0; k < 3; ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(w2[k], w[k]) <= ulps);
+  }
+  if (gamma == 0) CHECK(io::checksum(resumed.to_checkpoint()) == io::checksum(ref.to_checkpoint()));
+  std::filesystem::remove(file);
+
+  // A tensor the CPU keeps plain cannot come from the GPU's GWT.
+  std::vector<cuda::Tensor> four = tensors;
+  DeviceBuffer small_w(15 * 4), small_g(15 * 4);
+  four.push_back({small_w.ptr, small_g.ptr, nullptr, 3, 5, tensor_id("norm")});
+  const std::size_t bytes4 = Gpu::workspace_bytes(four, go);
+  DeviceBuffer ws4(bytes4);
+  Gpu gpu4(four, go, ws4.ptr, bytes4, nullptr);
+  Cpu none(o);
+  CHECK_THROWS_WITH_AS(cuda::copy_state(gpu4, four, names, none),
+                       doctest::Contains("plain rule on the CPU"), Error);
+  CHECK(none.size() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("cuda checkpoints: GWT state crosses backends through files") {
+  SUBCASE("no limiter: bit-identical") {
+    gwt_roundtrip(0.0);
+  }
+  SUBCASE("limiter 1.01: its memory travels too") {
+    gwt_roundtrip(1.01);
+  }
+}
+
+TEST_CASE("cuda checkpoints: mismatched lists are refused with nothing changed") {
+  std::vector<std::unique_ptr<DeviceBuffer>> bufs;
+  std::vector<cuda::Tensor> tensors;
+  for (std::size_t k = 0; k < dims.size(); ++k) {
+    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols) * 4;
+    bufs.push_back(std::make_unique<DeviceBuffer>(n));
+    bufs.push_back(std::make_unique<DeviceBuffer>(n));
+    tensors.push_back({bufs[2 * k]->ptr, bufs[2 * k + 1]->ptr, nullptr, dims[k].rows, dims[k].cols,
+                       tensor_id(names[k])});
+  }
+  cuda::MultiTensorAdam<state::Fp32>::Options go;
+  const std::size_t bytes = cuda::MultiTensorAdam<state::Fp32>::workspace_bytes(tensors, go);
+  DeviceBuffer ws(bytes);
+  cuda::MultiTensorAdam<state::Fp32> gpu(tensors, go, ws.ptr, bytes, nullptr);
+  cuda::CpuAdam<state::Fp32> cpu;
+  const std::vector<std::string> three(names.begin(), names.end() - 1);
+  CHECK_THROWS_WITH_AS(cuda::copy_state(gpu, tensors, three, cpu),
+                       doctest::Contains("3 names and 4 tensors"), Error);
+  CHECK_THROWS_WITH_AS(cuda::copy_state(cpu, names, gpu), doctest::Contains("no state"), Error);
+  std::vector<std::string> swapped = names;
+  std::swap(swapped[0], swapped[1]);
+  CHECK_THROWS_WITH_AS(cuda::copy_state(gpu, tensors, swapped, cpu),
+                       doctest::Contains("not tensor_id"), Error);
+  CHECK(cpu.size() == 0);
+  // A CPU state of another shape: refused before the GPU changes.
+  cpu.add_state(names[0], {64, 99});
+  for (std::size_t k = 1; k < names.size(); ++k)
+    cpu.add_state(names[k], {dims[k].rows, dims[k].cols});
+  CHECK_THROWS_WITH_AS(cuda::copy_state(cpu, names, gpu), doctest::Contains("different shapes"),
+                       Error);
+  CHECK(gpu.steps() == 0);
+}
