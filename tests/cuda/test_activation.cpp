@@ -98,7 +98,8 @@ void check_bound(const std::vector<float>& gpu, const std::vector<float>& cpu,
     if (d > tol * m[i]) ++bad;
     if (m[i] > 0) worst = std::max(worst, d / (tol * m[i]));
   }
-  MESSAGE(what << ": worst |gpu - cpu| / (2 gamma_K M) = " << worst << " (K = " << k << ")");
+  MESSAGE(std::string(what) << ": worst |gpu - cpu| / (2 gamma_K M) = " << worst << " (K = " << k
+                            << ")");
   CHECK(bad == 0);
 }
 
@@ -374,7 +375,7 @@ void graph_case(const typename Codec::Options& o) {
   for (auto [a, c, what] :
        {std::tuple{&y1, &y2, "Y"}, {&dx1, &dx2, "dX"}, {&dw1, &dw2, "dW"}, {&db1, &db2, "db"}}) {
     const std::vector<float> va = a->get(), vc = c->get();
-    MESSAGE(what << " (graph vs direct): max " << test::max_ulp(va, vc) << " ulp");
+    MESSAGE(std::string(what) << " (graph vs direct): max " << test::max_ulp(va, vc) << " ulp");
     double worst = 0, scale = 0;
     for (std::size_t i = 0; i < va.size(); ++i) {
       worst = std::max(worst, std::abs(double(va[i]) - double(vc[i])));

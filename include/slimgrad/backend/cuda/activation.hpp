@@ -13,7 +13,10 @@
 // that buffer and a stream and only enqueues asynchronous work (VeLoRA's placeholder v).
 // forward() and backward() validate their arguments on the host (slimgrad::Error, nothing
 // enqueued), then enqueue cuBLAS GEMMs and a few kernels on the caller's stream: no allocation,
-// no host synchronisation, so a step can be captured in a CUDA graph.
+// no host synchronisation, so a step can be captured in a CUDA graph. What a capture freezes is
+// host state: the token count and, for CompAct, whether P is regenerated (a forward captured
+// right after set_step() into a new epoch regenerates P on every replay; one captured later does
+// not), so capture again when CompAct's epoch changes (every update_gap steps).
 //
 //   forward    Y = X Wᵀ (+ b), exact (cuBLAS), and saved = the codec's compressed X:
 //              None: X; VeLoRA: z = per-sub-token projections on v (v first set from the batch,
