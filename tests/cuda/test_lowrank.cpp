@@ -10,6 +10,7 @@
 #include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <slimgrad/backend/cuda/api.hpp>
 #include <slimgrad/slimgrad.hpp>
@@ -50,12 +51,13 @@ std::vector<float> field(const io::TensorFile& f, const std::string& name) {
 }
 
 /// Runs `steps` steps of the CPU optimizer `cpu` and of the GPU one, the GPU starting from the
-/// CPU's state after its first step; checks weights, moments and bases after every step.
+/// CPU's state after its first step; checks weights, moments and bases after every step. At
+/// step `nan_step` tensor 1's gradient holds a NaN and an Inf: both skip it.
 template <class CpuOpt, class Transform>
 void compare_with_cpu(typename CpuOpt::Options co,
                       typename cuda::MultiTensorLowRank<Transform>::Options go, int steps,
                       float grad_scale, double w_tol, double basis_tol,
-                      io::TensorFile* after_cpu = nullptr) {
+                      io::TensorFile* after_cpu = nullptr, int nan_step = -1) {
   CpuOpt cpu(co);
   std::vector<std::vector<float>> w;
   std::vector<std::string> names;
@@ -76,10 +78,9 @@ void compare_with_cpu(typename CpuOpt::Options co,
     for (std::size_t k = 0; k < dims.size(); ++k)
       params.push_back({names[k], host_view(w[k].data(), dims[k].rows, dims[k].cols),
                         host_view(g[k].data(), dims[k].rows, dims[k].cols)});
-    const StepReport rep = cpu.step(params);
-    REQUIRE(rep.skipped.empty());
+    return cpu.step(params);
   };
-  cpu_step(grads(0));
+  REQUIRE(cpu_step(grads(0)).skipped.empty());
 
   // The GPU optimizer over the same tensors, from the CPU's state after step 1.
   std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
@@ -118,12 +119,24 @@ void compare_with_cpu(typename CpuOpt::Options co,
   CHECK(gpu.state_bytes() == cpu.state_bytes() - dims.size() * sizeof(std::int64_t));
 
   for (int s = 1; s < steps; ++s) {
-    const auto g = grads(s);
+    auto g = grads(s);
+    if (s == nan_step) {
+      g[1][7] = std::numeric_limits<float>::quiet_NaN();
+      g[1][20] = -std::numeric_limits<float>::infinity();
+    }
     for (std::size_t k = 0; k < dims.size(); ++k)
       test::upload(gd[k]->ptr, g[k]);
-    cpu_step(g);
+    const StepReport rep = cpu_step(g);
     gpu.step(nullptr);
     test::cuda_check(cudaDeviceSynchronize(), "step");
+    CAPTURE(s);
+    if (s == nan_step) {
+      REQUIRE(rep.skipped == std::vector<std::string>{names[1]});
+      CHECK(gpu.last_skipped() == std::vector<index_t>{1});
+    } else {
+      REQUIRE(rep.skipped.empty());
+      CHECK(gpu.last_skipped().empty());
+    }
     const io::TensorFile f = cpu.to_checkpoint();
     for (std::size_t k = 0; k < dims.size(); ++k) {
       const auto ki = static_cast<index_t>(k);
@@ -142,6 +155,8 @@ void compare_with_cpu(typename CpuOpt::Options co,
       CHECK(max_abs_diff(bg, bc) <= basis_tol);
     }
   }
+  for (std::size_t k = 0; k < dims.size(); ++k)
+    CHECK(gpu.tensor_steps(static_cast<index_t>(k)) == cpu.step_count(names[k]));
   if (after_cpu) *after_cpu = cpu.to_checkpoint();
 }
 
@@ -171,6 +186,10 @@ TEST_CASE("cuda galore: the projected Adam step matches the CPU galore optimizer
   go.lanes = 2;
   // Weights ~1: float rounding of the products bounds the difference at a few ulps of 1.
   compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 5, 1.0f, 2e-6, 0.0);
+  // A non-finite gradient skips its tensor (no decay either); its own step count then sets its
+  // bias corrections.
+  compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 6, 1.0f, 2e-6, 0.0,
+                                                                 nullptr, 2);
 }
 
 TEST_CASE("cuda galore: torch-convention decay before the step, one GEMM per tensor") {
@@ -189,6 +208,9 @@ TEST_CASE("cuda galore: torch-convention decay before the step, one GEMM per ten
   go.lanes = 1;
   go.batched = false;  // one GEMM per tensor
   compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 3, 1.0f, 2e-6, 0.0);
+  // The skip with one GEMM per tensor, and the decay before the step (the sink takes it).
+  compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 5, 1.0f, 2e-6, 0.0,
+                                                                 nullptr, 1);
 }
 
 TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it match the CPU") {
@@ -215,6 +237,10 @@ TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it mat
     MESSAGE(n << ": last tracking angle " << angle << " rad");
     CHECK(angle > 0.05);
   }
+  // A non-finite gradient at a tracking step: the tensor keeps its basis, the others track.
+  // (Not further: the CPU's schedule then follows the tensor's own count, the GPU's steps().)
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 3, 0.05f, 2e-6, 2e-5,
+                                                               nullptr, 2);
 }
 
 TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's test matrix") {
@@ -317,4 +343,119 @@ TEST_CASE("cuda galore: arguments are checked before anything happens") {
   const std::vector<cuda::Tensor> ok{t};
   CHECK_THROWS_AS(cuda::MultiTensorLowRank<transforms::SvdProjection>(ok, o, ws.ptr, 16, nullptr),
                   Error);
+}
+
+namespace {
+/// One tensor under `o`: refreshes (first step) from a normal gradient, then from `bad` at the
+/// next due step; returns the stored basis before and after and the last refresh status.
+template <class Transform>
+void refresh_failure_case(typename cuda::MultiTensorLowRank<Transform>::Options o,
+                          const std::vector<float>& bad, index_t rows, index_t cols,
+                          transforms::RefreshStatus want_status,
+                          transforms::RefreshFailure want_failure) {
+  using Gpu = cuda::MultiTensorLowRank<Transform>;
+  const auto n = static_cast<std::size_t>(rows * cols);
+  DeviceBuffer wd(n * 4), gd(n * 4);
+  test::upload(wd.ptr, test::random_floats(n, 3));
+  test::upload(gd.ptr, test::random_floats(n, 4));
+  cuda::Tensor t;
+  t.weight = wd.ptr;
+  t.grad = gd.ptr;
+  t.rows = rows;
+  t.cols = cols;
+  t.id = 9;
+  const std::vector<cuda::Tensor> ts{t};
+  const std::size_t bytes = Gpu::workspace_bytes(ts, o);
+  DeviceBuffer ws(bytes);
+  Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+  gpu.step(nullptr);  // k = 0: the first refresh
+  CHECK(gpu.refresh_status(0).first == transforms::RefreshStatus::ok);
+  const Shape bs = gpu.basis_shape(0);
+  std::vector<float> before(static_cast<std::size_t>(bs.size())), after(before.size());
+  gpu.read_basis(0, before.data());
+  while (!gpu.refresh_due())
+    gpu.step(nullptr);
+  test::upload(gd.ptr, bad);
+  gpu.step(nullptr);
+  const auto [st, fail] = gpu.refresh_status(0);
+  CHECK(st == want_status);
+  if (want_failure == transforms::RefreshFailure::none)
+    CHECK(fail == want_failure);
+  else  // which breakdown comes first is the solver's business
+    CHECK(fail != transforms::RefreshFailure::none);
+  MESSAGE("refresh status " << transforms::to_string(st) << ", " << transforms::to_string(fail));
+  gpu.read_basis(0, after.data());
+  CHECK(test::max_ulp(after, before) == 0);
+}
+}  // namespace
+
+TEST_CASE("cuda galore/subtrack: a failed refresh keeps the basis, a first one gets the identity") {
+  using transforms::RefreshFailure;
+  using transforms::RefreshStatus;
+  const index_t rows = 64, cols = 48, r = 6;
+  const auto n = static_cast<std::size_t>(rows * cols);
+  std::vector<float> nan_grad = test::random_floats(n, 5);
+  nan_grad[11] = std::numeric_limits<float>::quiet_NaN();
+  // Finite, but its Gram overflows: the factorisation (or the eigensolver, or the tracking's
+  // BᵀB) breaks down or returns non-finite vectors.
+  std::vector<float> huge = test::random_floats(n, 6, 3e37f);
+  for (const auto method : {transforms::SvdMethod::randomized, transforms::SvdMethod::exact}) {
+    CAPTURE(static_cast<int>(method));
+    cuda::MultiTensorLowRank<transforms::SvdProjection>::Options o;
+    o.transform.rank = r;
+    o.transform.update_gap = 2;
+    o.transform.method = method;
+    o.rule.weight_decay = 0.1;
+    o.lanes = 1;
+    // A skipped tensor keeps its basis and the status of its last refresh.
+    refresh_failure_case<transforms::SvdProjection>(o, nan_grad, rows, cols, RefreshStatus::ok,
+                                                    RefreshFailure::none);
+    {
+      using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
+      DeviceBuffer wd(n * 4), gd(n * 4);
+      test::upload(wd.ptr, test::random_floats(n, 3));
+      test::upload(gd.ptr, huge);
+      cuda::Tensor t;
+      t.weight = wd.ptr;
+      t.grad = gd.ptr;
+      t.rows = rows;
+      t.cols = cols;
+      const std::vector<cuda::Tensor> ts{t};
+      const std::size_t bytes = Gpu::workspace_bytes(ts, o);
+      DeviceBuffer ws(bytes);
+      Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+      gpu.refresh(nullptr);  // no basis yet: the identity, never a non-finite one
+      const auto [st, fail] = gpu.refresh_status(0);
+      CHECK(st == RefreshStatus::identity_basis);
+      CHECK(fail != RefreshFailure::none);
+      std::vector<float> b(static_cast<std::size_t>(gpu.basis_shape(0).size()));
+      gpu.read_basis(0, b.data());
+      const Side side = gpu.side(0);
+      const index_t dim0 = projected_dim({rows, cols}, side);
+      for (index_t i = 0; i < dim0; ++i)
+        for (index_t j = 0; j < r; ++j)
+          CHECK(b[static_cast<std::size_t>(side == Side::left ? i * r + j : j * dim0 + i)] ==
+                (i == j ? 1.0f : 0.0f));
+      // The same with a NaN: the reason is the gradient.
+      test::upload(gd.ptr, nan_grad);
+      Gpu fresh(ts, o, ws.ptr, bytes, nullptr);
+      fresh.step(nullptr);
+      CHECK(fresh.refresh_status(0) ==
+            std::pair{RefreshStatus::identity_basis, RefreshFailure::non_finite_gradient});
+      CHECK(fresh.last_skipped() == std::vector<index_t>{0});
+      CHECK(fresh.tensor_steps(0) == 0);
+      CHECK(test::download<float>(wd.ptr, n) == test::random_floats(n, 3));
+    }
+    refresh_failure_case<transforms::SvdProjection>(
+        o, huge, rows, cols, RefreshStatus::kept_previous, RefreshFailure::non_finite_result);
+  }
+  cuda::MultiTensorLowRank<transforms::Grassmann>::Options g;
+  g.transform.rank = r;
+  g.transform.update_gap = 2;
+  g.transform.eta = 1.0;
+  g.lanes = 1;
+  refresh_failure_case<transforms::Grassmann>(g, nan_grad, rows, cols, RefreshStatus::ok,
+                                              RefreshFailure::none);
+  refresh_failure_case<transforms::Grassmann>(g, huge, rows, cols, RefreshStatus::kept_previous,
+                                              RefreshFailure::non_finite_result);
 }

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "../../core/config.hpp"
@@ -285,6 +286,22 @@ class MultiTensorLowRank {
   void write_basis(index_t tensor, const float* host);
   void read_moments(index_t tensor, float* m, float* v) const;
   void write_moments(index_t tensor, const float* m, const float* v);
+
+  /// Robustness, as the CPU optimizer: a tensor whose gradient holds NaN or Inf is skipped by
+  /// that step (weights, moments, basis and its own step count untouched; its later steps take
+  /// the bias corrections of its own count). The flags stay on the device; these reads
+  /// synchronise, so a steady step never waits for the host. Deviation: the refresh schedule
+  /// (and the refresh's Philox epoch) follows steps(), not the tensor's own count.
+  /// The tensors the last step skipped (ascending indices).
+  std::vector<index_t> last_skipped() const;
+  /// Steps tensor `tensor` has taken (steps() minus its skips).
+  std::int64_t tensor_steps(index_t tensor) const;
+  /// The last refresh's outcome for `tensor`, as the CPU's state keeps it: a failed refresh
+  /// (Cholesky or eigensolver breakdown, a non-finite result) keeps the previous basis
+  /// (kept_previous) or, with none yet, installs the first r coordinate vectors
+  /// (identity_basis); it never installs a non-finite basis.
+  std::pair<transforms::RefreshStatus, transforms::RefreshFailure> refresh_status(
+      index_t tensor) const;
 
   struct State;  // defined in backend/cuda/lowrank.cuh
 

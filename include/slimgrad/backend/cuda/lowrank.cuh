@@ -77,26 +77,124 @@ inline void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index
       "cublasGemmEx");
 }
 
+/// Per-tensor scalars of the Adam kernel: the denominator's divisor and ε of the tensor's own
+/// step, and its step size over the shared one (the update GEMM's α' is shared by a group).
+struct TensorScalars {
+  float denom_divisor, eps, ratio;
+};
+
 /// Adam on every coefficient at once (all tensors' coefficients are one contiguous array whose
-/// length is a multiple of 4): x ← N = M / D, the CPU's update() element math.
+/// length is a multiple of 4, each tensor's range a multiple of 64): x ← N = M / D, the CPU's
+/// update() element math. A tensor flagged in `skip` keeps its moments and gets N = 0.
 __global__ void __launch_bounds__(256)
     lowrank_adam_kernel(float4* __restrict__ x, float4* __restrict__ m, float4* __restrict__ v,
-                        index_t n4, optim::AdamStep s) {
+                        index_t n4, optim::AdamStep s, const index_t* __restrict__ offsets,
+                        int tensors, const int* __restrict__ skip,
+                        const TensorScalars* __restrict__ ts) {
+  index_t lo = 0, hi = 0;  // the current tensor's range of float4s (found by bisection)
+  int k = 0;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    if (i < lo || i >= hi) {
+      int a = 0, b = tensors;  // offsets[a] <= 4i < offsets[b]
+      while (b - a > 1) {
+        const int c = (a + b) / 2;
+        if (offsets[c] <= 4 * i)
+          a = c;
+        else
+          b = c;
+      }
+      k = a;
+      lo = offsets[k] / 4;
+      hi = offsets[k + 1] / 4;
+    }
+    if (skip[k]) {
+      x[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      continue;
+    }
+    optim::AdamStep sk = s;
+    sk.denom_divisor = ts[k].denom_divisor;
+    sk.eps = ts[k].eps;
+    const float ratio = ts[k].ratio;
     float4 g = x[i], mm = m[i], vv = v[i];
     float* gp = &g.x;
     float* mp = &mm.x;
     float* vp = &vv.x;
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      optim::adam_moments(gp[l], mp[l], vp[l], s);
-      gp[l] = mp[l] / optim::adam_denominator(vp[l], s);
+      optim::adam_moments(gp[l], mp[l], vp[l], sk);
+      gp[l] = mp[l] / optim::adam_denominator(vp[l], sk) * ratio;
     }
     x[i] = g;
     m[i] = mm;
     v[i] = vv;
   }
+}
+
+/// flags[k] ← 1 where the `counts[k]` floats at ptrs[k] hold a NaN or an infinity (blockIdx.y
+/// is the tensor; the flags were zeroed before). A non-finite gradient makes its projection
+/// non-finite (NaN and ±Inf propagate through every product and sum), so the steady step checks
+/// the coefficients, r/dim0 of the gradient's bytes.
+__global__ void __launch_bounds__(256)
+    nonfinite_kernel(const float* const* __restrict__ ptrs, const index_t* __restrict__ counts,
+                     int* __restrict__ flags) {
+  const int k = static_cast<int>(blockIdx.y);
+  const float* p = ptrs[k];
+  const index_t n = counts[k];
+  bool bad = false;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    bad = bad || !isfinite(p[i]);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flags[k] = 1;
+}
+
+/// The scalars of step t of Adam::step_scalars (same formulas; device pow, so equal to the
+/// host's to float rounding): only for a tensor whose count lags after a skip.
+struct RuleScalars {
+  double lr, beta1, beta2, eps;
+  int convention;  // optim::AdamConvention
+};
+__device__ inline void device_step_scalars(const RuleScalars& o, long long t, float& divisor,
+                                           float& eps, float& step) {
+  const double bc1 = 1.0 - pow(o.beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - pow(o.beta2, static_cast<double>(t));
+  eps = static_cast<float>(o.eps);
+  divisor = 1.0f;
+  if (o.convention == static_cast<int>(optim::AdamConvention::torch)) {
+    divisor = static_cast<float>(sqrt(bc2));
+    step = static_cast<float>(o.lr / bc1);
+  } else if (o.convention == static_cast<int>(optim::AdamConvention::bnb)) {
+    const float b1 = static_cast<float>(o.beta1), b2 = static_cast<float>(o.beta2);
+    const float tf = static_cast<float>(t), lr = static_cast<float>(o.lr);
+    const float c1 = 1.0f - powf(b1, tf);
+    const float c2 = sqrtf(1.0f - powf(b2, tf));
+    eps = c2 * static_cast<float>(o.eps);
+    step = (lr * c2) / c1;
+  } else {
+    step = static_cast<float>(o.lr * sqrt(bc2) / bc1);
+  }
+}
+
+/// One thread per tensor, after the flags: counts a skip, and sets the tensor's scalars for
+/// step t (the shared ones while it never skipped); with a sink, points the update GEMM of a
+/// skipped tensor at the sink so that the decay (β ≠ 1) leaves its weight alone.
+__global__ void tensor_scalars_kernel(const int* __restrict__ skip, int* __restrict__ skips,
+                                      TensorScalars* __restrict__ ts, int tensors, long long t,
+                                      RuleScalars rule, float divisor, float eps, float step,
+                                      float** const* __restrict__ slots,
+                                      float* const* __restrict__ weights, float* sink) {
+  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (k >= tensors) return;
+  if (skip[k]) ++skips[k];
+  if (sink) *slots[k] = skip[k] ? sink : weights[k];
+  if (skip[k]) return;
+  if (skips[k] == 0) {
+    ts[k] = {divisor, eps, 1.0f};
+    return;
+  }
+  float d, e, st;
+  device_step_scalars(rule, t - skips[k], d, e, st);
+  ts[k] = {d, e, step != 0.0f ? st / step : 0.0f};
 }
 
 /// Block-wide argmax of |x| over a column (first index on ties, as canonical_sign_flip).
@@ -125,14 +223,65 @@ __device__ inline void block_argmax_abs(const float* x, index_t n, float& best_a
   best = si[0];
 }
 
+/// Decision codes of verdict_kernel (Lane::info[2]).
+enum : int { install_candidate = 0, keep_basis = 1, install_identity = 2 };
+
+/// After a refresh's candidate (dim0×width col-major) is computed: decides what to install, as
+/// the CPU's refresh does, and records the outcome in status[2k], status[2k+1]
+/// (transforms::RefreshStatus, RefreshFailure). info[1] ≠ 0: a factorisation or eigensolver
+/// reported a breakdown. skip: the gradient is non-finite, so the step skips the tensor (a
+/// tensor with a basis keeps it and its status; one without gets the identity basis, as the
+/// CPU's refresh of a non-finite gradient). One block.
+__global__ void __launch_bounds__(256)
+    verdict_kernel(const float* __restrict__ cand, index_t n, int* __restrict__ info,
+                   const int* __restrict__ skip, bool ready, int* __restrict__ status) {
+  bool bad = false;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x)
+    bad = bad || !isfinite(cand[i]);
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x != 0) return;
+  using transforms::RefreshFailure;
+  using transforms::RefreshStatus;
+  int decision = install_candidate;
+  RefreshStatus st = RefreshStatus::ok;
+  RefreshFailure fail = RefreshFailure::none;
+  if (*skip) {
+    fail = RefreshFailure::non_finite_gradient;
+  } else if (info[1] != 0) {
+    fail = RefreshFailure::no_convergence;
+  } else if (bad) {
+    fail = RefreshFailure::non_finite_result;
+  }
+  if (fail != RefreshFailure::none) {
+    decision = ready ? keep_basis : install_identity;
+    st = ready ? RefreshStatus::kept_previous : RefreshStatus::identity_basis;
+  }
+  info[2] = decision;
+  if (*skip && ready) return;  // the CPU skips the tensor before its refresh
+  status[0] = static_cast<int>(st);
+  status[1] = static_cast<int>(fail);
+}
+
+/// info[1] |= (info[0] ≠ 0): accumulates cuSOLVER's info over the calls of one refresh.
+__global__ void accumulate_info_kernel(int* info) {
+  if (threadIdx.x == 0 && info[0] != 0) info[1] = 1;
+}
+
 /// Writes basis column j (0 = largest) from u (dim0 × width, col-major; the columns in
 /// ascending eigenvalue order, so column j is u[:, width − 1 − j]) into the stored basis with
 /// the canonical sign: right side P (r×n row-major: row j = column j of S), left side S (m×r
-/// row-major). One block of 256 threads per column.
+/// row-major). One block of 256 threads per column. Follows verdict_kernel's decision.
 __global__ void __launch_bounds__(256)
     install_basis_kernel(const float* __restrict__ u, index_t dim0, index_t width, index_t r,
-                         bool left, float* __restrict__ out) {
+                         bool left, const int* __restrict__ decision, float* __restrict__ out) {
+  const int what = *decision;
+  if (what == keep_basis) return;
   const index_t j = blockIdx.x;
+  if (what == install_identity) {
+    for (index_t i = threadIdx.x; i < dim0; i += blockDim.x)
+      out[left ? i * r + j : j * dim0 + i] = i == j ? 1.0f : 0.0f;
+    return;
+  }
   const float* col = u + (width - 1 - j) * dim0;
   float ba;
   index_t bi;
@@ -145,6 +294,71 @@ __global__ void __launch_bounds__(256)
     else
       out[j * dim0 + i] = x;
   }
+}
+
+/// The tracked S (dim0×r col-major) into the stored basis (right: the same layout; left: its
+/// transpose, m×r row-major), unless the verdict keeps the previous one.
+__global__ void store_tracked_kernel(const float* __restrict__ s, index_t dim0, index_t r,
+                                     bool left, const int* __restrict__ decision,
+                                     float* __restrict__ out) {
+  if (*decision != install_candidate) return;
+  const index_t n = dim0 * r;
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t i = q % dim0, j = q / dim0;
+    out[left ? i * r + j : q] = s[q];
+  }
+}
+
+/// y ← x / ‖x‖_F over n floats (one block; x = 0 stays 0, a non-finite x gives NaN). In place
+/// allowed. The squarings of the tracking's power iteration keep their scale with it.
+__global__ void __launch_bounds__(1024) normalise_kernel(const float* x, float* y, index_t n) {
+  __shared__ float part[32];
+  float s = 0.0f;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x)
+    s += x[i] * x[i];
+  for (int o = 16; o > 0; o >>= 1)
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1)
+      s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x == 0) part[0] = s;
+  }
+  __syncthreads();
+  const float total = part[0];
+  const float scale = total > 0.0f ? 1.0f / sqrtf(total) : (total == 0.0f ? 0.0f : NAN);
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x)
+    y[i] = x[i] * scale;
+}
+
+/// v ← the column of X (r×r, symmetric, ≈ v₁v₁ᵀ after the squarings) with the largest
+/// diagonal entry: the one least tilted away from v₁. One block.
+__global__ void __launch_bounds__(256)
+    top_column_kernel(const float* __restrict__ x, index_t r, float* __restrict__ v) {
+  __shared__ float sa[256];
+  __shared__ index_t si[256];
+  float ba = -1.0f;
+  index_t bi = 0;
+  for (index_t i = threadIdx.x; i < r; i += blockDim.x) {
+    const float a = x[i * r + i];
+    if (a > ba) ba = a, bi = i;
+  }
+  sa[threadIdx.x] = ba;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s &&
+        (sa[threadIdx.x + s] > sa[threadIdx.x] ||
+         (sa[threadIdx.x + s] == sa[threadIdx.x] && si[threadIdx.x + s] < si[threadIdx.x])))
+      sa[threadIdx.x] = sa[threadIdx.x + s], si[threadIdx.x] = si[threadIdx.x + s];
+    __syncthreads();
+  }
+  const index_t j = si[0];
+  for (index_t i = threadIdx.x; i < r; i += blockDim.x)
+    v[i] = x[j * r + i];
 }
 
 /// H (n×n, col-major) += shift·I with shift = factor·trace(H): keeps the Cholesky factorisation
@@ -163,19 +377,6 @@ __global__ void __launch_bounds__(256) shift_diagonal_kernel(float* h, index_t n
   const float shift = factor * part[0];
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
     h[i * n + i] += shift;
-}
-
-__global__ void to_double_kernel(const float* __restrict__ x, double* __restrict__ y, index_t n) {
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    y[i] = static_cast<double>(x[i]);
-}
-
-/// v (float, r) ← the last column of the double eigenvector matrix (the top eigenvector).
-__global__ void top_vector_kernel(const double* __restrict__ vecs, index_t r,
-                                  float* __restrict__ v) {
-  for (index_t i = threadIdx.x; i < r; i += blockDim.x)
-    v[i] = static_cast<float>(vecs[(r - 1) * r + i]);
 }
 
 /// The geodesic coefficients of one tracking step (one block): from bv = B v, sv = S v and
@@ -221,9 +422,9 @@ struct Lane {
   cusolverDnHandle_t solver = nullptr;
   float *omega = nullptr, *y = nullptr, *z = nullptr, *h = nullptr, *u = nullptr, *s = nullptr;
   float *eig = nullptr, *vec = nullptr, *work = nullptr;
-  double *hd = nullptr, *eigd = nullptr, *workd = nullptr;
-  int* info = nullptr;
-  int lwork = 0, lworkd = 0;
+  float* sq = nullptr;  // Grassmann: two r×r buffers of the power iteration's squarings
+  int* info = nullptr;  // [0] cuSOLVER's, [1] any breakdown, [2] verdict_kernel's decision
+  int lwork = 0;
 };
 
 }  // namespace detail
@@ -241,6 +442,8 @@ struct MultiTensorLowRank<Transform>::State {
     float* v;
     index_t count;
     bool ready = false;
+    float** c2 = nullptr;  // this tensor's slot in its group's update table (device)
+    std::size_t group = 0, slot = 0;
   };
   struct Group {
     index_t rows, cols;
@@ -264,6 +467,24 @@ struct MultiTensorLowRank<Transform>::State {
   float* v = nullptr;
   index_t total = 0;             // coefficients, padded to multiples of 64 per tensor
   double* track_info = nullptr;  // Grassmann: {σ, θ} per tensor
+  // Robustness (device, per tensor): skip flags of the current step, skip counts, refresh
+  // outcomes, the Adam kernel's scalars; tables of the checks (coefficient and gradient
+  // pointers and counts, coefficient offsets) and of the sink redirection.
+  int* skip = nullptr;
+  int* skips = nullptr;
+  int* status = nullptr;
+  detail::TensorScalars* tscal = nullptr;
+  index_t* offsets_d = nullptr;  // tensors + 1
+  const float** coeff_ptrs = nullptr;
+  index_t* coeff_counts = nullptr;
+  const float** grad_ptrs = nullptr;
+  index_t* grad_counts = nullptr;
+  float*** slots = nullptr;  // where each tensor's C pointer of the update GEMM lives
+  float** weights = nullptr;
+  float* sink = nullptr;  // max rows×cols floats when weight decay is on (β ≠ 1), else null
+  // Host copies of the tables, uploaded at construction.
+  std::vector<index_t> h_offsets, h_coeff_counts, h_grad_counts;
+  std::vector<const void*> h_coeff_ptrs, h_grad_ptrs, h_slots, h_weights;
   cublasHandle_t blas = nullptr;
   cudaEvent_t fork = nullptr;
   std::vector<detail::Lane> lanes;
@@ -275,8 +496,8 @@ struct MultiTensorLowRank<Transform>::State {
 
   // ---- sizes -------------------------------------------------------------------------------
   struct Sizes {
-    index_t omega = 0, y = 0, z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, hd = 0, eigd = 0;
-    int lwork = 0, lworkd = 0;
+    index_t omega = 0, y = 0, z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, sq = 0, sink = 0;
+    int lwork = 0;
   };
 
   static void shapes_of(const Tensor& tn, const transforms::SvdProjection::Options& o, Side& side,
@@ -329,15 +550,8 @@ struct MultiTensorLowRank<Transform>::State {
                                         nullptr, ne, nullptr, &lw),
             "syevd_bufferSize");
         z.lwork = std::max(z.lwork, lw);
-        if constexpr (grassmann) {
-          z.hd = std::max(z.hd, r * r);
-          z.eigd = std::max(z.eigd, r);
-          detail::check_solver(
-              cusolverDnDsyevd_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ir,
-                                          nullptr, ir, nullptr, &lw),
-              "syevd_bufferSize");
-          z.lworkd = std::max(z.lworkd, lw);
-        }
+        if constexpr (grassmann) z.sq = 2 * r * r;
+        if (options.rule.weight_decay != 0.0) z.sink = std::max(z.sink, tn.rows * tn.cols);
       }
     } catch (...) {
       cusolverDnDestroy(h);
@@ -395,17 +609,39 @@ struct MultiTensorLowRank<Transform>::State {
       l.eig = f(z.eig);
       l.vec = f(z.vec);
       l.work = f(z.lwork);
-      l.hd = c.take<double>(static_cast<std::size_t>(z.hd));
-      l.eigd = c.take<double>(static_cast<std::size_t>(z.eigd));
-      l.workd = c.take<double>(static_cast<std::size_t>(z.lworkd));
+      l.sq = f(z.sq);
       l.info = c.take<int>(4);
       l.lwork = z.lwork;
-      l.lworkd = z.lworkd;
       lane_ws.push_back(c.take<char>(lane_blas_workspace));
     }
+    const std::size_t nt = tensors.size();
+    int* skip = c.take<int>(nt);
+    int* skips = c.take<int>(nt);
+    int* status = c.take<int>(2 * nt);
+    auto* tscal = c.take<detail::TensorScalars>(nt);
+    auto* offsets_d = c.take<index_t>(nt + 1);
+    auto* coeff_ptrs = c.take<const float*>(nt);
+    auto* coeff_counts = c.take<index_t>(nt);
+    auto* grad_ptrs = c.take<const float*>(nt);
+    auto* grad_counts = c.take<index_t>(nt);
+    auto* slots = c.take<float**>(nt);
+    auto* weights = c.take<float*>(nt);
+    float* sink = z.sink > 0 ? c.take<float>(static_cast<std::size_t>(z.sink)) : nullptr;
     if (self == nullptr) return c.bytes();
 
     State& s = *self;
+    s.skip = skip;
+    s.skips = skips;
+    s.status = status;
+    s.tscal = tscal;
+    s.offsets_d = offsets_d;
+    s.coeff_ptrs = coeff_ptrs;
+    s.coeff_counts = coeff_counts;
+    s.grad_ptrs = grad_ptrs;
+    s.grad_counts = grad_counts;
+    s.slots = slots;
+    s.weights = weights;
+    s.sink = sink;
     s.coeff = coeff;
     s.m = m;
     s.v = v;
@@ -438,10 +674,13 @@ struct MultiTensorLowRank<Transform>::State {
       gr.c2 = const_cast<float**>(tab + 5 * n);
       std::vector<const void*> host(6 * static_cast<std::size_t>(n));
       int i = 0;
-      for (const Entry& e : s.entries) {
+      for (Entry& e : s.entries) {
         if (e.t.rows != rows || e.t.cols != cols || static_cast<int>(e.side) != side) continue;
         const auto nn = static_cast<std::size_t>(n);
         const auto ii = static_cast<std::size_t>(i);
+        e.c2 = gr.c2 + ii;
+        e.group = g - 1;
+        e.slot = ii;
         if (e.side == Side::right) {
           host[ii] = e.basis, host[nn + ii] = e.t.grad, host[2 * nn + ii] = e.coeff;
           host[3 * nn + ii] = e.basis, host[4 * nn + ii] = e.coeff, host[5 * nn + ii] = e.t.weight;
@@ -454,6 +693,17 @@ struct MultiTensorLowRank<Transform>::State {
       s.host_table.insert(s.host_table.end(), host.begin(), host.end());
       s.groups.push_back(gr);
     }
+    for (std::size_t k = 0; k < nt; ++k) {
+      const Entry& e = s.entries[k];
+      s.h_offsets.push_back(offsets[k]);
+      s.h_coeff_ptrs.push_back(e.coeff);
+      s.h_coeff_counts.push_back(e.count);
+      s.h_grad_ptrs.push_back(e.t.grad);
+      s.h_grad_counts.push_back(e.t.rows * e.t.cols);
+      s.h_slots.push_back(e.c2);
+      s.h_weights.push_back(e.t.weight);
+    }
+    s.h_offsets.push_back(total);
     s.blas_ws = blas_ws;
     s.lane_ws = lane_ws;
     return c.bytes();
@@ -505,6 +755,7 @@ struct MultiTensorLowRank<Transform>::State {
     detail::check_solver(cusolverDnSpotrf(l.solver, CUBLAS_FILL_MODE_UPPER, static_cast<int>(w),
                                           l.h, static_cast<int>(w), l.work, l.lwork, l.info),
                          "cusolverDnSpotrf");
+    accumulate_info(l);
     const float one = 1.0f;
     detail::check_blas(
         cublasStrsm(l.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
@@ -513,15 +764,30 @@ struct MultiTensorLowRank<Transform>::State {
         "cublasStrsm");
   }
 
-  void install(const detail::Lane& l, Entry& e, const float* u, index_t width) {
-    detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, l.stream>>>(
-        u, e.dim0, width, rank, e.side == Side::left, e.basis);
-    detail::check_launch("install_basis_kernel");
-    e.ready = true;
+  static void accumulate_info(const detail::Lane& l) {
+    detail::accumulate_info_kernel<<<1, 32, 0, l.stream>>>(l.info);
+    detail::check_launch("accumulate_info_kernel");
+  }
+  /// The verdict on a candidate (dim0×width col-major) of tensor i; see verdict_kernel.
+  void verdict(const detail::Lane& l, const Entry& e, std::size_t i, const float* cand,
+               index_t width) const {
+    detail::verdict_kernel<<<1, 256, 0, l.stream>>>(cand, e.dim0 * width, l.info, skip + i, e.ready,
+                                                    status + 2 * i);
+    detail::check_launch("verdict_kernel");
   }
 
-  void svd_refresh(const detail::Lane& l, Entry& e, std::int64_t k) {
+  /// The candidate's top r columns (or the identity, or nothing: the verdict decides).
+  void install(const detail::Lane& l, Entry& e, std::size_t i, const float* u, index_t width) {
+    verdict(l, e, i, u, width);
+    detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, l.stream>>>(
+        u, e.dim0, width, rank, e.side == Side::left, l.info + 2, e.basis);
+    detail::check_launch("install_basis_kernel");
+    e.ready = true;  // a candidate, or the identity basis
+  }
+
+  void svd_refresh(const detail::Lane& l, Entry& e, std::size_t i, std::int64_t k) {
     const bool tf32 = options.tf32;
+    detail::check(cudaMemsetAsync(l.info, 0, 4 * sizeof(int), l.stream), "cudaMemsetAsync");
     if (svd.method == transforms::SvdMethod::exact) {
       // H = ĜĜᵀ (fp32 products: the Gram squares the spectrum) and its top-r eigenvectors.
       const auto* g = static_cast<const float*>(e.t.grad);
@@ -535,7 +801,8 @@ struct MultiTensorLowRank<Transform>::State {
           cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, d, l.h, d,
                            l.eig, l.work, l.lwork, l.info),
           "cusolverDnSsyevd");
-      install(l, e, l.h, e.dim0);
+      accumulate_info(l);
+      install(l, e, i, l.h + (e.dim0 - rank) * e.dim0, rank);
       return;
     }
     const index_t ell = e.ell, d0 = e.dim0, d1 = e.dim1;
@@ -567,16 +834,51 @@ struct MultiTensorLowRank<Transform>::State {
         cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ie, l.h, ie,
                          l.eig, l.work, l.lwork, l.info),
         "cusolverDnSsyevd");
+    accumulate_info(l);
     // U = Q·V[:, ℓ−r:] (ascending), then reversed and signed by install.
     detail::gemm(l.blas, false, false, d0, rank, ell, 1.0f, l.y, d0, l.h + (ell - rank) * ell, ell,
                  0.0f, l.u, d0, false);
-    install(l, e, l.u, rank);
+    install(l, e, i, l.u, rank);
+  }
+
+  /// The tracking's squarings: X ← (X·X)/‖X·X‖_F, 2^10 = 1024 powers of BᵀB, so v₁'s
+  /// component dominates every other by (λ₁/λ₂)^1024; then power steps with BᵀB itself bring
+  /// the vector to float rounding. Replaces a double syevd of the whole r×r spectrum.
+  static constexpr int squarings = 10;
+  static constexpr int power_steps = 3;
+
+  /// v (r) ← the top eigenvector of the symmetric A (r×r col-major, left intact), up to sign:
+  /// the geodesic step is the same for ±v.
+  void top_eigenvector(const detail::Lane& l, const float* a, index_t r, float* v,
+                       float* tmp) const {
+    float* x = l.sq;
+    float* y = l.sq + r * r;
+    detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(a, x, r * r);
+    detail::check_launch("normalise_kernel");
+    for (int q = 0; q < squarings; ++q) {
+      detail::gemm(l.blas, false, false, r, r, r, 1.0f, x, r, x, r, 0.0f, y, r, false);
+      detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(y, x, r * r);
+      detail::check_launch("normalise_kernel");
+    }
+    detail::top_column_kernel<<<1, 256, 0, l.stream>>>(x, r, v);
+    detail::check_launch("top_column_kernel");
+    const float one = 1.0f, zero = 0.0f;
+    for (int q = 0; q < power_steps; ++q) {
+      detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(v, v, r);
+      detail::check_launch("normalise_kernel");
+      detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(r), static_cast<int>(r),
+                                     &one, a, static_cast<int>(r), v, 1, &zero, tmp, 1),
+                         "cublasSgemv");
+      detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(tmp, v, r);
+      detail::check_launch("normalise_kernel");
+    }
   }
 
   void track(const detail::Lane& l, Entry& e, std::size_t k, bool reorth) {
     const bool tf32 = options.tf32;
     const index_t d0 = e.dim0, d1 = e.dim1, r = rank;
     const float one = 1.0f, zero = 0.0f;
+    detail::check(cudaMemsetAsync(l.info, 0, 4 * sizeof(int), l.stream), "cudaMemsetAsync");
     // S (dim0×r col-major) from the stored basis: a copy (right) or a transpose (left).
     if (e.side == Side::right)
       detail::check(cudaMemcpyAsync(l.s, e.basis, static_cast<std::size_t>(d0 * r) * 4,
@@ -605,15 +907,8 @@ struct MultiTensorLowRank<Transform>::State {
       detail::gemm(l.blas, false, false, d0, r, r, -1.0f, l.s, d0, sw, r, 1.0f, w, d0, false);
     }
     detail::gemm(l.blas, true, false, r, r, d0, 1.0f, w, d0, w, d0, 0.0f, sw, r, false);  // BᵀB
-    detail::to_double_kernel<<<64, 256, 0, l.stream>>>(sw, l.hd, r * r);
-    detail::check_launch("to_double_kernel");
     const int ir = static_cast<int>(r);
-    detail::check_solver(
-        cusolverDnDsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ir, l.hd, ir,
-                         l.eigd, l.workd, l.lworkd, l.info),
-        "cusolverDnDsyevd");
-    detail::top_vector_kernel<<<1, 256, 0, l.stream>>>(l.hd, r, v);
-    detail::check_launch("top_vector_kernel");
+    top_eigenvector(l, sw, r, v, gw);
     detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, w,
                                    static_cast<int>(d0), v, 1, &zero, bv, 1),
                        "cublasSgemv");
@@ -627,15 +922,10 @@ struct MultiTensorLowRank<Transform>::State {
         cublasSger(l.blas, static_cast<int>(d0), ir, &one, gw, 1, v, 1, l.s, static_cast<int>(d0)),
         "cublasSger");
     if (reorth) cholesky_qr(l, l.s, d0, r, 0.0f);
-    if (e.side == Side::right)
-      detail::check(cudaMemcpyAsync(e.basis, l.s, static_cast<std::size_t>(d0 * r) * 4,
-                                    cudaMemcpyDeviceToDevice, l.stream),
-                    "cudaMemcpyAsync");
-    else
-      detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r),
-                                     static_cast<int>(d0), &one, l.s, static_cast<int>(d0), &zero,
-                                     e.basis, static_cast<int>(r), e.basis, static_cast<int>(r)),
-                         "cublasSgeam");
+    verdict(l, e, k, l.s, r);
+    detail::store_tracked_kernel<<<64, 256, 0, l.stream>>>(l.s, d0, r, e.side == Side::left,
+                                                           l.info + 2, e.basis);
+    detail::check_launch("store_tracked_kernel");
   }
 
   bool due(std::int64_t k) const {
@@ -647,7 +937,18 @@ struct MultiTensorLowRank<Transform>::State {
       return transforms::SvdProjection::refresh_due(k, svd.update_gap);
   }
 
+  /// skip ← 0, then the non-finite check of `what` (gradients or coefficients) ORed in.
+  void check_finite(cudaStream_t stream, bool gradients, bool clear) {
+    const auto nt = static_cast<unsigned>(entries.size());
+    if (clear) detail::check(cudaMemsetAsync(skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
+    detail::nonfinite_kernel<<<dim3(gradients ? 64u : 16u, nt), 256, 0, stream>>>(
+        gradients ? grad_ptrs : coeff_ptrs, gradients ? grad_counts : coeff_counts, skip);
+    detail::check_launch("nonfinite_kernel");
+  }
+
   void refresh_all(cudaStream_t stream, std::int64_t k) {
+    // A tensor whose gradient is non-finite keeps its basis (the step skips it).
+    check_finite(stream, true, true);
     bool any_track = false;
     if constexpr (grassmann) {
       bool all_ready = true;
@@ -683,7 +984,7 @@ struct MultiTensorLowRank<Transform>::State {
             if (any_track && e.ready)
               track(l, e, i, reorth);
             else
-              svd_refresh(l, e, k);
+              svd_refresh(l, e, i, k);
           }
         } catch (...) {
           errors[li] = std::current_exception();
@@ -702,12 +1003,22 @@ struct MultiTensorLowRank<Transform>::State {
   // ---- the steady step ---------------------------------------------------------------------
   optim::AdamStep step_scalars() const { return optim::Adam::step_scalars(options.rule, t + 1); }
 
-  void adam(cudaStream_t stream, const optim::AdamStep& s) {
+  /// Flags (the coefficients' check ORed into what a refresh found), the per-tensor scalars,
+  /// then Adam on every coefficient.
+  void adam(cudaStream_t stream, const optim::AdamStep& s, bool refreshed) {
+    check_finite(stream, false, !refreshed);
+    const int nt = static_cast<int>(entries.size());
+    const auto& r = options.rule;
+    const detail::RuleScalars rule{r.lr, r.beta1, r.beta2, r.eps, static_cast<int>(r.convention)};
+    detail::tensor_scalars_kernel<<<(nt + 127) / 128, 128, 0, stream>>>(
+        skip, skips, tscal, nt, static_cast<long long>(t + 1), rule, s.denom_divisor, s.eps,
+        s.weight.step_size, slots, weights, sink);
+    detail::check_launch("tensor_scalars_kernel");
     const index_t n4 = total / 4;
     const int blocks = static_cast<int>(std::min<index_t>((n4 + 255) / 256, 132 * 8));
-    detail::lowrank_adam_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<float4*>(coeff),
-                                                            reinterpret_cast<float4*>(m),
-                                                            reinterpret_cast<float4*>(v), n4, s);
+    detail::lowrank_adam_kernel<<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<float4*>(coeff), reinterpret_cast<float4*>(m),
+        reinterpret_cast<float4*>(v), n4, s, offsets_d, nt, skip, tscal);
     detail::check_launch("lowrank_adam_kernel");
   }
 
@@ -734,22 +1045,27 @@ struct MultiTensorLowRank<Transform>::State {
                      options.tf32);
     }
   }
-  void update_per_tensor() {
-    const index_t r = rank;
-    const auto [beta, alpha] = update_scalars(step_scalars());
-    for (const Entry& e : entries) {
-      auto* w = static_cast<float*>(e.t.weight);
-      const index_t mm = e.t.rows, n = e.t.cols;
-      if (e.side == Side::right)
-        detail::gemm(blas, false, false, n, mm, r, alpha, e.basis, n, e.coeff, r, beta, w, n,
-                     options.tf32);
-      else
-        detail::gemm(blas, false, false, n, mm, r, alpha, e.coeff, n, e.basis, r, beta, w, n,
-                     options.tf32);
-    }
+  // The update through the group tables (count 1), so a skipped tensor's sink applies.
+  void update_per_tensor(const optim::AdamStep& s) {
+    for (const Entry& e : entries)
+      update_gemm(groups[e.group], e.slot, 1, s);
+  }
+  void update_gemm(const Group& g, std::size_t first, int count, const optim::AdamStep& s) {
+    const auto [beta, alpha] = update_scalars(s);
+    const cublasComputeType_t ct = options.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
+    const int ri = static_cast<int>(rank);
+    // Wc (n×m) += Pc (n×r) · Nc (r×m)  |  Nc (n×r) · Sc (r×m)
+    detail::check_blas(
+        cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, &alpha,
+                            reinterpret_cast<const void* const*>(g.a2 + first), CUDA_R_32F, n,
+                            reinterpret_cast<const void* const*>(g.b2 + first), CUDA_R_32F, ri,
+                            &beta, reinterpret_cast<void* const*>(g.c2 + first), CUDA_R_32F, n,
+                            count, ct, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmBatchedEx (update)");
   }
 
-  void project_adam_update(cudaStream_t stream) {
+  void project_adam_update(cudaStream_t stream, bool refreshed) {
     // cublasSetStream resets the handle to its default workspace pool: set ours again, so the
     // step never allocates.
     detail::check_blas(cublasSetStream(blas, stream), "cublasSetStream");
@@ -759,8 +1075,9 @@ struct MultiTensorLowRank<Transform>::State {
     const index_t r = rank;
     if (!options.batched) {
       project_per_tensor();
-      adam(stream, step_scalars());
-      update_per_tensor();
+      const optim::AdamStep s = step_scalars();
+      adam(stream, s, refreshed);
+      update_per_tensor(s);
       return;
     }
     for (const Group& g : groups) {
@@ -784,21 +1101,10 @@ struct MultiTensorLowRank<Transform>::State {
             "cublasGemmBatchedEx (project)");
     }
     const optim::AdamStep s = step_scalars();
-    adam(stream, s);
+    adam(stream, s, refreshed);
     // W ← β·W + α'·Back(N): decay and step of the convention in one GEMM epilogue.
-    const auto [beta, alpha] = update_scalars(s);
-    for (const Group& g : groups) {
-      const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
-      const int ri = static_cast<int>(r);
-      // Wc (n×m) += Pc (n×r) · Nc (r×m)  |  Nc (n×r) · Sc (r×m)
-      detail::check_blas(
-          cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, &alpha,
-                              reinterpret_cast<const void* const*>(g.a2), CUDA_R_32F, n,
-                              reinterpret_cast<const void* const*>(g.b2), CUDA_R_32F, ri, &beta,
-                              reinterpret_cast<void* const*>(g.c2), CUDA_R_32F, n, g.count, ct,
-                              CUBLAS_GEMM_DEFAULT),
-          "cublasGemmBatchedEx (update)");
-    }
+    for (const Group& g : groups)
+      update_gemm(g, 0, g.count, s);
   }
 };
 
@@ -875,6 +1181,22 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   detail::check(cudaMemsetAsync(s.v, 0, bytes, stream), "cudaMemsetAsync");
   detail::check(cudaMemsetAsync(s.track_info, 0, 2 * tensors.size() * sizeof(double), stream),
                 "cudaMemsetAsync");
+  const std::size_t nt = tensors.size();
+  detail::check(cudaMemsetAsync(s.skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.skips, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.status, 0, 2 * nt * sizeof(int), stream), "cudaMemsetAsync");
+  auto upload = [&](void* dst, const auto& host) {
+    detail::check(cudaMemcpyAsync(dst, host.data(), host.size() * sizeof(host[0]),
+                                  cudaMemcpyHostToDevice, stream),
+                  "cudaMemcpyAsync");
+  };
+  upload(s.offsets_d, s.h_offsets);
+  upload(s.coeff_ptrs, s.h_coeff_ptrs);
+  upload(s.coeff_counts, s.h_coeff_counts);
+  upload(s.grad_ptrs, s.h_grad_ptrs);
+  upload(s.grad_counts, s.h_grad_counts);
+  upload(s.slots, s.h_slots);
+  upload(s.weights, s.h_weights);
   std::size_t off = 0;
   for (const auto& g : s.groups) {
     const std::size_t n = 6 * static_cast<std::size_t>(g.count);
@@ -892,8 +1214,9 @@ MultiTensorLowRank<Transform>::~MultiTensorLowRank() = default;
 template <class Transform>
 void MultiTensorLowRank<Transform>::step(stream_t stream) {
   State& s = *s_;
-  if (s.due(s.t)) s.refresh_all(stream, s.t);
-  s.project_adam_update(stream);
+  const bool refreshed = s.due(s.t);
+  if (refreshed) s.refresh_all(stream, s.t);
+  s.project_adam_update(stream, refreshed);
   ++s.t;
 }
 
@@ -980,6 +1303,40 @@ void MultiTensorLowRank<Transform>::write_moments(index_t tensor, const float* m
   const auto bytes = static_cast<std::size_t>(e.count) * 4;
   detail::check(cudaMemcpy(e.m, m, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
   detail::check(cudaMemcpy(e.v, v, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+}
+
+template <class Transform>
+std::vector<index_t> MultiTensorLowRank<Transform>::last_skipped() const {
+  const State& s = *s_;
+  std::vector<int> flags(s.entries.size());
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(
+      cudaMemcpy(flags.data(), s.skip, flags.size() * sizeof(int), cudaMemcpyDeviceToHost),
+      "cudaMemcpy");
+  std::vector<index_t> out;
+  for (std::size_t k = 0; k < flags.size(); ++k)
+    if (flags[k]) out.push_back(static_cast<index_t>(k));
+  return out;
+}
+template <class Transform>
+std::int64_t MultiTensorLowRank<Transform>::tensor_steps(index_t tensor) const {
+  (void)detail::lowrank_entry(*s_, tensor);
+  int skips = 0;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(&skips, s_->skips + tensor, sizeof(int), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+  return s_->t - skips;
+}
+template <class Transform>
+std::pair<transforms::RefreshStatus, transforms::RefreshFailure>
+MultiTensorLowRank<Transform>::refresh_status(index_t tensor) const {
+  (void)detail::lowrank_entry(*s_, tensor);
+  int st[2] = {0, 0};
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(st, s_->status + 2 * tensor, sizeof(st), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+  return {static_cast<transforms::RefreshStatus>(st[0]),
+          static_cast<transforms::RefreshFailure>(st[1])};
 }
 
 }  // namespace slimgrad::cuda
