@@ -459,3 +459,95 @@ TEST_CASE("cuda galore/subtrack: a failed refresh keeps the basis, a first one g
   refresh_failure_case<transforms::Grassmann>(g, huge, rows, cols, RefreshStatus::kept_previous,
                                               RefreshFailure::non_finite_result);
 }
+
+TEST_CASE("cuda galore: the steady step captured in a CUDA graph replays as direct steps") {
+  // Direct steps with set_lr() against one capture of step(stream, device_scalars) replayed
+  // with scalars(t) written before each replay: the same bits, with a changing learning rate
+  // and a non-finite gradient (the skip, and the lagging tensor's own t, inside the graph).
+  const std::vector<Dims> ds = {{96, 64}, {48, 80}, {96, 64}};
+  const std::vector<double> lrs = {1e-3, 5e-4, 2e-3, 0.0, 7e-4, 3e-4};
+  const int nan_step = 2;
+  cudaStream_t stream = nullptr;
+  test::cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
+  for (const bool batched : {true, false}) {
+    CAPTURE(batched);
+    Gpu::Options o;
+    o.rule = recipes::galore_options().rule;
+    o.rule.weight_decay = 0.1;
+    o.transform.rank = 4;
+    o.transform.update_gap = 1000;
+    o.lanes = 2;
+    o.batched = batched;
+    o.tf32 = false;
+    std::vector<std::vector<float>> result[2];
+    for (const bool graph : {false, true}) {
+      std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
+      std::vector<cuda::Tensor> ts;
+      for (std::size_t k = 0; k < ds.size(); ++k) {
+        const auto n = static_cast<std::size_t>(ds[k].rows * ds[k].cols);
+        wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+        gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
+        test::upload(wd.back()->ptr, test::random_floats(n, static_cast<std::uint32_t>(k + 1)));
+        ts.push_back({wd.back()->ptr, gd.back()->ptr, nullptr, ds[k].rows, ds[k].cols, 50 + k});
+      }
+      auto set_grads = [&](int step) {
+        for (std::size_t k = 0; k < ds.size(); ++k) {
+          const auto n = static_cast<std::size_t>(ds[k].rows * ds[k].cols);
+          auto g = test::random_floats(n, static_cast<std::uint32_t>(100 * step + k), 0.1f);
+          if (step == nan_step && k == 1) g[3] = std::numeric_limits<float>::infinity();
+          test::upload(gd[k]->ptr, g);
+        }
+      };
+      const std::size_t bytes = Gpu::workspace_bytes(ts, o);
+      DeviceBuffer ws(bytes);
+      Gpu gpu(ts, o, ws.ptr, bytes, stream);
+      gpu.set_lr(lrs[0]);
+      set_grads(0);
+      gpu.step(stream);  // the refresh step, outside any graph
+      test::cuda_check(cudaStreamSynchronize(stream), "sync");
+      DeviceBuffer dsc(sizeof(cuda::StepScalars));
+      cudaGraphExec_t exec = nullptr;
+      cudaGraph_t g = nullptr;
+      if (graph) {
+        test::cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "capture");
+        gpu.step(stream, static_cast<const cuda::StepScalars*>(dsc.ptr));
+        test::cuda_check(cudaStreamEndCapture(stream, &g), "end capture");
+        test::cuda_check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+      }
+      for (std::size_t i = 1; i < lrs.size(); ++i) {
+        set_grads(static_cast<int>(i));
+        gpu.set_lr(lrs[i]);
+        if (graph) {
+          const cuda::StepScalars sc = gpu.scalars(static_cast<std::int64_t>(i) + 1);
+          test::cuda_check(cudaMemcpy(dsc.ptr, &sc, sizeof(sc), cudaMemcpyHostToDevice), "sc");
+          test::cuda_check(cudaGraphLaunch(exec, stream), "launch");
+        } else {
+          gpu.step(stream);
+        }
+        test::cuda_check(cudaStreamSynchronize(stream), "sync");
+        CHECK(gpu.last_skipped() ==
+              (static_cast<int>(i) == nan_step ? std::vector<index_t>{1} : std::vector<index_t>{}));
+      }
+      if (graph) {
+        CHECK_THROWS_AS(gpu.step(stream, nullptr), Error);
+        gpu.set_steps(static_cast<std::int64_t>(lrs.size()));
+        test::cuda_check(cudaGraphExecDestroy(exec), "destroy");
+        test::cuda_check(cudaGraphDestroy(g), "destroy");
+      }
+      CHECK(gpu.tensor_steps(1) == static_cast<std::int64_t>(lrs.size()) - 1);
+      for (std::size_t k = 0; k < ds.size(); ++k)
+        result[graph].push_back(
+            test::download<float>(wd[k]->ptr, static_cast<std::size_t>(ds[k].rows * ds[k].cols)));
+    }
+    // The replay's update GEMM reads α', β from device memory (CUBLAS_POINTER_MODE_DEVICE),
+    // where cuBLAS may pick another kernel than for host scalars: a few ulps, while stale
+    // scalars (another lr, another t) would be off by far more.
+    for (std::size_t k = 0; k < ds.size(); ++k) {
+      const std::int64_t ulp = test::max_ulp(result[1][k], result[0][k]);
+      MESSAGE("tensor " << k << ": graph vs direct, max " << ulp << " ulp");
+      CHECK(ulp <= 4);
+    }
+  }
+  test::cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+}

@@ -267,6 +267,16 @@ class MultiTensorLowRank {
 
   /// Step t = steps() + 1 of every tensor (k = steps(): refreshes first when k is due).
   void step(stream_t stream);
+  /// The steady step (no refresh may be due: refreshes run host threads and cuSOLVER, so a
+  /// caller runs those steps with step(stream)) with the per-step scalars read from
+  /// `device_scalars` (device memory; epoch = t − 1 gives the lagging tensors their own t):
+  /// capturable in a CUDA graph whose replays take what the caller wrote there, scalars(t).
+  /// Counts one step on the host; replays do not (set_steps()).
+  void step(stream_t stream, const StepScalars* device_scalars);
+  /// What step t reads: Adam's scalars with the current learning rate, and the epoch t − 1.
+  StepScalars scalars(std::int64_t t) const;
+  /// The learning rate of the following steps (a schedule; finite, >= 0).
+  void set_lr(double lr);
   /// Runs the refresh that step k = steps() would run (SVD or tracking) now, on every tensor,
   /// without an Adam step (benchmarks time it on its own).
   void refresh(stream_t stream);

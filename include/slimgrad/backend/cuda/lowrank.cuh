@@ -90,7 +90,9 @@ __global__ void __launch_bounds__(256)
     lowrank_adam_kernel(float4* __restrict__ x, float4* __restrict__ m, float4* __restrict__ v,
                         index_t n4, optim::AdamStep s, const index_t* __restrict__ offsets,
                         int tensors, const int* __restrict__ skip,
-                        const TensorScalars* __restrict__ ts) {
+                        const TensorScalars* __restrict__ ts,
+                        const StepScalars* __restrict__ device_scalars) {
+  if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   index_t lo = 0, hi = 0;  // the current tensor's range of float4s (found by bisection)
   int k = 0;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
@@ -131,20 +133,22 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-/// flags[k] ← 1 where the `counts[k]` floats at ptrs[k] hold a NaN or an infinity (blockIdx.y
-/// is the tensor; the flags were zeroed before). A non-finite gradient makes its projection
-/// non-finite (NaN and ±Inf propagate through every product and sum), so the steady step checks
-/// the coefficients, r/dim0 of the gradient's bytes.
+/// flags[k] ← 1 where one of the `counts[k]` floats at ptrs[k] (stride `stride`) is a NaN or
+/// an infinity (blockIdx.y is the tensor; the flags were zeroed before). A NaN or an infinity in
+/// G makes every coefficient that sums over it non-finite (NaN and ±Inf propagate through every
+/// product, ±Inf·0 included, and every sum), so the steady step checks one coefficient per
+/// gradient row (right side: R[:, 0]) or column (left side: R[0, :]): 1/(r·dim0) of G's reads.
 __global__ void __launch_bounds__(256)
     nonfinite_kernel(const float* const* __restrict__ ptrs, const index_t* __restrict__ counts,
-                     int* __restrict__ flags) {
+                     index_t stride_right, const int* __restrict__ left, int* __restrict__ flags) {
   const int k = static_cast<int>(blockIdx.y);
   const float* p = ptrs[k];
   const index_t n = counts[k];
+  const index_t stride = left != nullptr && !left[k] ? stride_right : 1;
   bool bad = false;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    bad = bad || !isfinite(p[i]);
+    bad = bad || !isfinite(p[i * stride]);
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[k] = 1;
 }
 
@@ -176,15 +180,23 @@ __device__ inline void device_step_scalars(const RuleScalars& o, long long t, fl
 }
 
 /// One thread per tensor, after the flags: counts a skip, and sets the tensor's scalars for
-/// step t (the shared ones while it never skipped); with a sink, points the update GEMM of a
-/// skipped tensor at the sink so that the decay (β ≠ 1) leaves its weight alone.
+/// step t (the shared ones while it never skipped; else its own t's, the step size as a ratio
+/// to step t's, computed with lr = 1 since lr cancels); with a sink, points the update GEMM of
+/// a skipped tensor at the sink so that the decay (β ≠ 1) leaves its weight alone.
+/// device_scalars (graph replays): t = epoch + 1 and the shared scalars from there.
 __global__ void tensor_scalars_kernel(const int* __restrict__ skip, int* __restrict__ skips,
                                       TensorScalars* __restrict__ ts, int tensors, long long t,
-                                      RuleScalars rule, float divisor, float eps, float step,
+                                      RuleScalars rule, float divisor, float eps,
+                                      const StepScalars* __restrict__ device_scalars,
                                       float** const* __restrict__ slots,
                                       float* const* __restrict__ weights, float* sink) {
   const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (k >= tensors) return;
+  if (device_scalars != nullptr) {
+    t = static_cast<long long>(device_scalars->epoch) + 1;
+    divisor = device_scalars->adam.denom_divisor;
+    eps = device_scalars->adam.eps;
+  }
   if (skip[k]) ++skips[k];
   if (sink) *slots[k] = skip[k] ? sink : weights[k];
   if (skip[k]) return;
@@ -192,9 +204,22 @@ __global__ void tensor_scalars_kernel(const int* __restrict__ skip, int* __restr
     ts[k] = {divisor, eps, 1.0f};
     return;
   }
-  float d, e, st;
+  float d, e, st, st_shared;
   device_step_scalars(rule, t - skips[k], d, e, st);
-  ts[k] = {d, e, step != 0.0f ? st / step : 0.0f};
+  device_step_scalars(rule, t, divisor, eps, st_shared);
+  ts[k] = {d, e, st / st_shared};
+}
+
+/// The update GEMM's {α', β} from a graph replay's scalars (the host's update_scalars()).
+__global__ void update_scalars_kernel(const StepScalars* __restrict__ ds, double scale,
+                                      float* __restrict__ out) {
+  if (threadIdx.x != 0) return;
+  const optim::WeightUpdate& wu = ds->adam.weight;
+  const double decay =
+      static_cast<double>(wu.decay_multiplier) * (1.0 + static_cast<double>(wu.decay_alpha));
+  const double step = -static_cast<double>(wu.step_size) * scale;
+  out[0] = static_cast<float>(wu.decay_before ? step : step * decay);
+  out[1] = static_cast<float>(decay);
 }
 
 /// Block-wide argmax of |x| over a column (first index on ties, as canonical_sign_flip).
@@ -476,14 +501,17 @@ struct MultiTensorLowRank<Transform>::State {
   detail::TensorScalars* tscal = nullptr;
   index_t* offsets_d = nullptr;  // tensors + 1
   const float** coeff_ptrs = nullptr;
-  index_t* coeff_counts = nullptr;
+  index_t* coeff_counts = nullptr;  // dim1: one coefficient per gradient row or column
+  int* left_d = nullptr;
   const float** grad_ptrs = nullptr;
   index_t* grad_counts = nullptr;
   float*** slots = nullptr;  // where each tensor's C pointer of the update GEMM lives
   float** weights = nullptr;
+  float* upd = nullptr;   // {α', β} of the update GEMM (graph replays)
   float* sink = nullptr;  // max rows×cols floats when weight decay is on (β ≠ 1), else null
   // Host copies of the tables, uploaded at construction.
   std::vector<index_t> h_offsets, h_coeff_counts, h_grad_counts;
+  std::vector<int> h_left;
   std::vector<const void*> h_coeff_ptrs, h_grad_ptrs, h_slots, h_weights;
   cublasHandle_t blas = nullptr;
   cudaEvent_t fork = nullptr;
@@ -622,10 +650,12 @@ struct MultiTensorLowRank<Transform>::State {
     auto* offsets_d = c.take<index_t>(nt + 1);
     auto* coeff_ptrs = c.take<const float*>(nt);
     auto* coeff_counts = c.take<index_t>(nt);
+    auto* left_d = c.take<int>(nt);
     auto* grad_ptrs = c.take<const float*>(nt);
     auto* grad_counts = c.take<index_t>(nt);
     auto* slots = c.take<float**>(nt);
     auto* weights = c.take<float*>(nt);
+    float* upd = c.take<float>(2);
     float* sink = z.sink > 0 ? c.take<float>(static_cast<std::size_t>(z.sink)) : nullptr;
     if (self == nullptr) return c.bytes();
 
@@ -637,10 +667,12 @@ struct MultiTensorLowRank<Transform>::State {
     s.offsets_d = offsets_d;
     s.coeff_ptrs = coeff_ptrs;
     s.coeff_counts = coeff_counts;
+    s.left_d = left_d;
     s.grad_ptrs = grad_ptrs;
     s.grad_counts = grad_counts;
     s.slots = slots;
     s.weights = weights;
+    s.upd = upd;
     s.sink = sink;
     s.coeff = coeff;
     s.m = m;
@@ -697,7 +729,8 @@ struct MultiTensorLowRank<Transform>::State {
       const Entry& e = s.entries[k];
       s.h_offsets.push_back(offsets[k]);
       s.h_coeff_ptrs.push_back(e.coeff);
-      s.h_coeff_counts.push_back(e.count);
+      s.h_coeff_counts.push_back(e.dim1);
+      s.h_left.push_back(e.side == Side::left ? 1 : 0);
       s.h_grad_ptrs.push_back(e.t.grad);
       s.h_grad_counts.push_back(e.t.rows * e.t.cols);
       s.h_slots.push_back(e.c2);
@@ -941,8 +974,9 @@ struct MultiTensorLowRank<Transform>::State {
   void check_finite(cudaStream_t stream, bool gradients, bool clear) {
     const auto nt = static_cast<unsigned>(entries.size());
     if (clear) detail::check(cudaMemsetAsync(skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
-    detail::nonfinite_kernel<<<dim3(gradients ? 64u : 16u, nt), 256, 0, stream>>>(
-        gradients ? grad_ptrs : coeff_ptrs, gradients ? grad_counts : coeff_counts, skip);
+    detail::nonfinite_kernel<<<dim3(gradients ? 64u : 4u, nt), 256, 0, stream>>>(
+        gradients ? grad_ptrs : coeff_ptrs, gradients ? grad_counts : coeff_counts, rank,
+        gradients ? nullptr : left_d, skip);
     detail::check_launch("nonfinite_kernel");
   }
 
@@ -1005,20 +1039,20 @@ struct MultiTensorLowRank<Transform>::State {
 
   /// Flags (the coefficients' check ORed into what a refresh found), the per-tensor scalars,
   /// then Adam on every coefficient.
-  void adam(cudaStream_t stream, const optim::AdamStep& s, bool refreshed) {
+  void adam(cudaStream_t stream, const optim::AdamStep& s, bool refreshed, const StepScalars* ds) {
     check_finite(stream, false, !refreshed);
     const int nt = static_cast<int>(entries.size());
     const auto& r = options.rule;
-    const detail::RuleScalars rule{r.lr, r.beta1, r.beta2, r.eps, static_cast<int>(r.convention)};
+    const detail::RuleScalars rule{1.0, r.beta1, r.beta2, r.eps, static_cast<int>(r.convention)};
     detail::tensor_scalars_kernel<<<(nt + 127) / 128, 128, 0, stream>>>(
-        skip, skips, tscal, nt, static_cast<long long>(t + 1), rule, s.denom_divisor, s.eps,
-        s.weight.step_size, slots, weights, sink);
+        skip, skips, tscal, nt, static_cast<long long>(t + 1), rule, s.denom_divisor, s.eps, ds,
+        slots, weights, sink);
     detail::check_launch("tensor_scalars_kernel");
     const index_t n4 = total / 4;
     const int blocks = static_cast<int>(std::min<index_t>((n4 + 255) / 256, 132 * 8));
     detail::lowrank_adam_kernel<<<blocks, 256, 0, stream>>>(
         reinterpret_cast<float4*>(coeff), reinterpret_cast<float4*>(m),
-        reinterpret_cast<float4*>(v), n4, s, offsets_d, nt, skip, tscal);
+        reinterpret_cast<float4*>(v), n4, s, offsets_d, nt, skip, tscal, ds);
     detail::check_launch("lowrank_adam_kernel");
   }
 
@@ -1046,26 +1080,51 @@ struct MultiTensorLowRank<Transform>::State {
     }
   }
   // The update through the group tables (count 1), so a skipped tensor's sink applies.
-  void update_per_tensor(const optim::AdamStep& s) {
+  void update_per_tensor(const float* alpha, const float* beta) {
     for (const Entry& e : entries)
-      update_gemm(groups[e.group], e.slot, 1, s);
+      update_gemm(groups[e.group], e.slot, 1, alpha, beta);
   }
-  void update_gemm(const Group& g, std::size_t first, int count, const optim::AdamStep& s) {
-    const auto [beta, alpha] = update_scalars(s);
+  /// α, β: host pointers, or device pointers under CUBLAS_POINTER_MODE_DEVICE (graphs).
+  void update_gemm(const Group& g, std::size_t first, int count, const float* alpha,
+                   const float* beta) {
     const cublasComputeType_t ct = options.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
     const int ri = static_cast<int>(rank);
     // Wc (n×m) += Pc (n×r) · Nc (r×m)  |  Nc (n×r) · Sc (r×m)
     detail::check_blas(
-        cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, &alpha,
+        cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, alpha,
                             reinterpret_cast<const void* const*>(g.a2 + first), CUDA_R_32F, n,
                             reinterpret_cast<const void* const*>(g.b2 + first), CUDA_R_32F, ri,
-                            &beta, reinterpret_cast<void* const*>(g.c2 + first), CUDA_R_32F, n,
+                            beta, reinterpret_cast<void* const*>(g.c2 + first), CUDA_R_32F, n,
                             count, ct, CUBLAS_GEMM_DEFAULT),
         "cublasGemmBatchedEx (update)");
   }
 
-  void project_adam_update(cudaStream_t stream, bool refreshed) {
+  /// Adam and the update; ds: the scalars from device memory (graph replays).
+  void adam_update(cudaStream_t stream, bool refreshed, const StepScalars* ds) {
+    const optim::AdamStep s = step_scalars();
+    adam(stream, s, refreshed, ds);
+    // W ← β·W + α'·Back(N): decay and step of the convention in one GEMM epilogue.
+    const auto [beta, alpha] = update_scalars(s);
+    const float* pa = &alpha;
+    const float* pb = &beta;
+    if (ds != nullptr) {
+      detail::update_scalars_kernel<<<1, 32, 0, stream>>>(ds, options.scale, upd);
+      detail::check_launch("update_scalars_kernel");
+      detail::check_blas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
+      pa = upd;
+      pb = upd + 1;
+    }
+    if (options.batched)
+      for (const Group& g : groups)
+        update_gemm(g, 0, g.count, pa, pb);
+    else
+      update_per_tensor(pa, pb);
+    if (ds != nullptr)
+      detail::check_blas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
+  }
+
+  void project_adam_update(cudaStream_t stream, bool refreshed, const StepScalars* ds) {
     // cublasSetStream resets the handle to its default workspace pool: set ours again, so the
     // step never allocates.
     detail::check_blas(cublasSetStream(blas, stream), "cublasSetStream");
@@ -1075,9 +1134,7 @@ struct MultiTensorLowRank<Transform>::State {
     const index_t r = rank;
     if (!options.batched) {
       project_per_tensor();
-      const optim::AdamStep s = step_scalars();
-      adam(stream, s, refreshed);
-      update_per_tensor(s);
+      adam_update(stream, refreshed, ds);
       return;
     }
     for (const Group& g : groups) {
@@ -1100,11 +1157,7 @@ struct MultiTensorLowRank<Transform>::State {
                                 CUBLAS_GEMM_DEFAULT),
             "cublasGemmBatchedEx (project)");
     }
-    const optim::AdamStep s = step_scalars();
-    adam(stream, s, refreshed);
-    // W ← β·W + α'·Back(N): decay and step of the convention in one GEMM epilogue.
-    for (const Group& g : groups)
-      update_gemm(g, 0, g.count, s);
+    adam_update(stream, refreshed, ds);
   }
 };
 
@@ -1193,6 +1246,7 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   upload(s.offsets_d, s.h_offsets);
   upload(s.coeff_ptrs, s.h_coeff_ptrs);
   upload(s.coeff_counts, s.h_coeff_counts);
+  upload(s.left_d, s.h_left);
   upload(s.grad_ptrs, s.h_grad_ptrs);
   upload(s.grad_counts, s.h_grad_counts);
   upload(s.slots, s.h_slots);
@@ -1216,8 +1270,33 @@ void MultiTensorLowRank<Transform>::step(stream_t stream) {
   State& s = *s_;
   const bool refreshed = s.due(s.t);
   if (refreshed) s.refresh_all(stream, s.t);
-  s.project_adam_update(stream, refreshed);
+  s.project_adam_update(stream, refreshed, nullptr);
   ++s.t;
+}
+
+template <class Transform>
+void MultiTensorLowRank<Transform>::step(stream_t stream, const StepScalars* device_scalars) {
+  State& s = *s_;
+  require(device_scalars != nullptr, "cuda::MultiTensorLowRank::step: null device scalars");
+  require(!s.due(s.t),
+          "cuda::MultiTensorLowRank::step: a refresh is due (step(stream) runs refresh steps)");
+  s.project_adam_update(stream, false, device_scalars);
+  ++s.t;
+}
+
+template <class Transform>
+StepScalars MultiTensorLowRank<Transform>::scalars(std::int64_t t) const {
+  require(t >= 1, "cuda::MultiTensorLowRank::scalars: t must be >= 1");
+  StepScalars sc;
+  sc.adam = optim::Adam::step_scalars(s_->options.rule, t);
+  sc.epoch = static_cast<std::uint32_t>(t - 1);
+  return sc;
+}
+
+template <class Transform>
+void MultiTensorLowRank<Transform>::set_lr(double lr) {
+  require(std::isfinite(lr) && lr >= 0, "cuda::MultiTensorLowRank::set_lr: lr must be >= 0");
+  s_->options.rule.lr = lr;
 }
 
 template <class Transform>
