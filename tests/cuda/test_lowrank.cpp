@@ -4,7 +4,9 @@
 // TF32 off: the GEMMs sum in another order, so the bound is float rounding, not bits. The GPU's
 // refresh is compared with the CPU's exact SVD to subspace accuracy (principal angles) and, the
 // singular values being well separated, vector by vector under the canonical sign rule; its
-// Philox test matrix is bit-identical to the CPU's.
+// Philox test matrix is bit-identical to the CPU's. Robustness as the CPU optimizer's (a
+// non-finite gradient skips its tensor, a failed refresh keeps the basis) and the steady step
+// captured in a CUDA graph.
 #include <doctest/doctest.h>
 
 #include <Eigen/Dense>
@@ -383,7 +385,8 @@ void refresh_failure_case(typename cuda::MultiTensorLowRank<Transform>::Options 
     CHECK(fail == want_failure);
   else  // which breakdown comes first is the solver's business
     CHECK(fail != transforms::RefreshFailure::none);
-  MESSAGE("refresh status " << transforms::to_string(st) << ", " << transforms::to_string(fail));
+  MESSAGE("refresh status " << std::string(transforms::to_string(st)) << ", "
+                            << std::string(transforms::to_string(fail)));
   gpu.read_basis(0, after.data());
   CHECK(test::max_ulp(after, before) == 0);
 }
