@@ -79,7 +79,7 @@ std::unique_ptr<AnyOptimizer> make(const BenchStepArgs& args, std::vector<Settin
                                    const Workload& w) {
   auto opt = make_optimizer(args.optimizer, settings);
   for (const ModelTensor& t : w.tensors)
-    opt->set_role(t.name, t.shape, t.role);
+    apply_role(*opt, t);
   return opt;
 }
 
@@ -106,7 +106,7 @@ void run_bench_step(const BenchStepArgs& args) {
     auto check = make_optimizer(args.optimizer, settings);
     double need = 0;
     for (const ModelTensor& t : tensors) {
-      check->set_role(t.name, t.shape, t.role);
+      apply_role(*check, t);
       need += 8.0 * static_cast<double>(t.shape.size()) +
               static_cast<double>(check->predicted_state_bytes(t.name, t.shape));
     }

@@ -69,7 +69,7 @@ Accounting account(const std::string& recipe, const std::vector<Setting>& settin
     gb.name = g;
     for (const ModelTensor& t : tensors) {
       if (t.group != g) continue;
-      if (t.role != ParamRole::automatic) opt->set_role(t.name, t.shape, t.role);
+      apply_role(*opt, t);
       plain->set_role(t.name, t.shape, ParamRole::plain);
       const std::size_t b = opt->predicted_state_bytes(t.name, t.shape);
       // An automatic tensor is compressed when its state differs from the plain rule's.

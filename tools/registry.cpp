@@ -125,19 +125,20 @@ const LlamaConfig& llama_model(const std::string& name) {
 std::vector<ModelTensor> llama_tensors(const LlamaConfig& c) {
   const index_t h = c.hidden, f = c.intermediate;
   std::vector<ModelTensor> t;
-  t.push_back({"embed_tokens", {c.vocabulary, h}, false, "embed_tokens", ParamRole::plain});
+  const auto compressed = ParamRole::compressed, plain = ParamRole::plain;
+  t.push_back({"embed_tokens", {c.vocabulary, h}, false, "embed_tokens", plain, false});
   for (index_t l = 0; l < c.layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
-    for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"})
-      t.push_back({p + "self_attn." + n, {h, h}, false, "attn q,k,v,o", ParamRole::compressed});
-    t.push_back({p + "mlp.gate_proj", {f, h}, false, "mlp gate,up", ParamRole::compressed});
-    t.push_back({p + "mlp.up_proj", {f, h}, false, "mlp gate,up", ParamRole::compressed});
-    t.push_back({p + "mlp.down_proj", {h, f}, false, "mlp down", ParamRole::compressed});
-    t.push_back({p + "input_layernorm", {1, h}, true, "norms", ParamRole::plain});
-    t.push_back({p + "post_attention_layernorm", {1, h}, true, "norms", ParamRole::plain});
+    for (const std::string n : {"q_proj", "k_proj", "v_proj", "o_proj"})
+      t.push_back({p + "self_attn." + n, {h, h}, false, "attn q,k,v,o", compressed, n == "o_proj"});
+    t.push_back({p + "mlp.gate_proj", {f, h}, false, "mlp gate,up", compressed, false});
+    t.push_back({p + "mlp.up_proj", {f, h}, false, "mlp gate,up", compressed, false});
+    t.push_back({p + "mlp.down_proj", {h, f}, false, "mlp down", compressed, false});
+    t.push_back({p + "input_layernorm", {1, h}, true, "norms", plain, false});
+    t.push_back({p + "post_attention_layernorm", {1, h}, true, "norms", plain, false});
   }
-  t.push_back({"norm", {1, h}, true, "norms", ParamRole::plain});
-  t.push_back({"lm_head", {c.vocabulary, h}, false, "lm_head", ParamRole::plain});
+  t.push_back({"norm", {1, h}, true, "norms", plain, false});
+  t.push_back({"lm_head", {c.vocabulary, h}, false, "lm_head", plain, false});
   return t;
 }
 
@@ -169,11 +170,17 @@ std::vector<ModelTensor> shape_tensors(const std::string& list) {
     t.name = "shape" + std::to_string(out.size()) + "." + item;
     t.group = item;
     t.role = ParamRole::automatic;
+    t.full_path = false;
     out.push_back(std::move(t));
     if (comma == std::string::npos) break;
     begin = comma + 1;
   }
   return out;
+}
+
+void apply_role(AnyOptimizer& opt, const ModelTensor& t) {
+  if (t.role != ParamRole::automatic) opt.set_role(t.name, t.shape, t.role);
+  if (t.full_path && opt.has_full_path()) opt.set_full_path(t.name);
 }
 
 std::vector<std::string> group_order(const std::vector<ModelTensor>& tensors) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <slimgrad/core/view.hpp>
@@ -52,6 +53,18 @@ class AnyOptimizer {
   /// Fixes a parameter's role before its first step. ParamRole::compressed is checked here
   /// against `shape` (e.g. a rank above min(m, n) is refused with a sentence).
   virtual void set_role(const std::string& param, Shape shape, ParamRole role) = 0;
+  /// Whether the recipe has a path of its own for the layers it leaves uncompressed: CompAct's
+  /// attention output projection (o_proj) takes the full gradient and full Adam, its update
+  /// scaled by α·scale_o_proj (algorithms.md §4.2 step 4; recipes::compact_full_path).
+  virtual bool has_full_path() const = 0;
+  /// Gives `param` that path, before its first step (it replaces what set_role() fixed). The
+  /// caller says which layers take it: the recipe does not guess from names. Throws a sentence
+  /// for a recipe without one.
+  virtual void set_full_path(const std::string& param) = 0;
+  /// Number of steps `param` has taken (0 before its first). A step skipped for a NaN/Inf
+  /// gradient does not count: a layer whose randomness follows the optimizer's schedule
+  /// (CompAct's P) must be handed this count, not the trainer's iteration.
+  virtual std::int64_t step_count(std::string_view param) const = 0;
 
   /// One optimizer step over `params` (Optimizer::step).
   virtual StepReport step(std::span<const Param> params) = 0;
@@ -121,13 +134,18 @@ struct ModelTensor {
   bool vector;        ///< a 1-D tensor (RMSNorm weights)
   std::string group;  ///< the table row it is counted in
   ParamRole role;     ///< compressed (attention, MLP) or plain (embedding, head, norms)
+  bool full_path;     ///< o_proj: a recipe with a full path (compact) leaves it uncompressed
 };
+
+/// Gives `opt` the role of `t` (unless automatic) and, if the recipe has one, its full path for
+/// the tensors that take it.
+void apply_role(AnyOptimizer& opt, const ModelTensor& t);
 
 /// The weights of a LLaMA model: per layer q, k, v, o (hidden×hidden), gate and up
 /// (intermediate×hidden), down (hidden×intermediate), two RMSNorm vectors (hidden); the embedding
 /// and an untied lm_head (vocabulary×hidden); the final norm (hidden). Attention and MLP matrices
 /// are compressed, the rest takes the plain rule, as the peers' param groups do (algorithms.md
-/// §0.4).
+/// §0.4); o_proj is marked for the full path of the recipes that have one (CompAct's).
 std::vector<ModelTensor> llama_tensors(const LlamaConfig& model);
 
 /// Tensors from "MxN,N,..." (a bare N is a 1×N vector), each its own group, role automatic (the

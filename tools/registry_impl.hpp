@@ -56,15 +56,16 @@ class Erased final : public AnyOptimizer {
     }
     typename Opt::Override o;
     o.role = role;
-    if constexpr (std::is_same_v<typename Opt::Options, typename recipes::CompAct<>::Options>) {
-      // CompAct leaves o_proj uncompressed, with its own scale (algorithms.md §4.2 step 4).
-      const std::string_view tail = "o_proj";
-      if (role == ParamRole::compressed && param.size() >= tail.size() &&
-          param.compare(param.size() - tail.size(), tail.size(), tail) == 0)
-        o = recipes::compact_full_path(opt_.options());
-    }
     opt_.set_override(param, o);
   }
+  bool has_full_path() const override { return is_compact; }
+  void set_full_path(const std::string& param) override {
+    if constexpr (is_compact)
+      opt_.set_override(param, recipes::compact_full_path(opt_.options()));
+    else
+      throw Error("slimgrad: optimizer " + name_ + " has no full path for uncompressed layers");
+  }
+  std::int64_t step_count(std::string_view param) const override { return opt_.step_count(param); }
   StepReport step(std::span<const Param> params) override { return opt_.step(params); }
   std::size_t state_bytes() const override { return opt_.state_bytes(); }
   std::size_t state_bytes(std::string_view param) const override { return opt_.state_bytes(param); }
@@ -78,6 +79,8 @@ class Erased final : public AnyOptimizer {
   void from_checkpoint(const io::TensorFile& file) override { opt_.from_checkpoint(file); }
 
  private:
+  static constexpr bool is_compact =
+      std::is_same_v<typename Opt::Options, typename recipes::CompAct<>::Options>;
   std::string name_;
   std::map<std::string, std::string> type_keys_;
   Opt opt_;

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model.hpp"
+#include "registry.hpp"
 
 namespace gpt {
 
@@ -148,6 +149,26 @@ inline void configure_activations(Model<float>& model, const std::string& kind,
                        std::make_unique<CompressedLinear>(t.name, t.cols, t.rows, layer));
     }
   }
+}
+
+/// The optimizer roles of the model's tensors: the attention and MLP projections compressed,
+/// the rest plain; the attention output projections take the recipe's full path where it has
+/// one (CompAct leaves o_proj uncompressed: algorithms.md §4.2 step 4).
+inline void set_roles(const Model<float>& model, slimgrad::tools::AnyOptimizer& opt) {
+  for (const TensorInfo& t : model.tensors())
+    opt.set_role(t.name, {t.rows, t.cols},
+                 t.compressible ? slimgrad::ParamRole::compressed : slimgrad::ParamRole::plain);
+  if (opt.has_full_path())
+    for (Index l = 0; l < model.config().layers; ++l)
+      opt.set_full_path("h." + std::to_string(l) + "." +
+                        Model<float>::linear_name(LinearKind::attn_proj));
+}
+
+/// Before each step's forward: every projection takes its weight's optimizer step count, so that
+/// a CompAct layer's P is the one the optimizer will use for that weight, also after a step
+/// skipped for a non-finite gradient.
+inline void sync_steps(Model<float>& model, const slimgrad::tools::AnyOptimizer& opt) {
+  model.set_steps([&](const std::string& name) { return opt.step_count(name); });
 }
 
 }  // namespace gpt

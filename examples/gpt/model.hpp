@@ -144,8 +144,8 @@ class Model {
       const std::string p = "h." + std::to_string(l) + ".";
       add(p + "ln_1", 1, C, false, false);
       add(p + "attn.c_attn", 3 * C, C, true, true);
-      // nanoGPT's attn.c_proj, named as LLaMA's o_proj so that recipes which treat the attention
-      // output apart (CompAct's full path) recognise it.
+      // nanoGPT's attn.c_proj, named as LLaMA's o_proj (the trainer gives it the full path of
+      // the recipes that have one: CompAct's).
       add(p + "attn.o_proj", C, C, true, true);
       add(p + "ln_2", 1, C, false, false);
       add(p + "mlp.c_fc", 4 * C, C, true, true);
@@ -230,10 +230,16 @@ class Model {
           return linears_[static_cast<std::size_t>(4 * l + k)]->load_codec_state(s);
     throw slimgrad::Error("slimgrad: no projection named '" + name + "'");
   }
-  /// The training step the next forward belongs to (handed to every linear layer).
-  void set_step(std::uint64_t step) {
-    for (auto& l : linears_)
-      l->set_step(step);
+  /// Hands each projection the step its next forward belongs to: `steps_of(name)`, the number
+  /// of optimizer steps its weight has taken. Per parameter, because an optimizer skips a
+  /// parameter whose gradient holds NaN/Inf without counting the step, and CompAct's P must
+  /// follow the optimizer's count.
+  template <class StepsOf>
+  void set_steps(const StepsOf& steps_of) {
+    for (Index l = 0; l < c_.layers; ++l)
+      for (Index k = 0; k < 4; ++k)
+        linears_[static_cast<std::size_t>(4 * l + k)]->set_step(static_cast<std::uint64_t>(
+            steps_of("h." + std::to_string(l) + "." + linear_name(static_cast<LinearKind>(k)))));
   }
 
   /// Forward over B sequences of T tokens (tokens and targets are B×T, row-major). Returns the

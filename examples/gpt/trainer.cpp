@@ -227,9 +227,7 @@ Result train(const Options& o, std::ostream& out) {
           "--activations compact needs --optimizer compact (its weight gradients are m×r, which "
           "only the compact recipe takes)");
   configure_activations(model, o.activations, o.activation_sets, o.seed, opt->options());
-  for (const TensorInfo& t : model.tensors())
-    opt->set_role(t.name, {t.rows, t.cols},
-                  t.compressible ? slimgrad::ParamRole::compressed : slimgrad::ParamRole::plain);
+  set_roles(model, *opt);
 
   long start = 0;
   if (!o.resume.empty()) {
@@ -330,7 +328,7 @@ Result train(const Options& o, std::ostream& out) {
     const double lr = learning_rate(o, it);
     batch(corpus.train, o.batch, o.block, o.seed, train_stream, static_cast<std::uint64_t>(it), x,
           y);
-    model.set_step(static_cast<std::uint64_t>(it));
+    sync_steps(model, *opt);
     const double loss = model.forward(x.data(), y.data(), o.batch, true);
     model.backward();
     if (it == start) {

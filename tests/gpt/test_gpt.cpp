@@ -7,11 +7,14 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <slimgrad/slimgrad.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "activations.hpp"
 #include "model.hpp"
+#include "registry.hpp"
 #include "trainer.hpp"
 
 namespace {
@@ -326,4 +329,96 @@ TEST_CASE("gpt: CompAct projections hand the compact recipe m×r gradients and s
   gpt::Options second = full;
   second.resume = first.save;
   CHECK(gpt::train(second, sink).parameters == a.parameters);
+}
+
+TEST_CASE("gpt: after a skipped step, each CompAct layer projects with the optimizer's P") {
+  // The first step's gradient of one projection holds a NaN: the optimizer skips that weight
+  // (its count stays 0) and steps the others. With update_gap 1, P changes at every step, so the
+  // skipped layer's next compressed gradient must use epoch 0's P, which the optimizer will use
+  // for that weight, and not the trainer's iteration's (1).
+  namespace tools = slimgrad::tools;
+  Config c = tiny();
+  c.layers = 1;
+  c.width = 16;
+  const Index B = 2;
+  Model<float> m(c);
+  m.init(5);
+  Model<float> exact(c);  // the same weights, exact layers: full weight gradients
+  auto opt = tools::make_optimizer("compact", {{"update_gap", "1"}});
+  const auto settings = opt->options();
+  gpt::configure_activations(m, "compact", {}, 5, settings);
+  gpt::set_roles(m, *opt);
+  std::vector<std::uint8_t> x, y;
+  for (Index i = 0; i < B * c.block; ++i) {
+    x.push_back(static_cast<std::uint8_t>((i * 5 + 3) % c.vocab));
+    y.push_back(static_cast<std::uint8_t>((i * 3 + 1) % c.vocab));
+  }
+  std::vector<slimgrad::Param> params;
+  for (const gpt::TensorInfo& t : m.tensors())
+    params.push_back(
+        {t.name, slimgrad::host_view(m.params() + t.offset, t.rows, t.cols),
+         slimgrad::host_view<const float>(m.grads() + t.offset, t.rows, m.grad_cols(t))});
+  const std::string skipped = "h.0.mlp.c_fc", stepped = "h.0.attn.c_attn";
+  gpt::sync_steps(m, *opt);
+  m.forward(x.data(), y.data(), B, true);
+  m.backward();
+  m.grads()[m.info(skipped).offset + 3] = NAN;
+  const slimgrad::StepReport report = opt->step(params);
+  REQUIRE(report.skipped == std::vector<std::string>{skipped});
+  CHECK(opt->step_count(skipped) == 0);
+  CHECK(opt->step_count(stepped) == 1);
+  // attn.o_proj took the compact recipe's full path: plain Adam state on its full gradient.
+  CHECK_FALSE(opt->is_compressed("h.0.attn.o_proj"));
+  CHECK(opt->is_compressed(stepped));
+
+  gpt::sync_steps(m, *opt);
+  m.forward(x.data(), y.data(), B, true);
+  m.backward();
+  std::copy(m.params(), m.params() + m.num_params(), exact.params());
+  exact.forward(x.data(), y.data(), B, true);
+  exact.backward();
+
+  // Ĝ = G Pᵀ with the P of `step`, G the exact model's full gradient.
+  slimgrad::activation::CompAct::Options co;
+  co.rank = std::stol(settings.at("rank"));
+  co.ratio = std::stod(settings.at("ratio"));
+  co.update_gap = std::stol(settings.at("update_gap"));
+  co.seed = std::stoull(settings.at("seed"));
+  co.keep_matrix = settings.at("keep_matrix") == "true";
+  auto projected = [&](const std::string& name, std::int64_t step) {
+    const gpt::TensorInfo& t = m.info(name);
+    slimgrad::activation::Linear<slimgrad::activation::CompAct> ref(name, t.cols, t.rows, co);
+    ref.set_step(step);
+    auto projection = ref.codec().projection();
+    const Index r = ref.grad_shape().cols;
+    std::vector<float> out(static_cast<std::size_t>(t.rows * r));
+    projection.times_transpose(
+        ref.codec().state(),
+        slimgrad::host_view<const float>(exact.grads() + t.offset, t.rows, t.cols),
+        slimgrad::host_view(out.data(), t.rows, r));
+    return out;
+  };
+  // Largest difference between the layer's Ĝ and `want`, relative to want's largest entry.
+  auto mismatch = [&](const std::string& name, const std::vector<float>& want) {
+    const float* got = m.grads() + m.info(name).offset;
+    double diff = 0, scale = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      diff = std::max(diff, std::abs(static_cast<double>(got[i]) - want[i]));
+      scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+    }
+    REQUIRE(scale > 0);
+    return diff / scale;
+  };
+  CHECK(mismatch(skipped, projected(skipped, opt->step_count(skipped))) < 1e-4);
+  CHECK(mismatch(stepped, projected(stepped, opt->step_count(stepped))) < 1e-4);
+  // The check tells the two P apart: the trainer's iteration would have given epoch 1's.
+  CHECK(mismatch(skipped, projected(skipped, 1)) > 0.1);
+}
+
+TEST_CASE("gpt: only a recipe with a full path takes one") {
+  auto adamw = slimgrad::tools::make_optimizer("adamw", {});
+  CHECK_FALSE(adamw->has_full_path());
+  CHECK_THROWS_WITH_AS(adamw->set_full_path("h.0.attn.o_proj"),
+                       doctest::Contains("has no full path"), slimgrad::Error);
+  CHECK(slimgrad::tools::make_optimizer("compact", {})->has_full_path());
 }
