@@ -30,15 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 DEFAULT_RECIPES = [
     "adamw: --optimizer adamw --lr 4e-3",
     "gwt: --optimizer gwt --lr 2e-2 --set levels=2",
-    "galore: --optimizer galore --lr 2.4e-2 --set rank=32",
-    "subtrack: --optimizer subtrack --lr 2.4e-2 --set rank=32",
-    "apollo: --optimizer apollo --lr 1.6e-2 --set rank=32",
-    "apollo-mini: --optimizer apollo-mini --lr 8e-3",
+    "galore: --optimizer galore --lr 3.2e-2 --set rank=32",
+    "subtrack: --optimizer subtrack --lr 2.8e-2 --set rank=32",
+    "apollo: --optimizer apollo --lr 4.8e-2 --set rank=32",
+    # APOLLO-Mini's official 60M/130M setting: sqrt(scale) applied before the limiter.
+    "apollo-mini: --optimizer apollo-mini --lr 8e-3 --set scale_front=true",
     "adam8bit: --optimizer adam8bit --lr 3e-3",
     "adafactor: --optimizer adafactor --lr 3e-3 --set relative_step=false "
     "--set scale_parameter=false",
     "adamw+velora: --optimizer adamw --lr 3e-3 --activations velora --act-set subtoken=4",
-    # CompAct: its recipe on the m×r gradients of CompAct layers (r = n/4); galore's rate, untuned.
+    # CompAct: its recipe on the m×r gradients of CompAct layers (r = n/4); 1.6e-2 and 2.4e-2 tried.
     "compact: --optimizer compact --lr 2.4e-2 --activations compact",
 ]
 
