@@ -107,18 +107,33 @@ inline bool all_finite(HostView<const float> v) {
   return bad == 0;
 }
 
-/// Frobenius norm, accumulated in double: per-row sums (in parallel), then the rows in order,
-/// so the result does not depend on the thread count (the limiter's ρ feeds bit-exact resume).
+/// Σ x² of a row in double, in the one order every norm of the library takes: eight partial
+/// sums (element j into lane j mod 8, each lane in order of j), combined as
+/// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). Eight independent chains keep the
+/// scalar loop off the add latency, and a vector kernel (8 doubles, gwt_haar_avx512.hpp) gives
+/// the same bits. x² is exact in double, so a contracted multiply-add does not change them.
+struct NormLanes {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  void add(index_t j, float x) { lane[j & 7] += static_cast<double>(x) * x; }
+  double total() const {
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  }
+};
+
+/// Frobenius norm, accumulated in double (NormLanes per row): per-row sums (in parallel), then the
+/// rows in order, so the result does not depend on the thread count (the limiter's ρ feeds
+/// bit-exact resume).
 inline double frobenius(HostView<const float> v) {
   thread_local std::vector<double> rows;
   rows.assign(static_cast<std::size_t>(v.rows), 0.0);
   double* out = rows.data();
   parallel_for(v.rows, v.cols, [&](index_t i) {
     const float* r = v.row(i);
-    double s = 0.0;
+    NormLanes s;
     for (index_t j = 0; j < v.cols; ++j)
-      s += static_cast<double>(r[j]) * r[j];
-    out[i] = s;
+      s.add(j, r[j]);
+    out[i] = s.total();
   });
   double sum = 0.0;
   for (double s : rows)

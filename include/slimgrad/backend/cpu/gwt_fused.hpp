@@ -24,6 +24,7 @@
 #include "adam.hpp"
 #include "common.hpp"
 #include "dwt.hpp"
+#include "gwt_haar_avx512.hpp"
 
 namespace slimgrad::cpu {
 
@@ -82,12 +83,10 @@ inline double pass1_row(const RowArgs& a, const float* gi, const float* mi, cons
   if (s.denom_divisor != 1.0f)
     for (index_t j = 0; j < na; ++j)
       vt[j] = vt[j] / s.denom_divisor;
-  double sum = 0.0;
-  for (index_t j = 0; j < na; ++j) {
-    const float nj = mt[j] / (vt[j] + s.eps);
-    sum += static_cast<double>(nj) * nj;
-  }
-  return sum;
+  NormLanes sum;  // cpu::frobenius's order, as the generic path's limiter
+  for (index_t j = 0; j < na; ++j)
+    sum.add(j, mt[j] / (vt[j] + s.eps));
+  return sum.total();
 }
 
 // Pass 2 of row i: the step.
@@ -203,8 +202,27 @@ std::optional<bool> gwt_adam_fused_step(const impl<optim::Adam, backend::cpu>& r
   row_bad.assign(static_cast<std::size_t>(rows), 0);
   double* norm2 = row_norm2.data();
   std::uint8_t* bad = row_bad.data();
+#if SLIMGRAD_GWT_AVX512
+  // Haar rows whose levels halve exactly: the AVX-512 rows (gwt_haar_avx512.hpp), same bits.
+  bool haar512 = false;
+  if constexpr (Wavelet::filter_length == 2 && Levels <= 5)
+    haar512 = gwt_avx512::supported() && gwt_avx512::applies(lay);
+#endif
   parallel_for(rows, 4 * n, [&](index_t i) {
     const float* gi = g.row(i);
+#if SLIMGRAD_GWT_AVX512
+    if constexpr (Wavelet::filter_length == 2 && Levels <= 5) {
+      if (haar512) {
+        const gwt_detail::RowArgs a = args();
+        const detail::RowScratch sc = detail::RowScratch::carve(a.scratch, lay);
+        const index_t j = i + 1 < rows ? i + 1 : i;
+        bad[i] = !gwt_avx512::pass1<Wavelet, Levels>(gi, n, m + i * na, v + i * na, s,
+                                                     {g.row(j), m + j * na, v + j * na, w.row(j)},
+                                                     sc.ping, a.coef, norm2[i]);
+        return;
+      }
+    }
+#endif
     std::uint32_t nonfinite = 0;
     for (index_t j = 0; j < n; ++j) {
       std::uint32_t bits;
@@ -237,6 +255,18 @@ std::optional<bool> gwt_adam_fused_step(const impl<optim::Adam, backend::cpu>& r
     gwt_detail::RowArgs a = args();
     a.rho = rho;
     a.alpha = alpha;
+#if SLIMGRAD_GWT_AVX512
+    if constexpr (Wavelet::filter_length == 2 && Levels <= 5) {
+      if (haar512) {
+        const detail::RowScratch sc = detail::RowScratch::carve(a.scratch, lay);
+        const index_t j = i + 1 < rows ? i + 1 : i;
+        gwt_avx512::pass2<Wavelet, Levels>(g.row(i), n, m + i * na, v + i * na, w.row(i), s, rho,
+                                           alpha, {g.row(j), m + j * na, v + j * na, w.row(j)},
+                                           sc.ping, sc.pong, a.coef, a.u, a.denom);
+        return;
+      }
+    }
+#endif
 #if SLIMGRAD_GWT_AVX2
     if (avx2) {
       gwt_detail::pass2_row_avx2<Wavelet, Levels>(a, g.row(i), m + i * na, v + i * na, w.row(i));
