@@ -139,8 +139,50 @@ void BM_galore_exact_refresh(benchmark::State& s) {
   run<recipes::GaLore<>>(s, o);
 }
 
+// GaLore's steady step without the Adam part: per compressed matrix the projection C = Sᵀ G
+// (left, m < n) or G Pᵀ (right) and the back-projection S N or N P at rank 128, as
+// backend/cpu/svd_projection.hpp does them (row-major Eigen, noalias). 4·r flops per parameter;
+// the counter gives Eigen's rate.
+void BM_galore_gemms(benchmark::State& state) {
+  const index_t r = 128;
+  auto tensors = llama_60m_compressed();
+  struct Mats {
+    cpu::RowMatrix basis, c, u;
+  };
+  std::vector<Mats> mats;
+  double flops = 0;
+  for (const auto& t : tensors) {
+    const bool right = t.shape.rows >= t.shape.cols;
+    Mats x;
+    x.basis =
+        right ? cpu::RowMatrix::Random(r, t.shape.cols) : cpu::RowMatrix::Random(t.shape.rows, r);
+    x.c = right ? cpu::RowMatrix(t.shape.rows, r) : cpu::RowMatrix(r, t.shape.cols);
+    x.u = cpu::RowMatrix(t.shape.rows, t.shape.cols);
+    mats.push_back(std::move(x));
+    flops += 4.0 * static_cast<double>(r) * static_cast<double>(t.shape.size());
+  }
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      auto& x = mats[i];
+      const auto g = cpu::as_eigen(host_view<const float>(t.g.data(), t.shape.rows, t.shape.cols));
+      if (t.shape.rows >= t.shape.cols) {
+        x.c.noalias() = g * x.basis.transpose();
+        x.u.noalias() = x.c * x.basis;
+      } else {
+        x.c.noalias() = x.basis.transpose() * g;
+        x.u.noalias() = x.basis * x.c;
+      }
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["flops"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 }  // namespace
 
+BENCHMARK(BM_galore_gemms)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_memcpy_28B_per_param)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_adamw)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_adam8bit)->Unit(benchmark::kMillisecond)->UseRealTime();
