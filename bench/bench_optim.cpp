@@ -121,6 +121,9 @@ void BM_adamw_compressed(benchmark::State& s) {
 void BM_gwt_compressed(benchmark::State& s) {
   run<recipes::Gwt<>>(s, recipes::gwt_options(), true);
 }
+void BM_flora(benchmark::State& s) {
+  run<recipes::Flora<>>(s, recipes::flora_options());
+}
 void BM_galore_randomized_steady(benchmark::State& s) {
   auto o = recipes::galore_options();
   o.transform.method = transforms::SvdMethod::randomized;
@@ -190,6 +193,7 @@ BENCHMARK(BM_gwt)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_memcpy_28B_per_param_compressed)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_adamw_compressed)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_gwt_compressed)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_flora)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_galore_randomized_steady)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_galore_randomized_refresh)
     ->Unit(benchmark::kMillisecond)

@@ -1,13 +1,18 @@
 // slimgrad/backend/cpu/flora.hpp — the Flora rule (optim/flora.hpp) on the CPU backend. The
 // second moment lives in a Factored store as Adafactor's does; the momentum (compressed r×n or
 // m×r, or whole for tensors that are not compressed) in the optimizer's Store, fp32 in the
-// recipe. The projection P is regenerated from its Philox key when needed (r·max(m, n)
-// Gaussians), never kept: state is m + n + r·max(m, n) floats per compressed matrix.
+// recipe. The projection P is a function of its Philox key (seed, tensor id, epoch), so state is
+// m + n + r·max(m, n) floats per compressed matrix and checkpoints keep the seed. The current
+// epoch's P of each tensor is cached (it changes every κ steps; drawing it costs r·max(m, n)
+// Gaussians per tensor per step, most of the step): that cache is workspace, not state —
+// another r·max(m, n) floats per compressed matrix, reported by workspace_bytes() and never
+// saved.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "../../core/philox.hpp"
@@ -118,6 +123,14 @@ struct impl<optim::Flora, backend::cpu> {
     });
   }
 
+  /// Bytes of the projection cache (workspace: rebuilt from the keys after a load).
+  std::size_t workspace_bytes() const {
+    std::size_t b = 0;
+    for (const auto& [stream, c] : cache_)
+      b += static_cast<std::size_t>(c.p.size()) * sizeof(float);
+    return b;
+  }
+
   /// The projection of `shape` for epoch `epoch`: r×m (left, m < n) or n×r (right), entries
   /// N(0, 1/r) from Philox key (seed, stream, epoch).
   cpu::RowMatrix projection(Shape shape, std::uint64_t stream, std::uint32_t epoch) const {
@@ -129,6 +142,27 @@ struct impl<optim::Flora, backend::cpu> {
   }
 
  private:
+  struct Cached {
+    Shape shape;
+    std::uint32_t epoch = 0;
+    cpu::RowMatrix p;
+  };
+  // Per tensor id: the projection of the current epoch (the optimizer steps tensors one at a
+  // time; each step is parallel inside).
+  mutable std::unordered_map<std::uint64_t, Cached> cache_;
+
+  const cpu::RowMatrix& cached_projection(Shape shape, std::uint64_t stream,
+                                          std::uint32_t epoch) const {
+    auto [it, fresh] = cache_.try_emplace(stream);
+    Cached& c = it->second;
+    if (fresh || c.epoch != epoch || c.shape != shape) {
+      c.p = projection(shape, stream, epoch);
+      c.shape = shape;
+      c.epoch = epoch;
+    }
+    return c.p;
+  }
+
   FactoredImpl factored() const {
     return FactoredImpl(state::Factored::Options{static_cast<float>(options.eps1)});
   }
@@ -168,7 +202,7 @@ struct impl<optim::Flora, backend::cpu> {
       const auto k = static_cast<std::uint64_t>(options.kappa);
       const auto epoch = static_cast<std::uint32_t>(static_cast<std::uint64_t>(t - 1) / k);
       cpu::MapMatrix cm(m, ms.rows, ms.cols, Eigen::OuterStride<>(ms.cols));
-      const cpu::RowMatrix p = projection(shape, key.stream, epoch);
+      const cpu::RowMatrix& p = cached_projection(shape, key.stream, epoch);
       cpu::RowMatrix raw = cpu::as_eigen(HostView<const float>(u));
       cpu::RowMatrix up(shape.rows, shape.cols);
       if (left)
@@ -194,6 +228,11 @@ struct impl<optim::Flora, backend::cpu> {
       else
         down.noalias() = raw * *pa;
       cm = (cm.array() * b1 + down.array() * a1).matrix();
+      if (pa == &next) {  // the new epoch's P is the current one from here on
+        Cached& c = cache_[key.stream];
+        c.p = std::move(next);
+        c.epoch = epoch + 1;
+      }
     }
     if (store.direct(mb) == nullptr) store.store(mb, 0, ms.size(), m, key);
   }
