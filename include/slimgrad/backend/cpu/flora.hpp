@@ -3,10 +3,9 @@
 // m×r, or whole for tensors that are not compressed) in the optimizer's Store, fp32 in the
 // recipe. The projection P is a function of its Philox key (seed, tensor id, epoch), so state is
 // m + n + r·max(m, n) floats per compressed matrix and checkpoints keep the seed. The current
-// epoch's P of each tensor is cached (it changes every κ steps; drawing it costs r·max(m, n)
-// Gaussians per tensor per step, most of the step): that cache is workspace, not state —
-// another r·max(m, n) floats per compressed matrix, reported by workspace_bytes() and never
-// saved.
+// epoch's P of each tensor is cached (it changes every κ steps; drawing it costs r·min(m, n)
+// Gaussians per tensor per step): that cache is workspace, not state — r·min(m, n) floats per
+// compressed matrix, reported by workspace_bytes() and never saved.
 #pragma once
 
 #include <cmath>
