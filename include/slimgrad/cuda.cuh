@@ -39,4 +39,5 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/gwt.cuh"
 #include "backend/cuda/lowrank.cuh"
+#include "backend/cuda/memory.cuh"
 #include "backend/cuda/random.cuh"

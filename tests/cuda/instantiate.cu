@@ -34,3 +34,9 @@ template void sg::cuda::dwt_inverse_rows<sg::transforms::Haar, 3>(sg::DeviceView
                                                                   sg::DeviceView<float>,
                                                                   sg::transforms::BoundaryMode,
                                                                   sg::cuda::stream_t);
+template std::byte* sg::cuda::device_allocate<std::byte>(std::size_t);
+template void sg::cuda::device_free<std::byte>(std::byte*) noexcept;
+template void sg::cuda::copy_to_host<std::byte>(std::byte*, const std::byte*, std::size_t,
+                                                sg::cuda::stream_t);
+template void sg::cuda::copy_to_device<std::byte>(std::byte*, const std::byte*, std::size_t,
+                                                  sg::cuda::stream_t);

@@ -228,6 +228,19 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     require(it != slots_.end(), "optimizer: no state for parameter '" + std::string(name) + "'");
     return it->second.rs;
   }
+  /// A compressed parameter's transform state (bases and refresh counters: the CUDA optimizer,
+  /// backend/cuda/optimizer.hpp, copies its device bases in and out).
+  TransformState& transform_state(std::string_view name) {
+    Slot& s = slot_of(name);
+    require(s.ts.has_value(), "optimizer: parameter '" + std::string(name) + "' is not compressed");
+    return *s.ts;
+  }
+  const TransformState& transform_state(std::string_view name) const {
+    const auto it = slots_.find(name);
+    require(it != slots_.end() && it->second.ts.has_value(),
+            "optimizer: parameter '" + std::string(name) + "' has no transform state");
+    return *it->second.ts;
+  }
   /// The norm-growth limiter's remembered norm of a parameter (negative or NaN: unset).
   float limiter_state(std::string_view name) const {
     const auto it = slots_.find(name);

@@ -319,6 +319,18 @@ class MultiTensorLowRank {
   std::unique_ptr<State> s_;
 };
 
+/// Device memory and synchronous copies for host code (backend/cuda/optimizer.hpp): cudaMalloc,
+/// cudaFree, and copies on `stream` that return once done. T = std::byte (a template only so
+/// that the one .cu file instantiates it, like everything else here).
+template <class T>
+T* device_allocate(std::size_t bytes);
+template <class T>
+void device_free(T* p) noexcept;
+template <class T>
+void copy_to_host(T* host, const T* device, std::size_t bytes, stream_t stream);
+template <class T>
+void copy_to_device(T* device, const T* host, std::size_t bytes, stream_t stream);
+
 /// `out` (device, row-major, any leading dimension) ← N(0, stddev²) values named by `key`: the
 /// same bits as random::fill_gaussian on the CPU. T = float (a template only so that the one
 /// .cu file instantiates it, like everything else here).
