@@ -239,12 +239,11 @@ class MultiTensorGwt {
 ///     S = Q·V, canonical signs. The CPU uses Householder QR and an SVD of R: same subspace.
 ///   exact: the top-r eigenvectors of ĜĜᵀ (dim0×dim0, fp32 GEMM + syevd), canonical signs.
 ///   Grassmann tracking: the CPU's step (A = SᵀĜ, W = ĜAᵀ, B = (I − SSᵀ)W twice, top
-///     eigenvector of BᵀB in double by syevd, u = −Bv/‖Bv‖, θ = ησ, rank-1 geodesic update),
-///     then Cholesky-QR (R with a positive diagonal: the CPU's Householder Q) every
-///     reorth_every-th tracking step (counted whether or not the step turned the basis).
-/// Not on the GPU yet: bf16 parameters, SubTrack++'s recovery scaling and moment rotation, the
-/// non-finite gradient skip and the refresh fallbacks of the CPU (a non-finite gradient at a
-/// refresh gives a non-finite basis).
+///     eigenvector of BᵀB by ten normalised squarings and three power steps on cuBLAS (no
+///     host sync), u = −Bv/‖Bv‖, θ = ησ, rank-1 geodesic update), then Cholesky-QR (R with a
+///     positive diagonal: the CPU's Householder Q) every reorth_every-th tracking step (counted
+///     whether or not the step turned the basis).
+/// Not on the GPU yet: bf16 parameters, SubTrack++'s recovery scaling and moment rotation.
 template <class Transform>
 class MultiTensorLowRank {
  public:
