@@ -52,6 +52,19 @@ struct Grassmann {
   };
   static constexpr const char* name = "grassmann";
 
+  /// The SvdProjection that computes the k = 0 basis (both backends).
+  static SvdProjection::Options initial_svd(const Options& o) {
+    SvdProjection::Options s;
+    s.rank = o.rank;
+    s.update_gap = o.update_gap;
+    s.proj_type = o.proj_type;
+    s.method = o.init_method;
+    s.oversampling = o.oversampling;
+    s.power_iterations = o.power_iterations;
+    s.seed = o.seed;
+    return s;
+  }
+
   SLIMGRAD_HOST_DEVICE static constexpr Shape coeff_shape(Shape g, Side side, index_t rank) {
     return SvdProjection::coeff_shape(g, side, rank);
   }

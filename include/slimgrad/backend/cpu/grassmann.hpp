@@ -176,7 +176,7 @@ struct impl<transforms::Grassmann, backend::cpu> {
   Policy::Options options;
 
   impl() : impl(Policy::Options{}) {}
-  explicit impl(const Policy::Options& o) : options(o), svd_(svd_options(o)) {
+  explicit impl(const Policy::Options& o) : options(o), svd_(Policy::initial_svd(o)) {
     require(std::isfinite(o.eta) && o.eta >= 0.0,
             "grassmann: eta must be finite and non-negative, got " + std::to_string(o.eta));
     require(o.reorth_every >= 0,
@@ -314,18 +314,6 @@ struct impl<transforms::Grassmann, backend::cpu> {
   cpu::ColMatrix qtmp_;
   cpu::RowMatrix phi_;
   index_t phi_len_ = 0;
-
-  static transforms::SvdProjection::Options svd_options(const Policy::Options& o) {
-    transforms::SvdProjection::Options s;
-    s.rank = o.rank;
-    s.update_gap = o.update_gap;
-    s.proj_type = o.proj_type;
-    s.method = o.init_method;
-    s.oversampling = o.oversampling;
-    s.power_iterations = o.power_iterations;
-    s.seed = o.seed;
-    return s;
-  }
 
   template <class SMat>
   static void geodesic_update(SMat&& s, const Eigen::VectorXf& u, const Eigen::VectorXf& v,

@@ -22,17 +22,13 @@
 #include "../../transforms/compact_projection.hpp"
 #include "../../transforms/random_projection.hpp"
 #include "activation.hpp"
+#include "blas.cuh"
 #include "common.cuh"
 #include "random.cuh"
 
 namespace slimgrad::cuda {
 
 namespace detail {
-
-inline void check_cublas(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("slimgrad cuda: ") + what + ": " + cublasGetStatusString(s));
-}
 
 /// cuBLAS's leading dimension of a row-major view (a single row may carry any ld).
 template <class T>

@@ -31,6 +31,7 @@
 #include "../../optim/adam.hpp"
 #include "../../transforms/grassmann.hpp"
 #include "../../transforms/svd_projection.hpp"
+#include "blas.cuh"
 #include "common.cuh"
 #include "random.cuh"
 
@@ -38,10 +39,6 @@ namespace slimgrad::cuda {
 
 namespace detail {
 
-inline void check_blas(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("slimgrad cuda: ") + what + ": " + cublasGetStatusString(s));
-}
 inline void check_solver(cusolverStatus_t s, const char* what) {
   if (s != CUSOLVER_STATUS_SUCCESS)
     throw Error(std::string("slimgrad cuda: ") + what + ": cuSOLVER status " +
@@ -53,22 +50,14 @@ inline transforms::SvdProjection::Options svd_options_of(
   return o;
 }
 inline transforms::SvdProjection::Options svd_options_of(const transforms::Grassmann::Options& o) {
-  transforms::SvdProjection::Options s;
-  s.rank = o.rank;
-  s.update_gap = o.update_gap;
-  s.proj_type = o.proj_type;
-  s.method = o.init_method;
-  s.oversampling = o.oversampling;
-  s.power_iterations = o.power_iterations;
-  s.seed = o.seed;
-  return s;
+  return transforms::Grassmann::initial_svd(o);
 }
 
 /// C ← alpha·op(A)·op(B) + beta·C, fp32 data; tf32 picks the tensor-core compute type.
 inline void gemm(cublasHandle_t h, bool ta, bool tb, index_t m, index_t n, index_t k, float alpha,
                  const float* a, index_t lda, const float* b, index_t ldb, float beta, float* c,
                  index_t ldc, bool tf32) {
-  check_blas(
+  check_cublas(
       cublasGemmEx(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N,
                    static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, a,
                    CUDA_R_32F, static_cast<int>(lda), b, CUDA_R_32F, static_cast<int>(ldb), &beta,
@@ -790,7 +779,7 @@ struct MultiTensorLowRank<Transform>::State {
                          "cusolverDnSpotrf");
     accumulate_info(l);
     const float one = 1.0f;
-    detail::check_blas(
+    detail::check_cublas(
         cublasStrsm(l.blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
                     CUBLAS_DIAG_NON_UNIT, static_cast<int>(rows), static_cast<int>(w), &one, l.h,
                     static_cast<int>(w), x, static_cast<int>(rows)),
@@ -843,10 +832,10 @@ struct MultiTensorLowRank<Transform>::State {
     // Ω (dim1×ℓ) in Philox's row-major order, then transposed into Z (col-major dim1×ℓ).
     fill_gaussian(DeviceView<float>(l.omega, d1, ell, ell), key, 1.0, l.stream);
     const float one = 1.0f, zero = 0.0f;
-    detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d1),
-                                   static_cast<int>(ell), &one, l.omega, static_cast<int>(ell),
-                                   &zero, l.z, static_cast<int>(d1), l.z, static_cast<int>(d1)),
-                       "cublasSgeam");
+    detail::check_cublas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d1),
+                                     static_cast<int>(ell), &one, l.omega, static_cast<int>(ell),
+                                     &zero, l.z, static_cast<int>(d1), l.z, static_cast<int>(d1)),
+                         "cublasSgeam");
     ghat_times(l, e, l.z, l.y, ell, tf32);
     // Shifted Cholesky-QR between products: enough to keep the sketch from collapsing onto the
     // top singular vector; the shift (ℓ·ε·‖X‖²_F) keeps a rank-deficient sketch factorisable.
@@ -899,9 +888,10 @@ struct MultiTensorLowRank<Transform>::State {
     for (int q = 0; q < power_steps; ++q) {
       detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(v, v, r);
       detail::check_launch("normalise_kernel");
-      detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(r), static_cast<int>(r),
-                                     &one, a, static_cast<int>(r), v, 1, &zero, tmp, 1),
-                         "cublasSgemv");
+      detail::check_cublas(
+          cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(r), static_cast<int>(r), &one, a,
+                      static_cast<int>(r), v, 1, &zero, tmp, 1),
+          "cublasSgemv");
       detail::normalise_kernel<<<1, 1024, 0, l.stream>>>(tmp, v, r);
       detail::check_launch("normalise_kernel");
     }
@@ -918,10 +908,10 @@ struct MultiTensorLowRank<Transform>::State {
                                     cudaMemcpyDeviceToDevice, l.stream),
                     "cudaMemcpyAsync");
     else
-      detail::check_blas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d0),
-                                     static_cast<int>(r), &one, e.basis, static_cast<int>(r), &zero,
-                                     l.s, static_cast<int>(d0), l.s, static_cast<int>(d0)),
-                         "cublasSgeam");
+      detail::check_cublas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d0),
+                                       static_cast<int>(r), &one, e.basis, static_cast<int>(r),
+                                       &zero, l.s, static_cast<int>(d0), l.s, static_cast<int>(d0)),
+                           "cublasSgeam");
     float* at = l.z;   // Aᵀ = ĜᵀS (dim1×r)
     float* w = l.u;    // W = ĜAᵀ (dim0×r), then B
     float* sw = l.h;   // SᵀW (r×r), then BᵀB
@@ -932,9 +922,9 @@ struct MultiTensorLowRank<Transform>::State {
     float* wnorm = gw + d0;
     ghatT_times(l, e, l.s, at, r, tf32);
     ghat_times(l, e, at, w, r, tf32);
-    detail::check_blas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
-    detail::check_blas(cublasSnrm2(l.blas, static_cast<int>(d0 * r), w, 1, wnorm), "cublasSnrm2");
-    detail::check_blas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
+    detail::check_cublas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
+    detail::check_cublas(cublasSnrm2(l.blas, static_cast<int>(d0 * r), w, 1, wnorm), "cublasSnrm2");
+    detail::check_cublas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
     for (int pass = 0; pass < 2; ++pass) {  // B = (I − SSᵀ)W, twice
       detail::gemm(l.blas, true, false, r, r, d0, 1.0f, l.s, d0, w, d0, 0.0f, sw, r, false);
       detail::gemm(l.blas, false, false, d0, r, r, -1.0f, l.s, d0, sw, r, 1.0f, w, d0, false);
@@ -942,16 +932,16 @@ struct MultiTensorLowRank<Transform>::State {
     detail::gemm(l.blas, true, false, r, r, d0, 1.0f, w, d0, w, d0, 0.0f, sw, r, false);  // BᵀB
     const int ir = static_cast<int>(r);
     top_eigenvector(l, sw, r, v, gw);
-    detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, w,
-                                   static_cast<int>(d0), v, 1, &zero, bv, 1),
-                       "cublasSgemv");
-    detail::check_blas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, l.s,
-                                   static_cast<int>(d0), v, 1, &zero, sv, 1),
-                       "cublasSgemv");
+    detail::check_cublas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, w,
+                                     static_cast<int>(d0), v, 1, &zero, bv, 1),
+                         "cublasSgemv");
+    detail::check_cublas(cublasSgemv(l.blas, CUBLAS_OP_N, static_cast<int>(d0), ir, &one, l.s,
+                                     static_cast<int>(d0), v, 1, &zero, sv, 1),
+                         "cublasSgemv");
     detail::geodesic_kernel<<<1, 256, 0, l.stream>>>(bv, sv, wnorm, d0, d1, eta, gw,
                                                      track_info + 2 * k);
     detail::check_launch("geodesic_kernel");
-    detail::check_blas(
+    detail::check_cublas(
         cublasSger(l.blas, static_cast<int>(d0), ir, &one, gw, 1, v, 1, l.s, static_cast<int>(d0)),
         "cublasSger");
     if (reorth) cholesky_qr(l, l.s, d0, r, 0.0f);
@@ -1091,7 +1081,7 @@ struct MultiTensorLowRank<Transform>::State {
     const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
     const int ri = static_cast<int>(rank);
     // Wc (n×m) += Pc (n×r) · Nc (r×m)  |  Nc (n×r) · Sc (r×m)
-    detail::check_blas(
+    detail::check_cublas(
         cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, ri, alpha,
                             reinterpret_cast<const void* const*>(g.a2 + first), CUDA_R_32F, n,
                             reinterpret_cast<const void* const*>(g.b2 + first), CUDA_R_32F, ri,
@@ -1111,7 +1101,7 @@ struct MultiTensorLowRank<Transform>::State {
     if (ds != nullptr) {
       detail::update_scalars_kernel<<<1, 32, 0, stream>>>(ds, options.scale, upd);
       detail::check_launch("update_scalars_kernel");
-      detail::check_blas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
+      detail::check_cublas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
       pa = upd;
       pb = upd + 1;
     }
@@ -1121,14 +1111,14 @@ struct MultiTensorLowRank<Transform>::State {
     else
       update_per_tensor(pa, pb);
     if (ds != nullptr)
-      detail::check_blas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
+      detail::check_cublas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
   }
 
   void project_adam_update(cudaStream_t stream, bool refreshed, const StepScalars* ds) {
     // cublasSetStream resets the handle to its default workspace pool: set ours again, so the
     // step never allocates.
-    detail::check_blas(cublasSetStream(blas, stream), "cublasSetStream");
-    detail::check_blas(cublasSetWorkspace(blas, blas_ws, blas_workspace), "cublasSetWorkspace");
+    detail::check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
+    detail::check_cublas(cublasSetWorkspace(blas, blas_ws, blas_workspace), "cublasSetWorkspace");
     const cublasComputeType_t ct = options.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     const float one = 1.0f, zero = 0.0f;
     const index_t r = rank;
@@ -1141,7 +1131,7 @@ struct MultiTensorLowRank<Transform>::State {
       const int m = static_cast<int>(g.rows), n = static_cast<int>(g.cols);
       const int ri = static_cast<int>(r);
       if (g.side == Side::right)  // Rc (r×m) = Pcᵀ (n×r)ᵀ · Gc (n×m)
-        detail::check_blas(
+        detail::check_cublas(
             cublasGemmBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, ri, m, n, &one,
                                 reinterpret_cast<const void* const*>(g.a1), CUDA_R_32F, n,
                                 reinterpret_cast<const void* const*>(g.b1), CUDA_R_32F, n, &zero,
@@ -1149,7 +1139,7 @@ struct MultiTensorLowRank<Transform>::State {
                                 CUBLAS_GEMM_DEFAULT),
             "cublasGemmBatchedEx (project)");
       else  // Rc (n×r) = Gc (n×m) · Sc (r×m)ᵀ
-        detail::check_blas(
+        detail::check_cublas(
             cublasGemmBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, ri, m, &one,
                                 reinterpret_cast<const void* const*>(g.a1), CUDA_R_32F, n,
                                 reinterpret_cast<const void* const*>(g.b1), CUDA_R_32F, ri, &zero,
@@ -1212,18 +1202,18 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
     s.state_bytes +=
         2 * static_cast<std::size_t>(e.count) * 4 + static_cast<std::size_t>(o.rank * e.dim0) * 4;
 
-  detail::check_blas(cublasCreate(&s.blas), "cublasCreate");
-  detail::check_blas(cublasSetWorkspace(s.blas, s.blas_ws, State::blas_workspace),
-                     "cublasSetWorkspace");
+  detail::check_cublas(cublasCreate(&s.blas), "cublasCreate");
+  detail::check_cublas(cublasSetWorkspace(s.blas, s.blas_ws, State::blas_workspace),
+                       "cublasSetWorkspace");
   detail::check(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming), "cudaEventCreate");
   for (std::size_t i = 0; i < s.lanes.size(); ++i) {
     detail::Lane& l = s.lanes[i];
     detail::check(cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking), "cudaStreamCreate");
     detail::check(cudaEventCreateWithFlags(&l.done, cudaEventDisableTiming), "cudaEventCreate");
-    detail::check_blas(cublasCreate(&l.blas), "cublasCreate");
-    detail::check_blas(cublasSetStream(l.blas, l.stream), "cublasSetStream");
-    detail::check_blas(cublasSetWorkspace(l.blas, s.lane_ws[i], State::lane_blas_workspace),
-                       "cublasSetWorkspace");
+    detail::check_cublas(cublasCreate(&l.blas), "cublasCreate");
+    detail::check_cublas(cublasSetStream(l.blas, l.stream), "cublasSetStream");
+    detail::check_cublas(cublasSetWorkspace(l.blas, s.lane_ws[i], State::lane_blas_workspace),
+                         "cublasSetWorkspace");
     detail::check_solver(cusolverDnCreate(&l.solver), "cusolverDnCreate");
     detail::check_solver(cusolverDnSetStream(l.solver, l.stream), "cusolverDnSetStream");
   }
