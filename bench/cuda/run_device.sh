@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 date -u | tee -a "$OUT/device.txt"
 
 NVCC="nvcc -std=c++20 -O3 -arch=sm_90 -fmad=false -Werror=all-warnings -Iinclude"
-CXX="${CXX:-g++} -std=c++20 -O2 -fopenmp -Iinclude -isystem $DEPS/eigen3 -isystem $DEPS -isystem /usr/local/cuda/include"
+CXX="${CXX:-g++} -std=c++20 -O2 -fopenmp -Iinclude -isystem $DEPS/eigen3 -isystem $DEPS -isystem /usr/local/cuda/include -DSLIMGRAD_TEST_DATA_DIR=\"tests/data\""
 set -x
 $NVCC -c tests/cuda/instantiate.cu -o $B/instantiate.o &
 tests=$(cd tests/cuda && ls *.cpp | sed 's/\.cpp$//')
