@@ -14,46 +14,21 @@
 #include <cstdlib>
 #include <vector>
 
+#include "timing.cuh"
+
 namespace sg = slimgrad;
 using sg::index_t;
 
 namespace {
 
-void check(cudaError_t e) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error: %s\n", cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using slimgrad::bench::check;
+using slimgrad::bench::Timer;
 
 __global__ void fill(float* p, std::size_t n, unsigned seed) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     p[i] = static_cast<float>(sg::random::gaussian({seed, 0, 0}, i, 1.0)) + 0.1f;
 }
-
-struct Timer {
-  cudaEvent_t a{}, b{};
-  std::vector<float> t;
-  Timer() {
-    check(cudaEventCreate(&a));
-    check(cudaEventCreate(&b));
-  }
-  template <class F>
-  void time(F&& f) {
-    check(cudaEventRecord(a));
-    f();
-    check(cudaEventRecord(b));
-    check(cudaEventSynchronize(b));
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  float median() {
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-  }
-};
 
 constexpr index_t n = 4096, m = 4096, tokens = 2048;
 constexpr int warmup = 5, reps = 50;

@@ -12,6 +12,8 @@
 #include <memory>
 #include <vector>
 
+#include "timing.cuh"
+
 namespace sg = slimgrad;
 using sg::index_t;
 
@@ -210,33 +212,8 @@ int sg_dwt_roundtrip(const float* g, float* c, float* x, long rows, long cols, v
 
 namespace {
 
-void check(cudaError_t e) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error: %s\n", cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-template <class F>
-float median_ms(F&& f, int warmup, int reps) {
-  cudaEvent_t a, b;
-  check(cudaEventCreate(&a));
-  check(cudaEventCreate(&b));
-  for (int i = 0; i < warmup; ++i)
-    f();
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    check(cudaEventRecord(a));
-    f();
-    check(cudaEventRecord(b));
-    check(cudaEventSynchronize(b));
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using slimgrad::bench::check;
+using slimgrad::bench::median_ms;
 
 __global__ void fill(float* p, std::size_t n, unsigned seed) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
