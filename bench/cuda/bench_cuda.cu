@@ -21,6 +21,7 @@ namespace {
 
 struct Handle {
   void* workspace = nullptr;
+  std::size_t workspace_bytes = 0;
   std::size_t state_bytes = 0;
   std::function<void(cudaStream_t)> step;
   std::function<void(cudaStream_t)> refresh;  // low-rank methods: the refresh work alone
@@ -50,6 +51,7 @@ Handle* make(const std::vector<sg::cuda::Tensor>& t, const typename Opt::Options
   auto h = std::make_unique<Handle>();
   const std::size_t bytes = Opt::workspace_bytes(t, o);
   if (cudaMalloc(&h->workspace, bytes) != cudaSuccess) return nullptr;
+  h->workspace_bytes = bytes;
   auto opt = std::make_shared<Opt>(t, o, h->workspace, bytes, nullptr);
   h->state_bytes = opt->state_bytes();
   h->step = [opt](cudaStream_t s) { opt->step(s); };
@@ -125,11 +127,12 @@ void* sg_gwt_create(int precision, int check_finite, double gamma, double scale,
 }
 
 /// GaLore (subtrack = 0) or SubTrack-Grad (subtrack = 1) on fp32 tensors: rank, T, HF-Adam;
-/// method 0 exact, 1 randomized (GaLore's refresh; SubTrack's first SVD); eta: SubTrack's η.
+/// method 0 exact, 1 randomized (GaLore's refresh; SubTrack's first SVD); eta: SubTrack's η;
+/// refresh_batch: tensors per batched eigensolver call of the randomized refresh.
 void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, double eta,
-                        int lanes, int batched, int n, void** w, void** g, const long* rows,
-                        const long* cols, double lr, double b1, double b2, double eps, double wd,
-                        double scale) {
+                        int lanes, int batched, int refresh_batch, int n, void** w, void** g,
+                        const long* rows, const long* cols, double lr, double b1, double b2,
+                        double eps, double wd, double scale) {
   try {
     const auto t = tensors_of(n, w, g, nullptr, rows, cols);
     auto fill = [&](auto& o, auto& svd) {
@@ -137,6 +140,7 @@ void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, d
       o.tf32 = tf32 != 0;
       o.lanes = lanes;
       o.batched = batched != 0;
+      o.refresh_batch = refresh_batch;
       o.scale = scale;
       o.transform.rank = rank;
       o.transform.update_gap = gap;
@@ -182,6 +186,10 @@ int sg_step(void* h, void* stream) {
 
 unsigned long long sg_state_bytes(void* h) {
   return static_cast<Handle*>(h)->state_bytes;
+}
+
+unsigned long long sg_workspace_bytes(void* h) {
+  return static_cast<Handle*>(h)->workspace_bytes;
 }
 
 void sg_destroy(void* h) {

@@ -62,9 +62,11 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
     results["lowrank"] = {"rank": args.rank, "T": T, "gemm_flops_per_step": flops, "runs": []}
     print(f"low-rank steady step: {flops / 1e12:.2f} TFLOP of GEMMs per step", flush=True)
 
-    def one(name, subtrack, method, tf32, refresh_reps=3, lanes=None, batched=1):
+    def one(name, subtrack, method, tf32, refresh_reps=3, lanes=None, batched=1,
+            refresh_batch=None):
         h = lib.sg_lowrank_create(subtrack, method, tf32, args.rank, T, 10.0, lanes or args.lanes,
-                                  batched, n, W, G, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
+                                  batched, refresh_batch or args.refresh_batch, n, W, G, R, K,
+                                  1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
         if not h:
             print(f"{name}: creation failed", flush=True)
             return None
@@ -74,22 +76,24 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
                                   refresh_reps)
         amort = steady + refresh / T
         state = lib.sg_state_bytes(h) / 1e9
+        workspace = lib.sg_workspace_bytes(h) / 1e9
         tflops = flops / (steady * 1e-3) / 1e12
         print(f"{name}: first step (SVD + step) {first:.1f} ms; refresh {refresh:.1f} ms "
-              f"(min {rlo:.1f} max {rhi:.1f}); state {state:.2f} GB; steady {tflops:.0f} TFLOP/s",
-              flush=True)
+              f"(min {rlo:.1f} max {rhi:.1f}); state {state:.2f} GB, workspace {workspace:.2f} GB; "
+              f"steady {tflops:.0f} TFLOP/s", flush=True)
         row(f"{name} steady", steady, LOWRANK_BPP, ref, f"min {lo:.3f} max {hi:.3f}")
         row(f"{name} amortised /{T}", amort, LOWRANK_BPP, ref, f"refresh {refresh:.1f} ms")
         results["lowrank"]["runs"].append({"name": name, "first_ms": first, "steady_ms": steady,
                                            "refresh_ms": refresh, "amortised_ms": amort,
-                                           "state_GB": state, "steady_TFLOPs": tflops})
+                                           "state_GB": state, "workspace_GB": workspace,
+                                           "steady_TFLOPs": tflops})
         lib.sg_destroy(h)
         return amort
 
     one("slimgrad galore r512 tf32 randomized", 0, 1, 1)
+    one("slimgrad galore r512 tf32 randomized, refresh_batch 168", 0, 1, 1, refresh_batch=168)
+    one("slimgrad galore r512 tf32 randomized, refresh_batch 24", 0, 1, 1, refresh_batch=24)
     one("slimgrad galore r512 tf32 randomized, GEMM per tensor", 0, 1, 1, batched=0)
-    one("slimgrad galore r512 tf32 randomized, 16 lanes", 0, 1, 1, lanes=16)
-    one("slimgrad galore r512 tf32 randomized, 1 lane", 0, 1, 1, lanes=1)
     one("slimgrad galore r512 fp32 randomized", 0, 1, 0)
     if not args.no_exact:
         one("slimgrad galore r512 tf32 exact (syevd)", 0, 0, 1, refresh_reps=1)
@@ -159,6 +163,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--lanes", type=int, default=8)
+    ap.add_argument("--refresh-batch", type=int, default=64)
     ap.add_argument("--no-exact", action="store_true", help="skip the exact-SVD refresh timing")
     ap.add_argument("--official-layers", type=int, default=4,
                     help="layers for the official GaLore AdamW (its SVD refresh takes seconds "
@@ -180,7 +185,9 @@ def main():
     lib.sg_state_bytes.argtypes = [vp]
     lib.sg_destroy.argtypes = [vp]
     lib.sg_lowrank_create.restype = vp
-    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 3 +
+    lib.sg_workspace_bytes.restype = ctypes.c_ulonglong
+    lib.sg_workspace_bytes.argtypes = [vp]
+    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 4 +
                                       [pp, pp, lp, lp] + [d] * 6)
     lib.sg_refresh.argtypes = [vp, vp]
 

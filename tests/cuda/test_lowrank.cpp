@@ -294,26 +294,36 @@ TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's te
         o.transform.seed = 5;
         o.tf32 = tf32;
         o.lanes = 1;
-        const std::vector<cuda::Tensor> ts{t};
+        // Three tensors with this gradient (own Philox streams), batched eigensolver calls of
+        // two: a batch of two and one of one.
+        o.refresh_batch = 2;
+        std::vector<cuda::Tensor> ts{t, t, t};
+        ts[1].id = 78;
+        ts[2].id = 79;
         using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
         const std::size_t bytes = Gpu::workspace_bytes(ts, o);
         DeviceBuffer ws(bytes);
         Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
         REQUIRE(gpu.refresh_due());
         gpu.refresh(nullptr);
-        std::vector<float> stored(static_cast<std::size_t>(r * dim0));
-        gpu.read_basis(0, stored.data());
-        const Eigen::MatrixXd sg = basis_matrix(stored, side, dim0, r);
-        // Orthonormal, and the principal angles with the CPU's subspace are small.
-        CHECK((sg.transpose() * sg - Eigen::MatrixXd::Identity(r, r)).norm() < 1e-4);
-        // sin of the largest principal angle = ‖(I − S_cpu S_cpuᵀ) S_gpu‖₂ (accurate where
-        // the cosines' form √(1 − cos²) is not).
-        const Eigen::MatrixXd resid = sg - sc * (sc.transpose() * sg);
-        const double sin_max = Eigen::JacobiSVD<Eigen::MatrixXd>(resid).singularValues()(0);
-        MESSAGE("largest principal angle sine " << sin_max);
-        CHECK(sin_max < (tf32 ? 1e-2 : 1e-4));
-        // Vector by vector, canonical signs: the same singular vectors.
-        CHECK((sg - sc).cwiseAbs().maxCoeff() < (tf32 ? 2e-2 : 2e-3));
+        for (index_t q = 0; q < 3; ++q) {
+          CAPTURE(q);
+          CHECK(gpu.refresh_status(q) ==
+                std::pair{transforms::RefreshStatus::ok, transforms::RefreshFailure::none});
+          std::vector<float> stored(static_cast<std::size_t>(r * dim0));
+          gpu.read_basis(q, stored.data());
+          const Eigen::MatrixXd sg = basis_matrix(stored, side, dim0, r);
+          // Orthonormal, and the principal angles with the CPU's subspace are small.
+          CHECK((sg.transpose() * sg - Eigen::MatrixXd::Identity(r, r)).norm() < 1e-4);
+          // sin of the largest principal angle = ‖(I − S_cpu S_cpuᵀ) S_gpu‖₂ (accurate where
+          // the cosines' form √(1 − cos²) is not).
+          const Eigen::MatrixXd resid = sg - sc * (sc.transpose() * sg);
+          const double sin_max = Eigen::JacobiSVD<Eigen::MatrixXd>(resid).singularValues()(0);
+          MESSAGE("largest principal angle sine " << sin_max);
+          CHECK(sin_max < (tf32 ? 1e-2 : 1e-4));
+          // Vector by vector, canonical signs: the same singular vectors.
+          CHECK((sg - sc).cwiseAbs().maxCoeff() < (tf32 ? 2e-2 : 2e-3));
+        }
       }
     }
     // The refresh's test matrix: Philox keyed (seed, id, k / T) over dim1 × ℓ, the CPU's bits.

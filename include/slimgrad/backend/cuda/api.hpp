@@ -226,17 +226,22 @@ class MultiTensorGwt {
 /// off, they are plain fp32 (the tests compare with the CPU that way).
 ///
 /// Refresh (GaLore: k ≡ 0 mod T; SubTrack: its SVD at k = 0, then a geodesic step at k ≡ 0 mod
-/// T, k > 0) runs inside the step that is due, spread over Options::lanes internal streams
-/// (forked from and joined back into the caller's stream with events), each with its own cuBLAS
-/// and cuSOLVER handle created at construction and fed by its own host thread during the
-/// refresh; the steady step uses one more cuBLAS handle, also created at construction and bound
-/// to the caller's stream at each step. Every handle gets
-/// its cuBLAS workspace from the caller's buffer, so no step allocates. The refresh's cuSOLVER
-/// eigensolvers (syevd) may synchronise with the host internally; the steady step never does.
+/// T, k > 0) runs inside the step that is due. The randomized SVD runs on the caller's stream
+/// from the calling thread, batched (below); exact refreshes and tracking steps are spread over
+/// Options::lanes internal streams (forked from and joined back into the caller's stream with
+/// events), each with its own cuBLAS and cuSOLVER handle created at construction and fed by its
+/// own host thread during the refresh. The steady step and the batched refresh use one more
+/// cuBLAS handle (and cuSOLVER handle), also created at construction and bound to the caller's
+/// stream at each step. Every cuBLAS handle gets its workspace from the caller's buffer, so no
+/// step allocates. The refresh's cuSOLVER calls may synchronise with the host internally; the
+/// steady step never does.
 ///   randomized (SvdMethod::randomized): Ω from Philox (Key{seed, Tensor::id, k/T}, the CPU's
 ///     bits), Y = ĜΩ, q power iterations orthonormalised by shifted Cholesky-QR, then Q by
-///     Cholesky-QR2, Bᵀ = ĜᵀQ and the top-r eigenvectors of BBᵀ (ℓ×ℓ, cuSOLVER syevd):
-///     S = Q·V, canonical signs. The CPU uses Householder QR and an SVD of R: same subspace.
+///     Cholesky-QR2, Bᵀ = ĜᵀQ and the top-r eigenvectors of BBᵀ (ℓ×ℓ): S = Q·V, canonical
+///     signs. The large products run per tensor; the Grams, Cholesky factorisations and
+///     triangular solves batched over runs of up to 16 tensors of one shape, the eigenproblems
+///     in one cusolverDnXsyevBatched call per Options::refresh_batch tensors of one ℓ. The CPU
+///     uses Householder QR and an SVD of R: same subspace.
 ///   exact: the top-r eigenvectors of ĜĜᵀ (dim0×dim0, fp32 GEMM + syevd), canonical signs.
 ///   Grassmann tracking: the CPU's step (A = SᵀĜ, W = ĜAᵀ, B = (I − SSᵀ)W twice, top
 ///     eigenvector of BᵀB by ten normalised squarings and three power steps on cuBLAS (no
@@ -252,9 +257,15 @@ class MultiTensorLowRank {
     typename Transform::Options transform{};  ///< rank, T, method / η, ...
     double scale = 0.25;                      ///< α of the back-projection
     bool tf32 = true;                         ///< TF32 tensor cores for the large GEMMs
-    int lanes = 8;  ///< streams (each with a host thread) a refresh spreads its tensors over
+    /// Streams (each with a host thread) that exact refreshes and tracking steps spread over.
+    int lanes = 8;
     /// One batched cuBLAS GEMM per shape group (true) or one GEMM per tensor (false).
     bool batched = true;
+    /// Randomized refresh: the most tensors (of one sketch width ℓ) whose Rayleigh–Ritz
+    /// eigenproblems go to one batched cuSOLVER call. Its scratch (per tensor: Q, dim0×ℓ; BBᵀ,
+    /// ℓ×ℓ; the eigensolver's workspace, about 5ℓ² floats) is part of the workspace, so this
+    /// trades memory for refresh time (the call's time is mostly per call).
+    int refresh_batch = 64;
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);

@@ -243,16 +243,17 @@ enum : int { install_candidate = 0, keep_basis = 1, install_identity = 2 };
 /// After a refresh's candidate (dim0×width col-major) is computed: decides what to install, as
 /// the CPU's refresh does, and records the outcome in status[2k], status[2k+1]
 /// (transforms::RefreshStatus, RefreshFailure). info[1] ≠ 0: a factorisation or eigensolver
-/// reported a breakdown. skip: the gradient is non-finite, so the step skips the tensor (a
-/// tensor with a basis keeps it and its status; one without gets the identity basis, as the
-/// CPU's refresh of a non-finite gradient). One block.
+/// reported a breakdown; info[3] ≠ 0: an intermediate was non-finite (as a non-finite candidate).
+/// skip: the gradient is non-finite, so the step skips the tensor (a tensor with a basis keeps it
+/// and its status; one without gets the identity basis, as the CPU's refresh of a non-finite
+/// gradient). One block.
 __global__ void __launch_bounds__(256)
     verdict_kernel(const float* __restrict__ cand, index_t n, int* __restrict__ info,
                    const int* __restrict__ skip, bool ready, int* __restrict__ status) {
   bool bad = false;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
     bad = bad || !isfinite(cand[i]);
-  bad = __syncthreads_or(bad);
+  bad = __syncthreads_or(bad) || info[3] != 0;
   if (threadIdx.x != 0) return;
   using transforms::RefreshFailure;
   using transforms::RefreshStatus;
@@ -375,9 +376,11 @@ __global__ void __launch_bounds__(256)
     v[i] = x[j * r + i];
 }
 
-/// H (n×n, col-major) += shift·I with shift = factor·trace(H): keeps the Cholesky factorisation
-/// of a rank-deficient Gram matrix defined (shifted Cholesky-QR). One block.
+/// H_c (n×n col-major, H_c = h + c·n², c = blockIdx.y) += shift·I with shift =
+/// factor·trace(H_c): keeps the Cholesky factorisation of a rank-deficient Gram matrix defined
+/// (shifted Cholesky-QR). One block per matrix.
 __global__ void __launch_bounds__(256) shift_diagonal_kernel(float* h, index_t n, float factor) {
+  h += static_cast<index_t>(blockIdx.y) * n * n;
   __shared__ float part[256];
   float s = 0.0f;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -391,6 +394,36 @@ __global__ void __launch_bounds__(256) shift_diagonal_kernel(float* h, index_t n
   const float shift = factor * part[0];
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
     h[i * n + i] += shift;
+}
+
+/// out[c] = base + c·stride (c < count): the pointer arrays of the batched cuSOLVER/cuBLAS calls.
+__global__ void strided_ptrs_kernel(float** out, float* base, index_t stride, int count) {
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c < count) out[c] = base + c * stride;
+}
+
+/// slot_info[4c + 1] ← 1 where infos[c] ≠ 0 (c < count): a batched factorisation's or
+/// eigensolver's breakdown, per matrix, into the per-tensor info that verdict_kernel reads.
+__global__ void batch_info_kernel(const int* __restrict__ infos, int count,
+                                  int* __restrict__ slot_info) {
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c < count && infos[c] != 0) slot_info[4 * c + 1] = 1;
+}
+
+/// H_c (n×n, c = blockIdx.x) ← I, recorded as a non-finite result in slot_info[4c + 3], when it
+/// holds a NaN or an infinity (a non-finite gradient, or an overflowing Gram): the batched
+/// eigensolver then only sees finite matrices, and the verdict keeps the previous basis.
+__global__ void __launch_bounds__(1024)
+    sanitize_kernel(float* __restrict__ h, index_t n, int* __restrict__ slot_info) {
+  const int c = static_cast<int>(blockIdx.x);
+  float* a = h + static_cast<index_t>(c) * n * n;
+  bool bad = false;
+  for (index_t i = threadIdx.x; i < n * n; i += blockDim.x)
+    bad = bad || !isfinite(a[i]);
+  if (!__syncthreads_or(bad)) return;
+  for (index_t i = threadIdx.x; i < n * n; i += blockDim.x)
+    a[i] = i % (n + 1) == 0 ? 1.0f : 0.0f;
+  if (threadIdx.x == 0) slot_info[4 * c + 3] = 1;
 }
 
 /// The geodesic coefficients of one tracking step (one block): from bv = B v, sv = S v and
@@ -434,12 +467,37 @@ struct Lane {
   cudaEvent_t done = nullptr;
   cublasHandle_t blas = nullptr;
   cusolverDnHandle_t solver = nullptr;
-  float *omega = nullptr, *y = nullptr, *z = nullptr, *h = nullptr, *u = nullptr, *s = nullptr;
+  float *z = nullptr, *h = nullptr, *u = nullptr, *s = nullptr;
   float *eig = nullptr, *vec = nullptr, *work = nullptr;
   float* sq = nullptr;  // Grassmann: two r×r buffers of the power iteration's squarings
-  int* info = nullptr;  // [0] cuSOLVER's, [1] any breakdown, [2] verdict_kernel's decision
+  int* info = nullptr;  // [0] cuSOLVER's, [1] any breakdown, [2] verdict_kernel's decision,
+                        // [3] a non-finite intermediate
   int lwork = 0;
 };
+
+/// Scratch of the batched randomized refresh (on the caller's stream): up to `bs` tensors of one
+/// sketch width ℓ per batched eigensolver call, their range finders orthonormalised in runs of
+/// up to `bq` tensors of one shape (batched Cholesky-QR).
+struct RefreshBatch {
+  int bs = 0, bq = 0;
+  index_t q_stride = 0, z_stride = 0;  // floats between slots of q and z
+  float* omega = nullptr;              // Philox Ω (dim1×ℓ row-major), one tensor at a time
+  float* q = nullptr;                  // bs slots: Y, then Q (dim0×ℓ)
+  float* z = nullptr;                  // bq slots: Z, then Bᵀ = ĜᵀQ (dim1×ℓ)
+  float* h = nullptr;        // bs matrices ℓ×ℓ, contiguous: Grams, then BBᵀ, then V
+  float* eig = nullptr;      // bs·ℓ eigenvalues
+  float* u = nullptr;        // U = Q·V (dim0×r), one tensor at a time
+  float** hp = nullptr;      // bq pointers to the Grams
+  float** xp = nullptr;      // bq pointers to the factors' right-hand sides
+  int* pinfo = nullptr;      // bq infos of potrfBatched
+  int* sinfo = nullptr;      // bs infos of the eigensolver
+  int* slot_info = nullptr;  // bs × 4: each tensor's Lane::info
+  void* syev_work = nullptr;
+  std::size_t syev_bytes = 0, syev_host_bytes = 0;
+};
+
+/// The refresh's tensors per batched Cholesky-QR (a run of one shape).
+inline constexpr int refresh_qr_batch = 16;
 
 }  // namespace detail
 
@@ -503,6 +561,10 @@ struct MultiTensorLowRank<Transform>::State {
   std::vector<int> h_left;
   std::vector<const void*> h_coeff_ptrs, h_grad_ptrs, h_slots, h_weights;
   cublasHandle_t blas = nullptr;
+  cusolverDnHandle_t solver = nullptr;  // the batched refresh's (caller's stream)
+  cusolverDnParams_t solver_params = nullptr;
+  detail::RefreshBatch batch;
+  std::vector<char> syev_host;  // the batched eigensolver's host workspace
   cudaEvent_t fork = nullptr;
   std::vector<detail::Lane> lanes;
   std::int64_t t = 0;
@@ -513,8 +575,13 @@ struct MultiTensorLowRank<Transform>::State {
 
   // ---- sizes -------------------------------------------------------------------------------
   struct Sizes {
-    index_t omega = 0, y = 0, z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, sq = 0, sink = 0;
+    // Lanes (exact refresh, tracking), per lane.
+    index_t z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, sq = 0, sink = 0;
     int lwork = 0;
+    // The batched randomized refresh.
+    int bs = 0, bq = 0;
+    index_t b_omega = 0, q_stride = 0, z_stride = 0, b_h = 0, b_eig = 0, b_u = 0;
+    std::size_t syev_bytes = 0, syev_host_bytes = 0;
   };
 
   static void shapes_of(const Tensor& tn, const transforms::SvdProjection::Options& o, Side& side,
@@ -532,48 +599,74 @@ struct MultiTensorLowRank<Transform>::State {
     const index_t r = o.rank;
     const bool exact = o.method == transforms::SvdMethod::exact;
     Sizes z;
+    if (!exact) {
+      z.bs = static_cast<int>(
+          std::min<std::size_t>(static_cast<std::size_t>(options.refresh_batch), tensors.size()));
+      z.bq = std::min(z.bs, detail::refresh_qr_batch);
+    }
     cusolverDnHandle_t h = nullptr;
+    cusolverDnParams_t prm = nullptr;
     detail::check_solver(cusolverDnCreate(&h), "cusolverDnCreate");
     std::map<std::tuple<index_t, index_t>, bool> seen;
+    std::map<index_t, bool> seen_ell;
     try {
+      detail::check_solver(cusolverDnCreateParams(&prm), "cusolverDnCreateParams");
       for (const Tensor& tn : tensors) {
+        if (options.rule.weight_decay != 0.0) z.sink = std::max(z.sink, tn.rows * tn.cols);
         Side side;
         index_t dim0, dim1, ell;
         shapes_of(tn, o, side, dim0, dim1, ell);
         if (seen.contains({dim0, dim1})) continue;
         seen[{dim0, dim1}] = true;
-        z.omega = std::max(z.omega, dim1 * ell);
-        z.y = std::max(z.y, dim0 * ell);
-        z.z = std::max(z.z, dim1 * std::max(ell, r));
-        z.h = std::max(z.h, std::max(ell * ell, exact ? dim0 * dim0 : index_t{0}));
-        z.h = std::max(z.h, r * r);
+        int lw = 0;
+        if (!exact) {
+          z.b_omega = std::max(z.b_omega, dim1 * ell);
+          z.q_stride = std::max(z.q_stride, dim0 * ell);
+          z.z_stride = std::max(z.z_stride, dim1 * ell);
+          z.b_h = std::max(z.b_h, ell * ell);
+          z.b_eig = std::max(z.b_eig, ell);
+          z.b_u = std::max(z.b_u, dim0 * r);
+          if (!seen_ell.contains(ell)) {
+            seen_ell[ell] = true;
+            std::size_t dev = 0, host = 0;
+            detail::check_solver(
+                cusolverDnXsyevBatched_bufferSize(
+                    h, prm, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ell, CUDA_R_32F,
+                    nullptr, ell, CUDA_R_32F, nullptr, CUDA_R_32F, &dev, &host, z.bs),
+                "XsyevBatched_bufferSize");
+            z.syev_bytes = std::max(z.syev_bytes, dev);
+            z.syev_host_bytes = std::max(z.syev_host_bytes, host);
+          }
+        }
+        if (!exact && !grassmann) continue;  // no lane work
+        // Lanes: the exact refresh (ĜĜᵀ and its eigenvectors) and the tracking step.
+        z.z = std::max(z.z, dim1 * r);
+        z.h = std::max(z.h, std::max(r * r, exact ? dim0 * dim0 : index_t{0}));
         z.u = std::max(z.u, dim0 * r);
         z.s = std::max(z.s, dim0 * r);
-        z.eig = std::max(z.eig, exact ? dim0 : ell);
+        z.eig = std::max(z.eig, exact ? dim0 : index_t{0});
         z.vec = std::max(z.vec, 4 * dim0 + r + 8);
-        int lw = 0;
-        const int ie = static_cast<int>(ell), ir = static_cast<int>(r);
-        detail::check_solver(
-            cusolverDnSpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, ie, nullptr, ie, &lw),
-            "potrf_bufferSize");
-        z.lwork = std::max(z.lwork, lw);
+        const int ir = static_cast<int>(r);
         detail::check_solver(
             cusolverDnSpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, ir, nullptr, ir, &lw),
             "potrf_bufferSize");
         z.lwork = std::max(z.lwork, lw);
-        const int ne = static_cast<int>(exact ? dim0 : ell);
-        detail::check_solver(
-            cusolverDnSsyevd_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ne,
-                                        nullptr, ne, nullptr, &lw),
-            "syevd_bufferSize");
-        z.lwork = std::max(z.lwork, lw);
+        if (exact) {
+          const int ne = static_cast<int>(dim0);
+          detail::check_solver(
+              cusolverDnSsyevd_bufferSize(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ne,
+                                          nullptr, ne, nullptr, &lw),
+              "syevd_bufferSize");
+          z.lwork = std::max(z.lwork, lw);
+        }
         if constexpr (grassmann) z.sq = 2 * r * r;
-        if (options.rule.weight_decay != 0.0) z.sink = std::max(z.sink, tn.rows * tn.cols);
       }
     } catch (...) {
+      if (prm) cusolverDnDestroyParams(prm);
       cusolverDnDestroy(h);
       throw;
     }
+    cusolverDnDestroyParams(prm);
     cusolverDnDestroy(h);
     return z;
   }
@@ -615,10 +708,10 @@ struct MultiTensorLowRank<Transform>::State {
     const int nl = std::max(1, options.lanes);
     std::vector<detail::Lane> lanes(static_cast<std::size_t>(nl));
     std::vector<void*> lane_ws;
+    const bool lane_work = z.vec > 0;
     for (detail::Lane& l : lanes) {
+      if (!lane_work) continue;  // GaLore's randomized refresh runs batched, without lanes
       auto f = [&](index_t n) { return c.take<float>(static_cast<std::size_t>(n)); };
-      l.omega = f(z.omega);
-      l.y = f(z.y);
       l.z = f(z.z);
       l.h = f(z.h);
       l.u = f(z.u);
@@ -630,6 +723,29 @@ struct MultiTensorLowRank<Transform>::State {
       l.info = c.take<int>(4);
       l.lwork = z.lwork;
       lane_ws.push_back(c.take<char>(lane_blas_workspace));
+    }
+    detail::RefreshBatch rb;
+    if (z.bs > 0) {
+      auto f = [&](index_t n) { return c.take<float>(static_cast<std::size_t>(n)); };
+      const auto bs = static_cast<index_t>(z.bs), bq = static_cast<index_t>(z.bq);
+      rb.bs = z.bs;
+      rb.bq = z.bq;
+      rb.q_stride = z.q_stride;
+      rb.z_stride = z.z_stride;
+      rb.omega = f(z.b_omega);
+      rb.q = f(bs * z.q_stride);
+      rb.z = f(bq * z.z_stride);
+      rb.h = f(bs * z.b_h);
+      rb.eig = f(bs * z.b_eig);
+      rb.u = f(z.b_u);
+      rb.hp = c.take<float*>(static_cast<std::size_t>(bq));
+      rb.xp = c.take<float*>(static_cast<std::size_t>(bq));
+      rb.pinfo = c.take<int>(static_cast<std::size_t>(bq));
+      rb.sinfo = c.take<int>(static_cast<std::size_t>(bs));
+      rb.slot_info = c.take<int>(4 * static_cast<std::size_t>(bs));
+      rb.syev_work = c.take<char>(z.syev_bytes);
+      rb.syev_bytes = z.syev_bytes;
+      rb.syev_host_bytes = z.syev_host_bytes;
     }
     const std::size_t nt = tensors.size();
     int* skip = c.take<int>(nt);
@@ -668,7 +784,8 @@ struct MultiTensorLowRank<Transform>::State {
     s.v = v;
     s.total = total;
     s.track_info = info;
-    s.lanes = lanes;
+    if (lane_work) s.lanes = lanes;
+    s.batch = rb;
     s.entries.resize(tensors.size());
     for (std::size_t k = 0; k < tensors.size(); ++k) {
       Entry& e = s.entries[k];
@@ -741,39 +858,36 @@ struct MultiTensorLowRank<Transform>::State {
       if (l.stream) cudaStreamDestroy(l.stream);
     }
     if (blas) cublasDestroy(blas);
+    if (solver_params) cusolverDnDestroyParams(solver_params);
+    if (solver) cusolverDnDestroy(solver);
     if (fork) cudaEventDestroy(fork);
   }
 
   // ---- refresh -----------------------------------------------------------------------------
   // Ĝ = G (left) or Gᵀ (right), dim0×dim1; X, Y col-major.
-  void ghat_times(const detail::Lane& l, const Entry& e, const float* x, float* y, index_t w,
-                  bool tf32) const {  // Y (dim0×w) = Ĝ X (dim1×w)
+  static void ghat_times(cublasHandle_t hb, const Entry& e, const float* x, float* y, index_t w,
+                         bool tf32) {  // Y (dim0×w) = Ĝ X (dim1×w)
     const auto* g = static_cast<const float*>(e.t.grad);
     const index_t n = e.t.cols, mm = e.t.rows;
     if (e.side == Side::right)
-      detail::gemm(l.blas, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
+      detail::gemm(hb, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
     else
-      detail::gemm(l.blas, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
+      detail::gemm(hb, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
   }
-  void ghatT_times(const detail::Lane& l, const Entry& e, const float* x, float* y, index_t w,
-                   bool tf32) const {  // Y (dim1×w) = Ĝᵀ X (dim0×w)
+  static void ghatT_times(cublasHandle_t hb, const Entry& e, const float* x, float* y, index_t w,
+                          bool tf32) {  // Y (dim1×w) = Ĝᵀ X (dim0×w)
     const auto* g = static_cast<const float*>(e.t.grad);
     const index_t n = e.t.cols, mm = e.t.rows;
     if (e.side == Side::right)
-      detail::gemm(l.blas, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
+      detail::gemm(hb, true, false, mm, w, n, 1.0f, g, n, x, n, 0.0f, y, mm, tf32);
     else
-      detail::gemm(l.blas, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
+      detail::gemm(hb, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
   }
 
   /// X (rows×w, col-major) ← an orthonormal basis of its span: R from the Cholesky factor of
-  /// XᵀX (+ shift_factor·trace·I), X ← X R⁻¹. R has a positive diagonal.
-  void cholesky_qr(const detail::Lane& l, float* x, index_t rows, index_t w,
-                   float shift_factor) const {
+  /// XᵀX, X ← X R⁻¹. R has a positive diagonal.
+  void cholesky_qr(const detail::Lane& l, float* x, index_t rows, index_t w) const {
     detail::gemm(l.blas, true, false, w, w, rows, 1.0f, x, rows, x, rows, 0.0f, l.h, w, false);
-    if (shift_factor > 0.0f) {
-      detail::shift_diagonal_kernel<<<1, 256, 0, l.stream>>>(l.h, w, shift_factor);
-      detail::check_launch("shift_diagonal_kernel");
-    }
     detail::check_solver(cusolverDnSpotrf(l.solver, CUBLAS_FILL_MODE_UPPER, static_cast<int>(w),
                                           l.h, static_cast<int>(w), l.work, l.lwork, l.info),
                          "cusolverDnSpotrf");
@@ -790,77 +904,197 @@ struct MultiTensorLowRank<Transform>::State {
     detail::accumulate_info_kernel<<<1, 32, 0, l.stream>>>(l.info);
     detail::check_launch("accumulate_info_kernel");
   }
-  /// The verdict on a candidate (dim0×width col-major) of tensor i; see verdict_kernel.
-  void verdict(const detail::Lane& l, const Entry& e, std::size_t i, const float* cand,
+  /// The verdict on a candidate (dim0×width col-major) of tensor i; see verdict_kernel. info:
+  /// the tensor's Lane::info.
+  void verdict(cudaStream_t st, int* info, const Entry& e, std::size_t i, const float* cand,
                index_t width) const {
-    detail::verdict_kernel<<<1, 256, 0, l.stream>>>(cand, e.dim0 * width, l.info, skip + i, e.ready,
-                                                    status + 2 * i);
+    detail::verdict_kernel<<<1, 256, 0, st>>>(cand, e.dim0 * width, info, skip + i, e.ready,
+                                              status + 2 * i);
     detail::check_launch("verdict_kernel");
   }
 
   /// The candidate's top r columns (or the identity, or nothing: the verdict decides).
-  void install(const detail::Lane& l, Entry& e, std::size_t i, const float* u, index_t width) {
-    verdict(l, e, i, u, width);
-    detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, l.stream>>>(
-        u, e.dim0, width, rank, e.side == Side::left, l.info + 2, e.basis);
+  void install(cudaStream_t st, int* info, Entry& e, std::size_t i, const float* u, index_t width) {
+    verdict(st, info, e, i, u, width);
+    detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, st>>>(
+        u, e.dim0, width, rank, e.side == Side::left, info + 2, e.basis);
     detail::check_launch("install_basis_kernel");
     e.ready = true;  // a candidate, or the identity basis
   }
 
-  void svd_refresh(const detail::Lane& l, Entry& e, std::size_t i, std::int64_t k) {
-    const bool tf32 = options.tf32;
+  /// The exact refresh of tensor i on a lane: the top-r eigenvectors of H = ĜĜᵀ (fp32
+  /// products: the Gram squares the spectrum).
+  void exact_refresh(const detail::Lane& l, Entry& e, std::size_t i) {
     detail::check(cudaMemsetAsync(l.info, 0, 4 * sizeof(int), l.stream), "cudaMemsetAsync");
-    if (svd.method == transforms::SvdMethod::exact) {
-      // H = ĜĜᵀ (fp32 products: the Gram squares the spectrum) and its top-r eigenvectors.
-      const auto* g = static_cast<const float*>(e.t.grad);
-      const index_t n = e.t.cols, mm = e.t.rows;
-      if (e.side == Side::right)  // Ĝ = Gc (n×m): H = Gc Gcᵀ
-        detail::gemm(l.blas, false, true, n, n, mm, 1.0f, g, n, g, n, 0.0f, l.h, n, false);
-      else  // Ĝ = Gcᵀ: H = Gcᵀ Gc
-        detail::gemm(l.blas, true, false, mm, mm, n, 1.0f, g, n, g, n, 0.0f, l.h, mm, false);
-      const int d = static_cast<int>(e.dim0);
-      detail::check_solver(
-          cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, d, l.h, d,
-                           l.eig, l.work, l.lwork, l.info),
-          "cusolverDnSsyevd");
-      accumulate_info(l);
-      install(l, e, i, l.h + (e.dim0 - rank) * e.dim0, rank);
-      return;
-    }
-    const index_t ell = e.ell, d0 = e.dim0, d1 = e.dim1;
-    const random::Key key{svd.seed, e.t.id, static_cast<std::uint32_t>(k / svd.update_gap)};
-    // Ω (dim1×ℓ) in Philox's row-major order, then transposed into Z (col-major dim1×ℓ).
-    fill_gaussian(DeviceView<float>(l.omega, d1, ell, ell), key, 1.0, l.stream);
-    const float one = 1.0f, zero = 0.0f;
-    detail::check_cublas(cublasSgeam(l.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d1),
-                                     static_cast<int>(ell), &one, l.omega, static_cast<int>(ell),
-                                     &zero, l.z, static_cast<int>(d1), l.z, static_cast<int>(d1)),
-                         "cublasSgeam");
-    ghat_times(l, e, l.z, l.y, ell, tf32);
-    // Shifted Cholesky-QR between products: enough to keep the sketch from collapsing onto the
-    // top singular vector; the shift (ℓ·ε·‖X‖²_F) keeps a rank-deficient sketch factorisable.
-    const float shift = static_cast<float>(ell) * std::numeric_limits<float>::epsilon();
-    for (index_t it = 0; it < svd.power_iterations; ++it) {
-      cholesky_qr(l, l.y, d0, ell, shift);
-      ghatT_times(l, e, l.y, l.z, ell, tf32);
-      cholesky_qr(l, l.z, d1, ell, shift);
-      ghat_times(l, e, l.z, l.y, ell, tf32);
-    }
-    cholesky_qr(l, l.y, d0, ell, shift);  // Cholesky-QR2: Q orthonormal to working accuracy
-    cholesky_qr(l, l.y, d0, ell, std::numeric_limits<float>::epsilon());
-    ghatT_times(l, e, l.y, l.z, ell, tf32);  // Bᵀ = ĜᵀQ (dim1×ℓ)
-    detail::gemm(l.blas, true, false, ell, ell, d1, 1.0f, l.z, d1, l.z, d1, 0.0f, l.h, ell,
-                 false);  // BBᵀ
-    const int ie = static_cast<int>(ell);
+    const auto* g = static_cast<const float*>(e.t.grad);
+    const index_t n = e.t.cols, mm = e.t.rows;
+    if (e.side == Side::right)  // Ĝ = Gc (n×m): H = Gc Gcᵀ
+      detail::gemm(l.blas, false, true, n, n, mm, 1.0f, g, n, g, n, 0.0f, l.h, n, false);
+    else  // Ĝ = Gcᵀ: H = Gcᵀ Gc
+      detail::gemm(l.blas, true, false, mm, mm, n, 1.0f, g, n, g, n, 0.0f, l.h, mm, false);
+    const int d = static_cast<int>(e.dim0);
     detail::check_solver(
-        cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, ie, l.h, ie,
+        cusolverDnSsyevd(l.solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, d, l.h, d,
                          l.eig, l.work, l.lwork, l.info),
         "cusolverDnSsyevd");
     accumulate_info(l);
-    // U = Q·V[:, ℓ−r:] (ascending), then reversed and signed by install.
-    detail::gemm(l.blas, false, false, d0, rank, ell, 1.0f, l.y, d0, l.h + (ell - rank) * ell, ell,
-                 0.0f, l.u, d0, false);
-    install(l, e, i, l.u, rank);
+    install(l.stream, l.info, e, i, l.h + (e.dim0 - rank) * e.dim0, rank);
+  }
+
+  // ---- the batched randomized refresh (caller's stream, handles blas and solver) ----------
+  // Per tensor as the CPU: Ω from Philox, Y = ĜΩ, q power iterations orthonormalised by shifted
+  // Cholesky-QR, Q by Cholesky-QR2, Bᵀ = ĜᵀQ, the top-r eigenvectors V of BBᵀ (ℓ×ℓ), U = Q·V.
+  // The large products run per tensor (TF32 when asked); the small dense steps, which cost a
+  // cuSOLVER call each and dominated the refresh (H100, per tensor: 6 potrf 3.0 ms, syevd
+  // 5.6 ms, 6 trsm 1.0 ms, all GEMMs 0.3-0.8 ms), run batched: the Grams as one strided GEMM,
+  // potrfBatched and trsmBatched over a run of tensors of one shape, and one XsyevBatched over
+  // up to Options::refresh_batch tensors of one ℓ (its time is mostly per call: 8 matrices 52 ms,
+  // 24 47 ms, 168 96 ms).
+
+  /// X_c (rows×ℓ at x + c·stride, c < n) ← an orthonormal basis of its span by shifted
+  /// Cholesky-QR (shift = factor·trace(XᵀX)); the Grams go to h (n matrices ℓ×ℓ, contiguous);
+  /// breakdowns to slot_info (4 ints per tensor).
+  void batched_cholesky_qr(cudaStream_t stream, float* x, index_t stride, index_t rows, index_t ell,
+                           int n, float* h, int* slot_info, float factor) {
+    const detail::RefreshBatch& b = batch;
+    const float one = 1.0f, zero = 0.0f;
+    const int ie = static_cast<int>(ell), ir = static_cast<int>(rows);
+    detail::check_cublas(
+        cublasGemmStridedBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, ie, ie, ir, &one, x, CUDA_R_32F,
+                                   ir, stride, x, CUDA_R_32F, ir, stride, &zero, h, CUDA_R_32F, ie,
+                                   ell * ell, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx (Gram)");
+    detail::shift_diagonal_kernel<<<dim3(1, static_cast<unsigned>(n)), 256, 0, stream>>>(h, ell,
+                                                                                         factor);
+    detail::check_launch("shift_diagonal_kernel");
+    detail::strided_ptrs_kernel<<<1, 32, 0, stream>>>(b.hp, h, ell * ell, n);
+    detail::check_launch("strided_ptrs_kernel");
+    detail::strided_ptrs_kernel<<<1, 32, 0, stream>>>(b.xp, x, stride, n);
+    detail::check_launch("strided_ptrs_kernel");
+    detail::check_solver(
+        cusolverDnSpotrfBatched(solver, CUBLAS_FILL_MODE_UPPER, ie, b.hp, ie, b.pinfo, n),
+        "cusolverDnSpotrfBatched");
+    detail::batch_info_kernel<<<1, 32, 0, stream>>>(b.pinfo, n, slot_info);
+    detail::check_launch("batch_info_kernel");
+    detail::check_cublas(
+        cublasStrsmBatched(blas, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N,
+                           CUBLAS_DIAG_NON_UNIT, ir, ie, &one, b.hp, ie, b.xp, ir, n),
+        "cublasStrsmBatched");
+  }
+
+  /// Range finder of the tensors idx[c0..c1) (one shape), at slots c0 − b0.. of the batch: Q
+  /// into b.q, BBᵀ into b.h.
+  void range_finder(cudaStream_t stream, const std::vector<std::size_t>& idx, std::size_t b0,
+                    std::size_t c0, std::size_t c1, std::int64_t k) {
+    const detail::RefreshBatch& b = batch;
+    const bool tf32 = options.tf32;
+    const Entry& f = entries[idx[c0]];
+    const index_t ell = f.ell, d0 = f.dim0, d1 = f.dim1;
+    const int n = static_cast<int>(c1 - c0);
+    const auto j0 = static_cast<index_t>(c0 - b0);
+    float* q0 = b.q + j0 * b.q_stride;
+    float* h0 = b.h + j0 * ell * ell;
+    int* info0 = b.slot_info + 4 * j0;
+    auto q_of = [&](std::size_t c) { return q0 + static_cast<index_t>(c - c0) * b.q_stride; };
+    auto z_of = [&](std::size_t c) { return b.z + static_cast<index_t>(c - c0) * b.z_stride; };
+    const float one = 1.0f, zero = 0.0f;
+    for (std::size_t c = c0; c < c1; ++c) {
+      const Entry& e = entries[idx[c]];
+      const random::Key key{svd.seed, e.t.id, static_cast<std::uint32_t>(k / svd.update_gap)};
+      // Ω (dim1×ℓ) in Philox's row-major order, then transposed into Z (col-major dim1×ℓ).
+      fill_gaussian(DeviceView<float>(b.omega, d1, ell, ell), key, 1.0, stream);
+      detail::check_cublas(
+          cublasSgeam(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(d1), static_cast<int>(ell),
+                      &one, b.omega, static_cast<int>(ell), &zero, z_of(c), static_cast<int>(d1),
+                      z_of(c), static_cast<int>(d1)),
+          "cublasSgeam");
+      ghat_times(blas, e, z_of(c), q_of(c), ell, tf32);
+    }
+    // Shifted Cholesky-QR between products: enough to keep the sketch from collapsing onto the
+    // top singular vector; the shift (ℓ·ε·‖X‖²_F) keeps a rank-deficient sketch factorisable.
+    const float eps = std::numeric_limits<float>::epsilon();
+    const float shift = static_cast<float>(ell) * eps;
+    for (index_t it = 0; it < svd.power_iterations; ++it) {
+      batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, shift);
+      for (std::size_t c = c0; c < c1; ++c)
+        ghatT_times(blas, entries[idx[c]], q_of(c), z_of(c), ell, tf32);
+      batched_cholesky_qr(stream, b.z, b.z_stride, d1, ell, n, h0, info0, shift);
+      for (std::size_t c = c0; c < c1; ++c)
+        ghat_times(blas, entries[idx[c]], z_of(c), q_of(c), ell, tf32);
+    }
+    // Cholesky-QR2: Q orthonormal to working accuracy.
+    batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, shift);
+    batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, eps);
+    for (std::size_t c = c0; c < c1; ++c)  // Bᵀ = ĜᵀQ (dim1×ℓ)
+      ghatT_times(blas, entries[idx[c]], q_of(c), z_of(c), ell, tf32);
+    const int ie = static_cast<int>(ell), i1 = static_cast<int>(d1);
+    detail::check_cublas(cublasGemmStridedBatchedEx(
+                             blas, CUBLAS_OP_T, CUBLAS_OP_N, ie, ie, i1, &one, b.z, CUDA_R_32F, i1,
+                             b.z_stride, b.z, CUDA_R_32F, i1, b.z_stride, &zero, h0, CUDA_R_32F, ie,
+                             ell * ell, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmStridedBatchedEx (BBᵀ)");
+  }
+
+  /// The randomized refresh of the tensors idx[b0..b1) (one ℓ, at most bs of them, sorted by
+  /// shape): range finders in runs of one shape, one batched eigensolver, then per tensor
+  /// U = Q·V[:, ℓ−r:] and the verdict.
+  void refresh_batch(cudaStream_t stream, const std::vector<std::size_t>& idx, std::size_t b0,
+                     std::size_t b1, std::int64_t k) {
+    const detail::RefreshBatch& b = batch;
+    const int count = static_cast<int>(b1 - b0);
+    const index_t ell = entries[idx[b0]].ell;
+    detail::check(cudaMemsetAsync(b.slot_info, 0, 4 * static_cast<std::size_t>(count) * 4, stream),
+                  "cudaMemsetAsync");
+    for (std::size_t c0 = b0; c0 < b1;) {
+      const Entry& f = entries[idx[c0]];
+      std::size_t c1 = c0;
+      while (c1 < b1 && c1 - c0 < static_cast<std::size_t>(b.bq) &&
+             entries[idx[c1]].dim0 == f.dim0 && entries[idx[c1]].dim1 == f.dim1)
+        ++c1;
+      range_finder(stream, idx, b0, c0, c1, k);
+      c0 = c1;
+    }
+    detail::sanitize_kernel<<<static_cast<unsigned>(count), 1024, 0, stream>>>(b.h, ell,
+                                                                               b.slot_info);
+    detail::check_launch("sanitize_kernel");
+    detail::check_solver(
+        cusolverDnXsyevBatched(solver, solver_params, CUSOLVER_EIG_MODE_VECTOR,
+                               CUBLAS_FILL_MODE_UPPER, ell, CUDA_R_32F, b.h, ell, CUDA_R_32F, b.eig,
+                               CUDA_R_32F, b.syev_work, b.syev_bytes, syev_host.data(),
+                               b.syev_host_bytes, b.sinfo, count),
+        "cusolverDnXsyevBatched");
+    detail::batch_info_kernel<<<(count + 127) / 128, 128, 0, stream>>>(b.sinfo, count, b.slot_info);
+    detail::check_launch("batch_info_kernel");
+    for (std::size_t c = b0; c < b1; ++c) {
+      const std::size_t i = idx[c];
+      Entry& e = entries[i];
+      const auto j = static_cast<index_t>(c - b0);
+      const float* v = b.h + j * ell * ell + (ell - rank) * ell;  // ascending: the top r last
+      detail::gemm(blas, false, false, e.dim0, rank, ell, 1.0f, b.q + j * b.q_stride, e.dim0, v,
+                   ell, 0.0f, b.u, e.dim0, false);
+      install(stream, b.slot_info + 4 * j, e, i, b.u, rank);
+    }
+  }
+
+  /// The randomized refresh of the tensors idx, in batches of one ℓ.
+  void randomized_refresh(cudaStream_t stream, std::vector<std::size_t> idx, std::int64_t k) {
+    if (idx.empty()) return;
+    std::stable_sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t c) {
+      const Entry &x = entries[a], &y = entries[c];
+      return std::tuple{x.ell, x.dim0, x.dim1} < std::tuple{y.ell, y.dim0, y.dim1};
+    });
+    detail::check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
+    detail::check_cublas(cublasSetWorkspace(blas, blas_ws, blas_workspace), "cublasSetWorkspace");
+    detail::check_solver(cusolverDnSetStream(solver, stream), "cusolverDnSetStream");
+    for (std::size_t b0 = 0; b0 < idx.size();) {
+      const index_t ell = entries[idx[b0]].ell;
+      std::size_t b1 = b0;
+      while (b1 < idx.size() && b1 - b0 < static_cast<std::size_t>(batch.bs) &&
+             entries[idx[b1]].ell == ell)
+        ++b1;
+      refresh_batch(stream, idx, b0, b1, k);
+      b0 = b1;
+    }
   }
 
   /// The tracking's squarings: X ← (X·X)/‖X·X‖_F, 2^10 = 1024 powers of BᵀB, so v₁'s
@@ -920,8 +1154,8 @@ struct MultiTensorLowRank<Transform>::State {
     float* sv = bv + d0;
     float* gw = sv + d0;
     float* wnorm = gw + d0;
-    ghatT_times(l, e, l.s, at, r, tf32);
-    ghat_times(l, e, at, w, r, tf32);
+    ghatT_times(l.blas, e, l.s, at, r, tf32);
+    ghat_times(l.blas, e, at, w, r, tf32);
     detail::check_cublas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
     detail::check_cublas(cublasSnrm2(l.blas, static_cast<int>(d0 * r), w, 1, wnorm), "cublasSnrm2");
     detail::check_cublas(cublasSetPointerMode(l.blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
@@ -944,8 +1178,8 @@ struct MultiTensorLowRank<Transform>::State {
     detail::check_cublas(
         cublasSger(l.blas, static_cast<int>(d0), ir, &one, gw, 1, v, 1, l.s, static_cast<int>(d0)),
         "cublasSger");
-    if (reorth) cholesky_qr(l, l.s, d0, r, 0.0f);
-    verdict(l, e, k, l.s, r);
+    if (reorth) cholesky_qr(l, l.s, d0, r);
+    verdict(l.stream, l.info, e, k, l.s, r);
     detail::store_tracked_kernel<<<64, 256, 0, l.stream>>>(l.s, d0, r, e.side == Side::left,
                                                            l.info + 2, e.basis);
     detail::check_launch("store_tracked_kernel");
@@ -986,39 +1220,61 @@ struct MultiTensorLowRank<Transform>::State {
       const index_t every = reorth_every;
       reorth = every > 0 && tracking_steps % every == 0;
     }
-    detail::check(cudaEventRecord(fork, stream), "cudaEventRecord");
-    for (detail::Lane& l : lanes)
-      detail::check(cudaStreamWaitEvent(l.stream, fork, 0), "cudaStreamWaitEvent");
+    // The randomized refreshes run batched on the caller's stream; the tracking steps and
+    // exact refreshes on the lanes, forked from it and joined back.
+    std::vector<std::size_t> batched, laned;
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const bool tracks = any_track && entries[i].ready;
+      if (!tracks && svd.method == transforms::SvdMethod::randomized)
+        batched.push_back(i);
+      else
+        laned.push_back(i);
+    }
+    if (!laned.empty()) {
+      detail::check(cudaEventRecord(fork, stream), "cudaEventRecord");
+      for (detail::Lane& l : lanes)
+        detail::check(cudaStreamWaitEvent(l.stream, fork, 0), "cudaStreamWaitEvent");
+    }
     // One host thread per lane: lanes fed from one thread ran one after another, as if each
-    // cuSOLVER syevd waited for the host (H100, GaLore's randomized refresh of the 168-tensor
-    // set: 1 lane 1.84 s, 8 lanes from one thread 1.80 s, 8 lanes with a thread each 0.90 s).
-    // Each thread owns its lane's stream and handles.
+    // cuSOLVER call waited for the host (H100, the randomized refresh of the 168-tensor set
+    // when it ran on the lanes: 1 lane 1.84 s, 8 lanes from one thread 1.80 s, 8 lanes with a
+    // thread each 0.90 s). Each thread owns its lane's stream and handles.
     int device = 0;
     detail::check(cudaGetDevice(&device), "cudaGetDevice");
-    std::vector<std::exception_ptr> errors(lanes.size());
+    const std::size_t nl = laned.empty() ? 0 : lanes.size();
+    std::vector<std::exception_ptr> errors(nl);
     std::vector<std::thread> threads;
-    threads.reserve(lanes.size());
-    for (std::size_t li = 0; li < lanes.size(); ++li)
+    threads.reserve(nl);
+    for (std::size_t li = 0; li < nl; ++li)
       threads.emplace_back([&, li] {
         try {
           detail::check(cudaSetDevice(device), "cudaSetDevice");
           const detail::Lane& l = lanes[li];
-          for (std::size_t i = li; i < entries.size(); i += lanes.size()) {
+          for (std::size_t j = li; j < laned.size(); j += nl) {
+            const std::size_t i = laned[j];
             Entry& e = entries[i];
             if (any_track && e.ready)
               track(l, e, i, reorth);
             else
-              svd_refresh(l, e, i, k);
+              exact_refresh(l, e, i);
           }
         } catch (...) {
           errors[li] = std::current_exception();
         }
       });
+    std::exception_ptr batched_error;
+    try {
+      randomized_refresh(stream, batched, k);
+    } catch (...) {
+      batched_error = std::current_exception();
+    }
     for (std::thread& t : threads)
       t.join();
+    if (batched_error) std::rethrow_exception(batched_error);
     for (const std::exception_ptr& e : errors)
       if (e) std::rethrow_exception(e);
-    for (detail::Lane& l : lanes) {
+    for (std::size_t li = 0; li < nl; ++li) {
+      detail::Lane& l = lanes[li];
       detail::check(cudaEventRecord(l.done, l.stream), "cudaEventRecord");
       detail::check(cudaStreamWaitEvent(stream, l.done, 0), "cudaStreamWaitEvent");
     }
@@ -1172,6 +1428,7 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   require(std::isfinite(options.scale), std::string(who) + ": scale must be finite");
   require(options.lanes >= 1 && options.lanes <= 64,
           std::string(who) + ": lanes must lie in [1, 64]");
+  require(options.refresh_batch >= 1, std::string(who) + ": refresh_batch must be at least 1");
   if constexpr (State::grassmann)
     require(std::isfinite(options.transform.eta) && options.transform.eta >= 0.0 &&
                 options.transform.reorth_every >= 0,
@@ -1206,6 +1463,11 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   detail::check_cublas(cublasSetWorkspace(s.blas, s.blas_ws, State::blas_workspace),
                        "cublasSetWorkspace");
   detail::check(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming), "cudaEventCreate");
+  if (s.batch.bs > 0) {
+    detail::check_solver(cusolverDnCreate(&s.solver), "cusolverDnCreate");
+    detail::check_solver(cusolverDnCreateParams(&s.solver_params), "cusolverDnCreateParams");
+    s.syev_host.resize(std::max<std::size_t>(s.batch.syev_host_bytes, 1));
+  }
   for (std::size_t i = 0; i < s.lanes.size(); ++i) {
     detail::Lane& l = s.lanes[i];
     detail::check(cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking), "cudaStreamCreate");
