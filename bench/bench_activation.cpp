@@ -7,9 +7,10 @@
 // saved_vs_exact the exact layer's bytes for the same tokens divided by it, state_B the codec's
 // own state (v, or the kept P).
 // VeLoRA: D' = 16 (G = 256, as down_proj of the 60M run); CompAct: r = n/4, P regenerated from
-// the seed in tiles on every forward (the default), and kept between resamples for
-// `compact_r1024_kept`. state_B counts VeLoRA's v, CompAct's tile buffer or kept P.
-// Run: slimgrad_bench --benchmark_filter=activation --benchmark_repetitions=5
+// the seed in tiles on every forward (the default), kept between resamples for
+// `compact_r1024_kept`, and a count sketch (one ±1 per column of P) for `compact_r1024_count`.
+// state_B counts VeLoRA's v, CompAct's tile buffer or kept P. Run: slimgrad_bench
+// --benchmark_filter=activation --benchmark_repetitions=5
 //      --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
@@ -51,6 +52,8 @@ Buffers& buffers() {
 
 // CompAct with P kept between resamples (keep_matrix): r·n floats more, no regeneration.
 struct CompActKept : activation::CompAct {};
+// CompAct with the count sketch (one ±1 per column of P): Z = X Pᵀ is a scatter-add.
+struct CompActCount : activation::CompAct {};
 
 template <class Codec>
 typename Codec::Options options() {
@@ -71,6 +74,14 @@ template <>
 struct layer_of<CompActKept> {
   using type = activation::Linear<activation::CompAct>;
   static type make() { return type("layer", kIn, kOut, {.ratio = 0.25, .keep_matrix = true}); }
+};
+
+template <>
+struct layer_of<CompActCount> {
+  using type = activation::Linear<activation::CompAct>;
+  static type make() {
+    return type("layer", kIn, kOut, {.ratio = 0.25, .sketch = transforms::Sketch::count});
+  }
 };
 
 template <class Layer>
@@ -120,8 +131,10 @@ SLIMGRAD_ACTIVATION_BENCH(activation_forward, activation::None, "exact");
 SLIMGRAD_ACTIVATION_BENCH(activation_forward, activation::VeLoRA, "velora_d16");
 SLIMGRAD_ACTIVATION_BENCH(activation_forward, activation::CompAct, "compact_r1024");
 SLIMGRAD_ACTIVATION_BENCH(activation_forward, CompActKept, "compact_r1024_kept");
+SLIMGRAD_ACTIVATION_BENCH(activation_forward, CompActCount, "compact_r1024_count");
 SLIMGRAD_ACTIVATION_BENCH(activation_backward, activation::None, "exact");
 SLIMGRAD_ACTIVATION_BENCH(activation_backward, activation::VeLoRA, "velora_d16");
 SLIMGRAD_ACTIVATION_BENCH(activation_backward, activation::CompAct, "compact_r1024");
+SLIMGRAD_ACTIVATION_BENCH(activation_backward, CompActCount, "compact_r1024_count");
 
 }  // namespace

@@ -55,6 +55,20 @@ std::vector<double> exact_grad(const Mat& dy, const Mat& x) {
   return g;
 }
 
+// A count sketch's P (r×n) written from its definition (transforms/compact_projection.hpp):
+// column j reads Philox block j of the layer's key; row = the high half of v0·r, sign = v1's bit.
+cpu::RowMatrix count_sketch_matrix(std::string_view name, index_t n, index_t r, std::uint64_t seed,
+                                   std::uint32_t epoch) {
+  cpu::RowMatrix p = cpu::RowMatrix::Zero(r, n);
+  const random::Key key{seed, tensor_id(name), epoch};
+  for (index_t j = 0; j < n; ++j) {
+    const random::Block4 b = random::block_bits(key, static_cast<std::uint64_t>(j));
+    const auto row = (static_cast<std::uint64_t>(b.v[0]) * static_cast<std::uint64_t>(r)) >> 32;
+    p(static_cast<index_t>(row), j) = (b.v[1] & 1u) != 0 ? -1.0f : 1.0f;
+  }
+  return p;
+}
+
 template <class Codec>
 void check_exact_parts(const typename Codec::Options& o) {
   const index_t tokens = 12, n = 16, m = 10;
@@ -271,7 +285,9 @@ TEST_CASE("compact: dW is G Pᵀ for RandomProjection's P of the same (seed, nam
   CHECK(a != d);
 }
 
-TEST_CASE("compact: G Pᵀ P is unbiased; the error of the mean shrinks like 1/sqrt(#seeds)") {
+namespace {
+// Averages Ĝ P over many seeds; the mean must approach G with an error ∝ 1/sqrt(#seeds).
+void check_unbiased(transforms::Sketch sketch) {
   const index_t tokens = 6, n = 32, m = 8, r = 8;
   const Mat x = gaussian(tokens, n, 61), w = gaussian(m, n, 62), dy = gaussian(tokens, m, 63);
   const std::vector<double> g = exact_grad(dy, x);
@@ -291,7 +307,8 @@ TEST_CASE("compact: G Pᵀ P is unbiased; the error of the mean shrinks like 1/s
   int done = 0;
   for (int target : {64, 256, 1024}) {
     for (; done < target; ++done) {
-      Linear<CompAct> layer("u", n, m, {.rank = r, .seed = static_cast<std::uint64_t>(done)});
+      Linear<CompAct> layer(
+          "u", n, m, {.rank = r, .seed = static_cast<std::uint64_t>(done), .sketch = sketch});
       Mat y(tokens, m), dw(m, r);
       layer.forward(x.cview(), w.cview(), {}, y.view());
       layer.backward(dy.cview(), w.cview(), {}, dw.view(), {});
@@ -314,6 +331,14 @@ TEST_CASE("compact: G Pᵀ P is unbiased; the error of the mean shrinks like 1/s
   CHECK(errors[1] / errors[0] == doctest::Approx(0.5).epsilon(0.25));
   CHECK(errors[2] / errors[1] == doctest::Approx(0.5).epsilon(0.25));
   CHECK(errors[2] < 0.1);
+}
+}  // namespace
+
+TEST_CASE("compact: G Pᵀ P is unbiased; the error of the mean shrinks like 1/sqrt(#seeds)") {
+  for (auto sketch : {transforms::Sketch::gaussian, transforms::Sketch::count}) {
+    CAPTURE(static_cast<int>(sketch));
+    check_unbiased(sketch);
+  }
 }
 
 TEST_CASE("linear: micro-batches accumulate to the full batch's gradients") {
@@ -372,6 +397,9 @@ TEST_CASE("linear: bad input is refused with a sentence and nothing changed") {
                        doctest::Contains("rank 0 is out of range"), Error);
   CHECK_THROWS_AS(Linear<CompAct>("c", n, m, {.rank = -1}), Error);
   CHECK_THROWS_AS(Linear<CompAct>("c", n, m, {.update_gap = 0}), Error);
+  CHECK_THROWS_WITH_AS(
+      Linear<CompAct>("c", n, m, {.keep_matrix = true, .sketch = transforms::Sketch::count}),
+      doctest::Contains("keep_matrix applies to the gaussian sketch only"), Error);
   CHECK_THROWS_AS(Linear<None>("x", 0, m), Error);
 
   Linear<CompAct> layer("c", n, m, {.rank = 3});
@@ -508,4 +536,83 @@ TEST_CASE("linear: the codec state resumes VeLoRA's v; bad state refused, nothin
   activation::AnyLinear any("v", n, m, s);
   any.load_codec_state(saved);
   CHECK(any.codec_state() == saved);
+}
+
+TEST_CASE("compact count sketch: one ±1 per column from Philox; Z, Ĝ and N P against loops") {
+  using Projection = impl<transforms::CompactProjection, backend::cpu>;
+  const index_t tokens = 14, n = 40, m = 9, r = 6, gap = 3;
+  const std::string name = "layers.2.mlp.up_proj";
+  Linear<CompAct> layer(
+      name, n, m, {.rank = r, .update_gap = gap, .seed = 42, .sketch = transforms::Sketch::count});
+  const Mat w = gaussian(m, n, 52);
+  for (index_t step : {0, 2, 3, 7}) {
+    layer.set_step(step);
+    const auto epoch = static_cast<std::uint32_t>(step / gap);
+    const cpu::RowMatrix p = count_sketch_matrix(name, n, r, 42, epoch);
+    cpu::RowMatrix generated;
+    layer.codec().projection().generate(layer.codec().state(), generated);
+    CHECK(generated == p);
+    const Mat x = gaussian(tokens, n, 151 + static_cast<std::uint64_t>(step)),
+              dy = gaussian(tokens, m, 153);
+    Mat y(tokens, m), dw(m, r);
+    layer.forward(x.cview(), w.cview(), {}, y.view());
+    CHECK(layer.saved_bytes() == static_cast<std::size_t>(tokens * r) * sizeof(float));
+    layer.backward(dy.cview(), w.cview(), {}, dw.view(), {});
+    const std::vector<double> g = exact_grad(dy, x);
+    std::vector<double> ref(static_cast<std::size_t>(m * r), 0.0);
+    for (index_t i = 0; i < m; ++i)
+      for (index_t k = 0; k < r; ++k)
+        for (index_t j = 0; j < n; ++j)
+          ref[static_cast<std::size_t>(i * r + k)] +=
+              g[static_cast<std::size_t>(i * n + j)] * double(p(k, j));
+    CHECK(rel_err(dw, ref) < 1e-5);
+  }
+  // The optimizer's side: N P is a signed gather (exact), G Pᵀ a scatter-add in column order.
+  Projection proj({.rank = r, .update_gap = gap, .seed = 42, .sketch = transforms::Sketch::count});
+  auto s = proj.init({m, n}, tensor_id(name));
+  std::vector<float> unused(static_cast<std::size_t>(m * n));
+  proj.refresh(s, host_view(static_cast<const float*>(unused.data()), m, n), 3);  // epoch 1
+  const cpu::RowMatrix p = count_sketch_matrix(name, n, r, 42, 1);
+  const Mat coeffs = gaussian(m, r, 9), g = gaussian(m, n, 10);
+  Mat back(m, n), forward(m, r);
+  proj.inverse(s, coeffs.cview(), back.view());
+  proj.forward(s, g.cview(), forward.view());
+  bool exact = true;
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < n; ++j) {
+      float want = 0.0f;
+      for (index_t k = 0; k < r; ++k)
+        want += p(k, j) != 0.0f ? p(k, j) * coeffs(i, k) : 0.0f;
+      exact = exact && back(i, j) == want;
+    }
+  CHECK(exact);
+  std::vector<double> ref(static_cast<std::size_t>(m * r), 0.0);
+  for (index_t i = 0; i < m; ++i)
+    for (index_t k = 0; k < r; ++k)
+      for (index_t j = 0; j < n; ++j)
+        ref[static_cast<std::size_t>(i * r + k)] += double(g(i, j)) * double(p(k, j));
+  CHECK(rel_err(forward, ref) < 1e-6);
+  CHECK(proj.state_bytes({m, n}) == 16);  // the seed and the epoch: P is never held
+  CHECK(proj.workspace_bytes() ==
+        static_cast<std::size_t>(n) * sizeof(transforms::CompactProjection::CountEntry));
+  CHECK_THROWS_WITH_AS(Projection({.keep_matrix = true, .sketch = transforms::Sketch::count}),
+                       doctest::Contains("keep_matrix applies to the gaussian sketch only"), Error);
+
+  // The rows are spread evenly and the signs balanced (n = 4096 columns into r = 1024 rows: 4 per
+  // row on average, about 1024·e⁻⁴ ≈ 19 empty rows; 2048 ± 32 negative signs).
+  const cpu::RowMatrix big = count_sketch_matrix("big", 4096, 1024, 7, 0);
+  int empty = 0, fullest = 0, negative = 0;
+  for (index_t k = 0; k < big.rows(); ++k) {
+    int in_row = 0;
+    for (index_t j = 0; j < big.cols(); ++j) {
+      in_row += big(k, j) != 0.0f;
+      negative += big(k, j) < 0.0f;
+    }
+    empty += in_row == 0;
+    fullest = std::max(fullest, in_row);
+  }
+  CHECK(empty >= 5);
+  CHECK(empty <= 40);
+  CHECK(fullest <= 16);
+  CHECK(std::abs(negative - 2048) <= 160);
 }

@@ -53,6 +53,11 @@ struct enum_names<ProjType> {
       {ProjType::right, "right"}};
 };
 template <>
+struct enum_names<transforms::Sketch> {
+  static constexpr std::pair<transforms::Sketch, const char*> values[] = {
+      {transforms::Sketch::gaussian, "gaussian"}, {transforms::Sketch::count, "count"}};
+};
+template <>
 struct enum_names<transforms::SvdMethod> {
   static constexpr std::pair<transforms::SvdMethod, const char*> values[] = {
       {transforms::SvdMethod::exact, "exact"}, {transforms::SvdMethod::randomized, "randomized"}};
@@ -137,6 +142,7 @@ void visit(transforms::CompactProjection::Options& o, V&& v) {
   v("update_gap", o.update_gap);
   v("seed", o.seed);
   v("keep_matrix", o.keep_matrix);
+  v("sketch", o.sketch);
 }
 template <class V>
 void visit(transforms::SvdProjection::Options& o, V&& v) {

@@ -3,12 +3,15 @@
 // The matrix is RandomProjection's (right side, rank resolved per tensor, the same key and
 // stddev), so the bits are RandomProjection's for the same (seed, tensor id, epoch). Unless
 // keep_matrix holds P, products with P are computed tile by tile (tile_rows rows of P at a time,
-// regenerated in parallel), so no r×n matrix is ever held.
+// regenerated in parallel), so no r×n matrix is ever held. A CountSketch (Sketch::count) is never
+// a matrix: its n (row, sign) pairs are regenerated per call, A Pᵀ is a scatter-add of each row of
+// A (in column order, so every run sums in the same order) and N P a signed gather.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "../../core/concepts.hpp"
 #include "../../transforms/compact_projection.hpp"
@@ -37,6 +40,9 @@ struct impl<transforms::CompactProjection, backend::cpu> {
             "compact projection: ratio must be finite and > 0 when rank is 0");
     require(o.update_gap >= 1, "compact projection: update_gap must be at least 1, got " +
                                    std::to_string(o.update_gap));
+    require(!(o.keep_matrix && o.sketch == transforms::Sketch::count),
+            "compact projection: keep_matrix applies to the gaussian sketch only (a count sketch "
+            "is regenerated in n Philox calls)");
   }
 
   /// The rank for a tensor of shape g; throws unless 1 <= r < n (r = n would compress nothing
@@ -103,6 +109,16 @@ struct impl<transforms::CompactProjection, backend::cpu> {
     check_ready(s);
     cpu::require_shape(coeffs, Shape{s.shape.rows, s.rank}, "compact projection coefficients");
     cpu::require_shape(out, s.shape, "compact projection output");
+    if (options.sketch == transforms::Sketch::count) {
+      const auto& col = count_columns(s);
+      cpu::parallel_for(out.rows, out.cols, [&](index_t i) {
+        const float* n = coeffs.row(i);
+        float* o = out.row(i);
+        for (index_t j = 0; j < out.cols; ++j)
+          o[j] = col[static_cast<std::size_t>(j)].sign * n[col[static_cast<std::size_t>(j)].row];
+      });
+      return;
+    }
     for_each_tile(s, [&](index_t r0, const cpu::ConstMapMatrix& p) {
       const auto n = cpu::as_eigen(coeffs).middleCols(r0, p.rows());
       if (r0 == 0)
@@ -114,6 +130,17 @@ struct impl<transforms::CompactProjection, backend::cpu> {
 
   /// out = A Pᵀ for any A with n columns (the activation codec's Z = X Pᵀ). No checks.
   void times_transpose(const State& s, HostView<const float> a, HostView<float> out) {
+    if (options.sketch == transforms::Sketch::count) {
+      const auto& col = count_columns(s);
+      cpu::parallel_for(a.rows, a.cols * 2, [&](index_t t) {
+        const float* x = a.row(t);
+        float* o = out.row(t);
+        std::fill(o, o + out.cols, 0.0f);
+        for (index_t j = 0; j < a.cols; ++j)
+          o[col[static_cast<std::size_t>(j)].row] += col[static_cast<std::size_t>(j)].sign * x[j];
+      });
+      return;
+    }
     for_each_tile(s, [&](index_t r0, const cpu::ConstMapMatrix& p) {
       cpu::as_eigen(out).middleCols(r0, p.rows()).noalias() = cpu::as_eigen(a) * p.transpose();
     });
@@ -124,16 +151,38 @@ struct impl<transforms::CompactProjection, backend::cpu> {
   }
 
   /// Writes P (r×n) of the current epoch into `out`.
-  void generate(const State& s, cpu::RowMatrix& out) const { random(s).generate(s, out); }
+  void generate(const State& s, cpu::RowMatrix& out) const {
+    if (options.sketch == transforms::Sketch::gaussian) return random(s).generate(s, out);
+    out.setZero(s.rank, s.shape.cols);
+    const random::Key k = key(s);
+    for (index_t j = 0; j < s.shape.cols; ++j) {
+      const auto e = Policy::count_entry(k, s.rank, static_cast<std::uint64_t>(j));
+      out(e.row, j) = e.sign;
+    }
+  }
 
   /// Rows of P regenerated per tile when P is not kept.
   static constexpr index_t tile_rows = 128;
 
-  /// Bytes of the tile buffer held now (reused between calls).
-  std::size_t workspace_bytes() const { return static_cast<std::size_t>(tile_.size()) * 4; }
+  /// Bytes of the tile buffer (or the count sketch's column table) held now, reused by calls.
+  std::size_t workspace_bytes() const {
+    return static_cast<std::size_t>(tile_.size()) * sizeof(float) +
+           columns_.size() * sizeof(Policy::CountEntry);
+  }
 
  private:
-  cpu::RowMatrix tile_;  // tile_rows × n rows of P when keep_matrix is off
+  cpu::RowMatrix tile_;                      // tile_rows × n rows of a Gaussian P
+  std::vector<Policy::CountEntry> columns_;  // a count sketch's (row, sign) per column
+
+  // The count sketch's column table for state's epoch (n Philox blocks; cheap next to any use).
+  const std::vector<Policy::CountEntry>& count_columns(const State& s) {
+    const random::Key k = key(s);
+    columns_.resize(static_cast<std::size_t>(s.shape.cols));
+    for (index_t j = 0; j < s.shape.cols; ++j)
+      columns_[static_cast<std::size_t>(j)] =
+          Policy::count_entry(k, s.rank, static_cast<std::uint64_t>(j));
+    return columns_;
+  }
 
   // f(r0, rows [r0, r0 + t) of P) over all of P: the kept matrix at once, or regenerated tiles.
   template <class F>

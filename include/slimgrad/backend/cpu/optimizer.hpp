@@ -189,11 +189,18 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     if (residual_options_for(name).limiter_gamma > 0) bytes += sizeof(float);
     return bytes;
   }
-  /// Bytes of the reusable workspace held now.
+  /// Bytes of the reusable workspace held now (the optimizer's and the transforms', e.g. the
+  /// tile of a regenerated projection).
   std::size_t workspace_bytes() const {
-    return (coeffs_.capacity() + raw_.capacity() + denom_.capacity() + update_.capacity() +
-            extra_.capacity() + rotation_.capacity()) *
-           sizeof(float);
+    std::size_t bytes = (coeffs_.capacity() + raw_.capacity() + denom_.capacity() +
+                         update_.capacity() + extra_.capacity() + rotation_.capacity()) *
+                        sizeof(float);
+    if constexpr (requires { transform_.workspace_bytes(); }) {
+      bytes += transform_.workspace_bytes();
+      for (const auto& [name, slot] : slots_)
+        if (slot.own_transform) bytes += slot.own_transform->workspace_bytes();
+    }
+    return bytes;
   }
 
   /// Number of steps a parameter has taken (0 if unknown).

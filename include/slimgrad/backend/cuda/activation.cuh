@@ -168,6 +168,9 @@ struct LinearDims {
               "compact projection: ratio must be finite and > 0 when rank is 0");
       require(o.update_gap >= 1, "compact projection: update_gap must be at least 1, got " +
                                      std::to_string(o.update_gap));
+      require(o.sketch == transforms::Sketch::gaussian,
+              "compact projection: the CUDA layer has the gaussian sketch only (sketch=count runs "
+              "on the CPU backend)");
       rank = transforms::CompactProjection::rank_for(in, o);
       require(rank >= 1 && rank < in, "compact projection: rank " + std::to_string(rank) +
                                           " is out of range for in_features " + std::to_string(in) +
