@@ -123,6 +123,74 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// CompAct's count sketch (transforms::CompactProjection, Sketch::count). Z(t, c) is the sum of
+// ±X(t, j) over the columns j that the sketch sends to row c, in increasing j: the CPU's
+// scatter-add order, so Z has the CPU's bits. Per epoch the columns are sorted into their rows
+// (a stable bucket list: offsets r+1, members n, each member j or ~j for a negative sign) by
+// three small kernels; a forward then reads each bucket's list.
+
+/// packed[j] = 2·row(j) + (sign(j) < 0).
+__global__ void __launch_bounds__(256)
+    count_entries_kernel(random::Key key, index_t rank, index_t n, std::int32_t* packed) {
+  for (index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+       j += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto e =
+        transforms::CompactProjection::count_entry(key, rank, static_cast<std::uint64_t>(j));
+    packed[j] = static_cast<std::int32_t>(2 * e.row + (e.sign < 0 ? 1 : 0));
+  }
+}
+
+/// offsets[c + 1] = the number of columns in row c (offsets[0] = 0), by one thread per row.
+__global__ void __launch_bounds__(256)
+    count_sizes_kernel(const std::int32_t* __restrict__ packed, index_t n, index_t rank,
+                       std::int32_t* offsets) {
+  const index_t c = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c == 0) offsets[0] = 0;
+  if (c >= rank) return;
+  std::int32_t size = 0;
+  for (index_t j = 0; j < n; ++j)
+    size += (packed[j] >> 1) == c;
+  offsets[c + 1] = size;
+}
+
+/// The running sum of the sizes (one thread: r additions, once per epoch).
+__global__ void count_scan_kernel(index_t rank, std::int32_t* offsets) {
+  for (index_t c = 1; c <= rank; ++c)
+    offsets[c] += offsets[c - 1];
+}
+
+/// members[offsets[c] ...]: row c's columns in increasing order, ~j where the sign is negative.
+__global__ void __launch_bounds__(256)
+    count_members_kernel(const std::int32_t* __restrict__ packed, index_t n, index_t rank,
+                         const std::int32_t* __restrict__ offsets, std::int32_t* members) {
+  const index_t c = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= rank) return;
+  std::int32_t at = offsets[c];
+  for (index_t j = 0; j < n; ++j)
+    if ((packed[j] >> 1) == c)
+      members[at++] =
+          (packed[j] & 1) != 0 ? ~static_cast<std::int32_t>(j) : static_cast<std::int32_t>(j);
+}
+
+/// Z(t, c) = Σ ±X(t, j) over row c's members, in their order.
+__global__ void __launch_bounds__(256)
+    count_sketch_kernel(DeviceView<const float> x, index_t rank,
+                        const std::int32_t* __restrict__ offsets,
+                        const std::int32_t* __restrict__ members, float* __restrict__ z) {
+  const index_t total = x.rows * rank;
+  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t t = e / rank, c = e % rank;
+    const float* row = x.row(t);
+    float acc = 0.0f;
+    for (std::int32_t i = offsets[c]; i < offsets[c + 1]; ++i) {
+      const std::int32_t j = members[i];
+      acc += j >= 0 ? row[j] : -row[~j];
+    }
+    z[e] = acc;
+  }
+}
+
 inline unsigned grid_for(index_t n, unsigned threads) {
   const index_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(std::min<index_t>(std::max<index_t>(blocks, 1), 65536));
@@ -144,6 +212,7 @@ struct LinearRegions {
   double* sum = nullptr;
   float* h = nullptr;
   float* p = nullptr;
+  std::int32_t* sketch = nullptr;  // count sketch: packed (n), offsets (r + 1), members (n)
   std::size_t bytes = 0;
 };
 
@@ -168,9 +237,9 @@ struct LinearDims {
               "compact projection: ratio must be finite and > 0 when rank is 0");
       require(o.update_gap >= 1, "compact projection: update_gap must be at least 1, got " +
                                      std::to_string(o.update_gap));
-      require(o.sketch == transforms::Sketch::gaussian,
-              "compact projection: the CUDA layer has the gaussian sketch only (sketch=count runs "
-              "on the CPU backend)");
+      require(!(o.keep_matrix && o.sketch == transforms::Sketch::count),
+              "compact projection: keep_matrix applies to the gaussian sketch only (a count sketch "
+              "is regenerated in n Philox calls)");
       rank = transforms::CompactProjection::rank_for(in, o);
       require(rank >= 1 && rank < in, "compact projection: rank " + std::to_string(rank) +
                                           " is out of range for in_features " + std::to_string(in) +
@@ -202,7 +271,10 @@ LinearRegions carve_linear(void* base, index_t in, index_t out, index_t max_toke
     r.sum = c.take<double>(static_cast<std::size_t>(dims.d));
     r.h = c.take<float>(static_cast<std::size_t>(out * dims.saved_cols));
   } else if constexpr (is_compact<Codec>) {
-    r.p = c.take<float>(static_cast<std::size_t>(dims.rank * in));
+    if (o.codec.sketch == transforms::Sketch::count)
+      r.sketch = c.take<std::int32_t>(static_cast<std::size_t>(2 * in + dims.rank + 1));
+    else
+      r.p = c.take<float>(static_cast<std::size_t>(dims.rank * in));
   }
   r.bytes = c.bytes();
   return r;
@@ -240,6 +312,7 @@ Linear<Codec>::Linear(std::string_view name, index_t in_features, index_t out_fe
   ones_ = r.ones;
   h_ = r.h;
   p_ = r.p;
+  sketch_ = r.sketch;
   if constexpr (detail::is_velora<Codec>) {
     state_bytes_ = static_cast<std::size_t>(d_) * sizeof(float);
     // The CPU's placeholder, uploaded (a pageable copy: the host vector may go once it returns).
@@ -250,7 +323,10 @@ Linear<Codec>::Linear(std::string_view name, index_t in_features, index_t out_fe
         "cudaMemcpyAsync");
     detail::check(cudaMemsetAsync(flag_, 0, sizeof(std::int32_t), stream), "cudaMemsetAsync");
   } else if constexpr (detail::is_compact<Codec>) {
-    state_bytes_ = 16 + static_cast<std::size_t>(dims.rank * in_features) * sizeof(float);
+    const index_t held = options.codec.sketch == transforms::Sketch::count
+                             ? 2 * in_features + dims.rank + 1  // the bucket lists (int32)
+                             : dims.rank * in_features;         // P
+    state_bytes_ = 16 + static_cast<std::size_t>(held) * 4;
   }
   detail::fill_kernel<<<detail::grid_for(max_tokens, 256), 256, 0, stream>>>(r.ones, max_tokens,
                                                                              1.0f);
@@ -343,19 +419,39 @@ void Linear<Codec>::forward(DeviceView<const float> x, DeviceView<const float> w
     detail::check_launch("cuda::Linear: velora projection");
   } else if constexpr (detail::is_compact<Codec>) {
     const index_t r = saved_cols_;
+    const random::Key key{options_.codec.seed, tensor_id(name_), epoch_};
+    const bool count = options_.codec.sketch == transforms::Sketch::count;
+    std::int32_t* const packed = sketch_;
+    std::int32_t* const offsets = sketch_ + n;
+    std::int32_t* const members = sketch_ + n + r + 1;
     if (!p_ready_ || p_epoch_ != epoch_) {
-      fill_gaussian(device_view(p_, r, n),
-                    random::Key{options_.codec.seed, tensor_id(name_), epoch_},
-                    transforms::RandomProjection::stddev(r), stream);
+      if (count) {
+        detail::count_entries_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(key, r, n,
+                                                                                   packed);
+        detail::count_sizes_kernel<<<detail::grid_for(r, 256), 256, 0, stream>>>(packed, n, r,
+                                                                                 offsets);
+        detail::count_scan_kernel<<<1, 1, 0, stream>>>(r, offsets);
+        detail::count_members_kernel<<<detail::grid_for(r, 256), 256, 0, stream>>>(
+            packed, n, r, offsets, members);
+        detail::check_launch("cuda::Linear: count sketch");
+      } else {
+        fill_gaussian(device_view(p_, r, n), key, transforms::RandomProjection::stddev(r), stream);
+      }
       p_epoch_ = epoch_;
       p_ready_ = true;
     }
-    const float one = 1.0f, zero = 0.0f;
-    detail::check_cublas(
-        cublasSgemm(options_.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r),
-                    static_cast<int>(x.rows), static_cast<int>(n), &one, p_, static_cast<int>(n),
-                    x.data, detail::blas_ld(x), &zero, saved_, static_cast<int>(r)),
-        "cublasSgemm (Z = X Pᵀ)");
+    if (count) {
+      detail::count_sketch_kernel<<<detail::grid_for(x.rows * r, 256), 256, 0, stream>>>(
+          x, r, offsets, members, saved_);
+      detail::check_launch("cuda::Linear: Z = X Pᵀ (count sketch)");
+    } else {
+      const float one = 1.0f, zero = 0.0f;
+      detail::check_cublas(
+          cublasSgemm(options_.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r),
+                      static_cast<int>(x.rows), static_cast<int>(n), &one, p_, static_cast<int>(n),
+                      x.data, detail::blas_ld(x), &zero, saved_, static_cast<int>(r)),
+          "cublasSgemm (Z = X Pᵀ)");
+    }
   } else {
     detail::check(
         cudaMemcpy2DAsync(saved_, static_cast<std::size_t>(n) * sizeof(float), x.data,

@@ -8,20 +8,22 @@
 //
 // Memory and streams belong to the caller. workspace_bytes(in, out, max_tokens, options) says
 // how much device memory the layer needs: the saved activation of up to max_tokens tokens, the
-// codec's state (VeLoRA's v and its flag; CompAct's P, r × n floats, regenerated on the device
-// when the epoch changes), the codec's scratch and the cuBLAS workspace. The constructor takes
-// that buffer and a stream and only enqueues asynchronous work (VeLoRA's placeholder v).
-// forward() and backward() validate their arguments on the host (slimgrad::Error, nothing
-// enqueued), then enqueue cuBLAS GEMMs and a few kernels on the caller's stream: no allocation,
-// no host synchronisation, so a step can be captured in a CUDA graph. What a capture freezes is
-// host state: the token count and, for CompAct, whether P is regenerated (a forward captured
-// right after set_step() into a new epoch regenerates P on every replay; one captured later does
-// not), so capture again when CompAct's epoch changes (every update_gap steps).
+// codec's state (VeLoRA's v and its flag; CompAct's P, r × n floats, or the count sketch's bucket
+// lists, 2n + r + 1 ints, regenerated on the device when the epoch changes), the codec's scratch
+// and the cuBLAS workspace. The constructor takes that buffer and a stream and only enqueues
+// asynchronous work (VeLoRA's placeholder v). forward() and backward() validate their arguments on
+// the host (slimgrad::Error, nothing enqueued), then enqueue cuBLAS GEMMs and a few kernels on the
+// caller's stream: no allocation, no host synchronisation, so a step can be captured in a CUDA
+// graph. What a capture freezes is host state: the token count and, for CompAct, whether P is
+// regenerated (a forward captured right after set_step() into a new epoch regenerates P on every
+// replay; one captured later does not), so capture again when CompAct's epoch changes (every
+// update_gap steps).
 //
 //   forward    Y = X Wᵀ (+ b), exact (cuBLAS), and saved = the codec's compressed X:
 //              None: X; VeLoRA: z = per-sub-token projections on v (v first set from the batch,
 //              batch_average_once, in the CPU's summation order: the same bits); CompAct:
-//              Z = X Pᵀ, P the CPU's Philox matrix (bit-identical).
+//              Z = X Pᵀ, P the CPU's Philox matrix (bit-identical); with the count sketch a
+//              gather per bucket in the CPU's order (Z bit-identical too).
 //   backward   dX = dY W (or +=), db += Σ dY, dW += the codec's weight gradient from what was
 //              saved: dYᵀ X (None), s·(dYᵀ Z) ⊗ v (VeLoRA, out × in), dYᵀ Z (CompAct, out × r).
 //
@@ -124,7 +126,8 @@ class Linear {
   /// (checkpoints, not steps). A checkpoint resumes on either backend.
   std::vector<float> codec_state() const;
   void load_codec_state(std::span<const float> state);
-  /// CompAct: P (r × n, device) of the last generated epoch; null for the others.
+  /// CompAct: P (r × n, device) of the last generated epoch; null for the others and for the
+  /// count sketch (which keeps bucket lists instead).
   const float* projection() const { return p_; }
 
  private:
@@ -134,13 +137,14 @@ class Linear {
   Options options_;
   bool own_cublas_ = false;
   float* saved_ = nullptr;
-  float* v_ = nullptr;            // VeLoRA: v (D' floats)
-  std::int32_t* flag_ = nullptr;  // VeLoRA: 1 once a batch has set v
-  double* partial_ = nullptr;     // VeLoRA: the initialisation's chunk sums
-  double* sum_ = nullptr;         // VeLoRA: their totals (D' doubles)
-  float* ones_ = nullptr;         // max_tokens ones: db = dYᵀ·1
-  float* h_ = nullptr;            // VeLoRA: H = dYᵀ Z (out × G)
-  float* p_ = nullptr;            // CompAct: P
+  float* v_ = nullptr;              // VeLoRA: v (D' floats)
+  std::int32_t* flag_ = nullptr;    // VeLoRA: 1 once a batch has set v
+  double* partial_ = nullptr;       // VeLoRA: the initialisation's chunk sums
+  double* sum_ = nullptr;           // VeLoRA: their totals (D' doubles)
+  float* ones_ = nullptr;           // max_tokens ones: db = dYᵀ·1
+  float* h_ = nullptr;              // VeLoRA: H = dYᵀ Z (out × G)
+  float* p_ = nullptr;              // CompAct: P (gaussian sketch)
+  std::int32_t* sketch_ = nullptr;  // CompAct: the count sketch's bucket lists
   void* cublas_ws_ = nullptr;
   std::uint32_t epoch_ = 0, p_epoch_ = 0;
   bool p_ready_ = false;
