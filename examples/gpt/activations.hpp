@@ -7,8 +7,8 @@
 //            of `subtoken` features (default 8, so the saved input shrinks 8×), v from the first
 //            training batch, `scale` 1; v is saved in checkpoints, so resume stays bit-exact.
 //   compact  CompAct on every projection but attn.o_proj (the paper keeps o_proj exact), with the
-//            `compact` recipe's projection settings (ratio 1/4, T, seed: `--set`), so that codec
-//            and optimizer regenerate the same P; the weight gradients are m×r and go to the
+//            `compact` recipe's projection settings (ratio 1/4, T, seed, sketch: `--set`), so that
+//            codec and optimizer regenerate the same P; the weight gradients are m×r and go to the
 //            recipe as they are. Needs `--optimizer compact`.
 #pragma once
 
@@ -94,6 +94,8 @@ inline void configure_activations(Model<float>& model, const std::string& kind,
     s.compact.update_gap = std::stol(get("update_gap"));
     s.compact.seed = std::stoull(get("seed"));
     s.compact.keep_matrix = get("keep_matrix") == "true";
+    s.compact.sketch = get("sketch") == "count" ? slimgrad::transforms::Sketch::count
+                                                : slimgrad::transforms::Sketch::gaussian;
   }
   for (const std::string& text : settings) {
     const auto eq = text.find('=');
