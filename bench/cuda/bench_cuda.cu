@@ -128,11 +128,12 @@ void* sg_gwt_create(int precision, int check_finite, double gamma, double scale,
 
 /// GaLore (subtrack = 0) or SubTrack-Grad (subtrack = 1) on fp32 tensors: rank, T, HF-Adam;
 /// method 0 exact, 1 randomized (GaLore's refresh; SubTrack's first SVD); eta: SubTrack's η;
-/// refresh_batch: tensors per batched eigensolver call of the randomized refresh.
+/// refresh_batch: tensors per batched eigensolver call of the randomized refresh; limiter > 0:
+/// SubTrack++'s recovery scaling with that limiter γ.
 void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, double eta,
-                        int lanes, int batched, int refresh_batch, int n, void** w, void** g,
-                        const long* rows, const long* cols, double lr, double b1, double b2,
-                        double eps, double wd, double scale) {
+                        int lanes, int batched, int refresh_batch, double limiter, int n, void** w,
+                        void** g, const long* rows, const long* cols, double lr, double b1,
+                        double b2, double eps, double wd, double scale) {
   try {
     const auto t = tensors_of(n, w, g, nullptr, rows, cols);
     auto fill = [&](auto& o, auto& svd) {
@@ -141,6 +142,8 @@ void* sg_lowrank_create(int subtrack, int method, int tf32, int rank, int gap, d
       o.lanes = lanes;
       o.batched = batched != 0;
       o.refresh_batch = refresh_batch;
+      o.recovery_scaling = limiter > 0;
+      o.limiter_gamma = limiter;
       o.scale = scale;
       o.transform.rank = rank;
       o.transform.update_gap = gap;

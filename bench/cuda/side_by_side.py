@@ -63,10 +63,10 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
     print(f"low-rank steady step: {flops / 1e12:.2f} TFLOP of GEMMs per step", flush=True)
 
     def one(name, subtrack, method, tf32, refresh_reps=3, lanes=None, batched=1,
-            refresh_batch=None):
+            refresh_batch=None, limiter=0.0):
         h = lib.sg_lowrank_create(subtrack, method, tf32, args.rank, T, 10.0, lanes or args.lanes,
-                                  batched, refresh_batch or args.refresh_batch, n, W, G, R, K,
-                                  1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
+                                  batched, refresh_batch or args.refresh_batch, limiter, n, W, G,
+                                  R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0, 0.25)
         if not h:
             print(f"{name}: creation failed", flush=True)
             return None
@@ -99,6 +99,7 @@ def lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref):
         one("slimgrad galore r512 tf32 exact (syevd)", 0, 0, 1, refresh_reps=1)
     one("slimgrad subtrack r512 tf32", 1, 1, 1)
     one("slimgrad subtrack r512 tf32, 16 lanes", 1, 1, 1, lanes=16)
+    one("slimgrad subtrack++ r512 tf32 (recovery scaling, limiter 1.01)", 1, 1, 1, limiter=1.01)
     one("slimgrad subtrack r512 fp32", 1, 1, 0)
     torch.cuda.synchronize()
     if args.official_layers > 0:
@@ -187,7 +188,8 @@ def main():
     lib.sg_lowrank_create.restype = vp
     lib.sg_workspace_bytes.restype = ctypes.c_ulonglong
     lib.sg_workspace_bytes.argtypes = [vp]
-    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 4 +
+    lib.sg_lowrank_create.argtypes = ([ctypes.c_int] * 5 + [d] + [ctypes.c_int] * 3 + [d] +
+                                      [ctypes.c_int] +
                                       [pp, pp, lp, lp] + [d] * 6)
     lib.sg_refresh.argtypes = [vp, vp]
 

@@ -199,3 +199,15 @@ TEST_CASE("checkpoints cross backends: GaLore (a refresh on each backend, subspa
   o.fallback.min_size = 0;
   cross_case<recipes::GaLore>(o, 8);
 }
+
+TEST_CASE("checkpoints cross backends: SubTrack++ recovery scaling and its limiter") {
+  auto o = recipes::subtrack_options(true);
+  o.residual.projection_aware = false;  // not on the GPU
+  o.transform.rank = 8;
+  o.transform.update_gap = 2;  // tracking at k = 2 (CPU), 4 (GPU), 6 and 8 (CPU)
+  o.fallback.min_size = 0;
+  cross_case<recipes::SubTrack>(o, 8);
+  // The projection-aware moments are refused on the GPU, before anything happens.
+  using Gpu = recipes::SubTrack<backend::cuda>;
+  CHECK_THROWS_AS(static_cast<void>(Gpu(recipes::subtrack_options(true))), Error);
+}

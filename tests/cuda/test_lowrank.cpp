@@ -115,6 +115,7 @@ void compare_with_cpu(typename CpuOpt::Options co,
       const std::vector<float> m = field(f, names[k] + "/m"), v = field(f, names[k] + "/v");
       REQUIRE(m.size() == static_cast<std::size_t>(gpu.coeff_shape(ki).size()));
       gpu.write_moments(ki, m.data(), v.data());
+      if (go.limiter_gamma > 0) gpu.write_limiter(ki, field(f, names[k] + "/limiter")[0]);
     }
   }
   gpu.set_steps(1);
@@ -155,6 +156,11 @@ void compare_with_cpu(typename CpuOpt::Options co,
       std::vector<float> bg(bc.size());
       gpu.read_basis(ki, bg.data());
       CHECK(max_abs_diff(bg, bc) <= basis_tol);
+      if (go.limiter_gamma > 0) {
+        const float lc = field(f, names[k] + "/limiter")[0];
+        CHECK(lc > 0.0f);
+        CHECK(std::abs(gpu.read_limiter(ki) - lc) <= 1e-5f * lc);
+      }
     }
   }
   for (std::size_t k = 0; k < dims.size(); ++k)
@@ -213,6 +219,52 @@ TEST_CASE("cuda galore: torch-convention decay before the step, one GEMM per ten
   // The skip with one GEMM per tensor, and the decay before the step (the sink takes it).
   compare_with_cpu<recipes::GaLore<>, transforms::SvdProjection>(co, go, 5, 1.0f, 2e-6, 0.0,
                                                                  nullptr, 1);
+}
+
+TEST_CASE("cuda subtrack++: recovery scaling with its limiter matches the CPU") {
+  auto co = recipes::subtrack_options(true);
+  co.residual.projection_aware = false;  // not on the GPU
+  co.transform.rank = 8;
+  co.transform.update_gap = 2;  // tracking at k = 2 and k = 4
+  co.transform.eta = 5.0;
+  co.rule.weight_decay = 0.01;
+  co.fallback = {.min_dim = 1, .max_aspect = 1e9, .min_size = 0};
+  cuda::MultiTensorLowRank<transforms::Grassmann>::Options go;
+  go.rule = co.rule;
+  go.transform = co.transform;
+  go.scale = co.residual.scale;
+  go.recovery_scaling = true;
+  go.limiter_gamma = co.residual.limiter_gamma;
+  go.tf32 = false;
+  go.lanes = 2;
+  // Λ moves each weight by about lr·|Λ| ~ 1e-3 per step: a GPU without it misses by far more.
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 6, 0.05f, 2e-6, 2e-5);
+  // A NaN step skips tensor 1 (its limiter kept); the hf decay after the step.
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 6, 0.05f, 2e-6, 2e-5,
+                                                               nullptr, 3);
+  // GaLore with Fira-style recovery (the same residual on the SVD projection).
+  auto cg = recipes::galore_options();
+  cg.transform.rank = 8;
+  cg.transform.update_gap = 1000;
+  cg.fallback = co.fallback;
+  cuda::MultiTensorLowRank<transforms::SvdProjection>::Options gg;
+  gg.rule = cg.rule;
+  gg.transform = cg.transform;
+  gg.scale = cg.residual.scale;
+  gg.tf32 = false;
+  gg.lanes = 1;
+  gg.recovery_scaling = true;
+  gg.limiter_gamma = 1.01;
+  using Fira = Optimizer<optim::Adam, transforms::SvdProjection, state::Fp32, backend::cpu,
+                         residual::Recovery>;
+  Fira::Options fo;
+  fo.rule = cg.rule;
+  fo.transform = cg.transform;
+  fo.fallback = cg.fallback;
+  fo.residual.scale = cg.residual.scale;
+  fo.residual.recovery_scaling = true;
+  fo.residual.limiter_gamma = 1.01;
+  compare_with_cpu<Fira, transforms::SvdProjection>(fo, gg, 4, 0.05f, 2e-6, 0.0);
 }
 
 TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it match the CPU") {

@@ -248,7 +248,9 @@ class MultiTensorGwt {
 ///     host sync), u = −Bv/‖Bv‖, θ = ησ, rank-1 geodesic update), then Cholesky-QR (R with a
 ///     positive diagonal: the CPU's Householder Q) every reorth_every-th tracking step (counted
 ///     whether or not the step turned the basis).
-/// Not on the GPU yet: bf16 parameters, SubTrack++'s recovery scaling and moment rotation.
+/// SubTrack++'s recovery scaling with its limiter: Options::recovery_scaling (per tensor after
+/// the update GEMM: Λ from one more GEMM, φ from C and N, ‖Λ‖ and ρ on the device, W += −c·Λ/ρ).
+/// Not on the GPU yet: bf16 parameters, SubTrack++'s projection-aware moment rotation.
 template <class Transform>
 class MultiTensorLowRank {
  public:
@@ -266,6 +268,13 @@ class MultiTensorLowRank {
     /// ℓ×ℓ; the eigensolver's workspace, about 5ℓ² floats) is part of the workspace, so this
     /// trades memory for refresh time (the call's time is mostly per call).
     int refresh_batch = 64;
+    /// SubTrack++ / Fira recovery scaling (residual::Recovery, algorithms.md §2.3(b)): the
+    /// update adds Λ = (G − Expand(C)) ⊙ φ, φ = ‖N‖/(‖C‖ + 1e-8) per channel of the
+    /// non-projected side, divided by the norm-growth limiter's ρ: U = α·Expand(N) + NL(Λ).
+    /// Costs a coefficient-sized copy of C and one m×n buffer (the largest tensor) of
+    /// workspace, and per tensor one more GEMM and two passes over m×n.
+    bool recovery_scaling = false;
+    double limiter_gamma = 0.0;  ///< γ of the limiter on Λ (0: off; SubTrack++: 1.01)
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
@@ -306,6 +315,10 @@ class MultiTensorLowRank {
   void write_basis(index_t tensor, const float* host);
   void read_moments(index_t tensor, float* m, float* v) const;
   void write_moments(index_t tensor, const float* m, const float* v);
+  /// The limiter's remembered norm of Λ (recovery scaling with limiter_gamma > 0; −1: unset or
+  /// no limiter), as the CPU's checkpoint stores it.
+  float read_limiter(index_t tensor) const;
+  void write_limiter(index_t tensor, float norm);
 
   /// Robustness, as the CPU optimizer: a tensor whose gradient holds NaN or Inf is skipped by
   /// that step (weights, moments, basis and its own step count untouched; its later steps take

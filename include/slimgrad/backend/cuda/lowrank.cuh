@@ -29,6 +29,7 @@
 
 #include "../../core/orientation.hpp"
 #include "../../optim/adam.hpp"
+#include "../../optim/residual.hpp"
 #include "../../transforms/grassmann.hpp"
 #include "../../transforms/svd_projection.hpp"
 #include "blas.cuh"
@@ -461,6 +462,106 @@ __global__ void __launch_bounds__(256)
                : 0.0f;
 }
 
+// ---- SubTrack++ recovery scaling (residual::Recovery, algorithms.md §2.3(b)) -----------------
+
+/// φ per channel of the non-projected side: ‖N‖/(‖C‖ + 1e-8) over the rank, N = x / ratio (the
+/// Adam kernel's output carries a lagging tensor's step-size ratio; the CPU's N does not). Right
+/// side (coefficients m×r row-major): a warp per row; left (r×n): a thread per column.
+__global__ void __launch_bounds__(256)
+    recovery_phi_kernel(const float* __restrict__ x, const float* __restrict__ c, index_t channels,
+                        index_t r, bool left, const TensorScalars* __restrict__ ts,
+                        float* __restrict__ phi) {
+  const double ratio = static_cast<double>(ts->ratio);
+  if (left) {
+    const index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (j >= channels) return;
+    double nn = 0, cc = 0;
+    for (index_t i = 0; i < r; ++i) {
+      const double a = static_cast<double>(x[i * channels + j]) / ratio;
+      const double b = c[i * channels + j];
+      nn += a * a;
+      cc += b * b;
+    }
+    phi[j] = static_cast<float>(sqrt(nn) / (sqrt(cc) + 1e-8));
+    return;
+  }
+  const index_t i = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const unsigned lane = threadIdx.x & 31u;
+  if (i >= channels) return;  // whole warps leave together
+  double nn = 0, cc = 0;
+  for (index_t q = lane; q < r; q += 32) {
+    const double a = static_cast<double>(x[i * r + q]) / ratio;
+    const double b = c[i * r + q];
+    nn += a * a;
+    cc += b * b;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    nn += __shfl_xor_sync(0xffffffffu, nn, o);
+    cc += __shfl_xor_sync(0xffffffffu, cc, o);
+  }
+  if (lane == 0) phi[i] = static_cast<float>(sqrt(nn) / (sqrt(cc) + 1e-8));
+}
+
+/// Λ (rows×cols row-major) ⊙= φ (per row on the right, per column on the left), and
+/// norm2 += ‖Λ‖²_F (double; zeroed before).
+__global__ void __launch_bounds__(256)
+    recovery_scale_kernel(float* __restrict__ lam, const float* __restrict__ phi, index_t rows,
+                          index_t cols, bool left, double* __restrict__ norm2) {
+  __shared__ double part[8];
+  double s = 0;
+  const index_t n = rows * cols;
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const float v = lam[q] * phi[left ? q % cols : q / cols];
+    lam[q] = v;
+    s += static_cast<double>(v) * v;
+  }
+  for (int o = 16; o > 0; o >>= 1)
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w)
+      t += part[w];
+    atomicAdd(norm2, t);
+  }
+}
+
+/// One thread: the limiter divisor ρ of Λ (tensor k's remembered norm, as the CPU's limit()),
+/// and the factor of W += coef·Λ: the step of tensor k's own t with the convention's decay
+/// (the update GEMM already applied β to W): coef = −step·(decay unless before)·ratio / ρ. A
+/// skipped tensor keeps its limiter. ds: a graph replay's scalars.
+__global__ void recovery_limiter_kernel(const double* __restrict__ norm2,
+                                        float* __restrict__ limiter, double gamma,
+                                        const int* __restrict__ skip,
+                                        const TensorScalars* __restrict__ ts,
+                                        optim::WeightUpdate wu, const StepScalars* __restrict__ ds,
+                                        float* __restrict__ coef) {
+  if (threadIdx.x != 0) return;
+  if (*skip) {
+    *coef = 0.0f;
+    return;
+  }
+  if (ds != nullptr) wu = ds->adam.weight;
+  const float rho = static_cast<float>(residual::limiter_divisor(sqrt(*norm2), gamma, *limiter));
+  const double decay =
+      static_cast<double>(wu.decay_multiplier) * (1.0 + static_cast<double>(wu.decay_alpha));
+  const double step = -static_cast<double>(wu.step_size) * (wu.decay_before ? 1.0 : decay);
+  *coef = static_cast<float>(step * static_cast<double>(ts->ratio)) / rho;
+}
+
+/// W += coef·Λ over n floats, unless the tensor is skipped.
+__global__ void __launch_bounds__(256)
+    recovery_apply_kernel(float* __restrict__ w, const float* __restrict__ lam, index_t n,
+                          const float* __restrict__ coef, const int* __restrict__ skip) {
+  if (*skip) return;
+  const float a = *coef;
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x)
+    w[q] += a * lam[q];
+}
+
 /// Refresh scratch of one lane (internal stream): sized for the largest tensor.
 struct Lane {
   cudaStream_t stream = nullptr;
@@ -554,6 +655,15 @@ struct MultiTensorLowRank<Transform>::State {
   index_t* grad_counts = nullptr;
   float*** slots = nullptr;  // where each tensor's C pointer of the update GEMM lives
   float** weights = nullptr;
+  // Recovery scaling: the raw coefficients C (as coeff), Λ of one tensor (max rows×cols), φ
+  // (max dim1), ‖Λ‖² and the apply factor, the limiter's remembered norm per tensor (NaN:
+  // unset).
+  float* raw = nullptr;
+  float* lam = nullptr;
+  float* phi = nullptr;
+  double* lam_norm = nullptr;
+  float* lam_coef = nullptr;
+  float* limiter = nullptr;
   float* upd = nullptr;   // {α', β} of the update GEMM (graph replays)
   float* sink = nullptr;  // max rows×cols floats when weight decay is on (β ≠ 1), else null
   // Host copies of the tables, uploaded at construction.
@@ -762,6 +872,21 @@ struct MultiTensorLowRank<Transform>::State {
     auto* weights = c.take<float*>(nt);
     float* upd = c.take<float>(2);
     float* sink = z.sink > 0 ? c.take<float>(static_cast<std::size_t>(z.sink)) : nullptr;
+    float *raw = nullptr, *lam = nullptr, *phi = nullptr, *lam_coef = nullptr, *limiter = nullptr;
+    double* lam_norm = nullptr;
+    if (options.recovery_scaling) {
+      index_t big = 0, chans = 0;
+      for (const Tensor& tn : tensors) {
+        big = std::max(big, tn.rows * tn.cols);
+        chans = std::max(chans, std::max(tn.rows, tn.cols));
+      }
+      raw = c.take<float>(static_cast<std::size_t>(total));
+      lam = c.take<float>(static_cast<std::size_t>(big));
+      phi = c.take<float>(static_cast<std::size_t>(chans));
+      lam_norm = c.take<double>(1);
+      lam_coef = c.take<float>(1);
+      limiter = c.take<float>(nt);
+    }
     if (self == nullptr) return c.bytes();
 
     State& s = *self;
@@ -779,6 +904,12 @@ struct MultiTensorLowRank<Transform>::State {
     s.weights = weights;
     s.upd = upd;
     s.sink = sink;
+    s.raw = raw;
+    s.lam = lam;
+    s.phi = phi;
+    s.lam_norm = lam_norm;
+    s.lam_coef = lam_coef;
+    s.limiter = limiter;
     s.coeff = coeff;
     s.m = m;
     s.v = v;
@@ -1349,6 +1480,10 @@ struct MultiTensorLowRank<Transform>::State {
   /// Adam and the update; ds: the scalars from device memory (graph replays).
   void adam_update(cudaStream_t stream, bool refreshed, const StepScalars* ds) {
     const optim::AdamStep s = step_scalars();
+    if (options.recovery_scaling)  // the raw C, before Adam overwrites it with N
+      detail::check(cudaMemcpyAsync(raw, coeff, static_cast<std::size_t>(total) * 4,
+                                    cudaMemcpyDeviceToDevice, stream),
+                    "cudaMemcpyAsync");
     adam(stream, s, refreshed, ds);
     // W ← β·W + α'·Back(N): decay and step of the convention in one GEMM epilogue.
     const auto [beta, alpha] = update_scalars(s);
@@ -1368,6 +1503,46 @@ struct MultiTensorLowRank<Transform>::State {
       update_per_tensor(pa, pb);
     if (ds != nullptr)
       detail::check_cublas(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_HOST), "pointer mode");
+    if (options.recovery_scaling) recover(stream, s, ds);
+  }
+
+  /// SubTrack++'s recovery scaling, per tensor after the update GEMM (which applied the decay
+  /// and α·Expand(N)): Λ = (G − Expand(C)) ⊙ φ, ρ = NL(‖Λ‖), W += −step·Λ/ρ (the CPU's
+  /// U = α·Expand(N) + Λ/ρ, W ← W − step·U with the convention's decay).
+  void recover(cudaStream_t stream, const optim::AdamStep& s, const StepScalars* ds) {
+    const index_t r = rank;
+    for (std::size_t k = 0; k < entries.size(); ++k) {
+      const Entry& e = entries[k];
+      const index_t mm = e.t.rows, n = e.t.cols;
+      const std::size_t bytes = static_cast<std::size_t>(mm * n) * 4;
+      const float* c = raw + (e.coeff - coeff);
+      detail::check(cudaMemcpyAsync(lam, e.t.grad, bytes, cudaMemcpyDeviceToDevice, stream),
+                    "cudaMemcpyAsync");
+      // Λc (n×m) −= Pc (n×r)·Cc (r×m)  |  Cc (n×r)·Sc (r×m)
+      if (e.side == Side::right)
+        detail::gemm(blas, false, false, n, mm, r, -1.0f, e.basis, n, c, r, 1.0f, lam, n,
+                     options.tf32);
+      else
+        detail::gemm(blas, false, false, n, mm, r, -1.0f, c, n, e.basis, r, 1.0f, lam, n,
+                     options.tf32);
+      const bool left = e.side == Side::left;
+      const index_t chans = e.dim1;
+      const index_t per_block = left ? 256 : 8;  // channels: a thread each, or a warp each
+      detail::recovery_phi_kernel<<<static_cast<unsigned>((chans + per_block - 1) / per_block), 256,
+                                    0, stream>>>(e.coeff, c, chans, r, left, tscal + k, phi);
+      detail::check_launch("recovery_phi_kernel");
+      detail::check(cudaMemsetAsync(lam_norm, 0, sizeof(double), stream), "cudaMemsetAsync");
+      const auto blocks = static_cast<unsigned>(std::min<index_t>((mm * n + 255) / 256, 132 * 4));
+      detail::recovery_scale_kernel<<<blocks, 256, 0, stream>>>(lam, phi, mm, n, left, lam_norm);
+      detail::check_launch("recovery_scale_kernel");
+      detail::recovery_limiter_kernel<<<1, 32, 0, stream>>>(lam_norm, limiter + k,
+                                                            options.limiter_gamma, skip + k,
+                                                            tscal + k, s.weight, ds, lam_coef);
+      detail::check_launch("recovery_limiter_kernel");
+      detail::recovery_apply_kernel<<<blocks, 256, 0, stream>>>(static_cast<float*>(e.t.weight),
+                                                                lam, mm * n, lam_coef, skip + k);
+      detail::check_launch("recovery_apply_kernel");
+    }
   }
 
   void project_adam_update(cudaStream_t stream, bool refreshed, const StepScalars* ds) {
@@ -1429,6 +1604,12 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   require(options.lanes >= 1 && options.lanes <= 64,
           std::string(who) + ": lanes must lie in [1, 64]");
   require(options.refresh_batch >= 1, std::string(who) + ": refresh_batch must be at least 1");
+  require(options.limiter_gamma == 0.0 ||
+              (std::isfinite(options.limiter_gamma) && options.limiter_gamma >= 1.0),
+          std::string(who) + ": limiter_gamma must be 0 (off) or >= 1");
+  require(
+      options.recovery_scaling || options.limiter_gamma == 0.0,
+      std::string(who) + ": the limiter acts on the recovered residual: it needs recovery_scaling");
   if constexpr (State::grassmann)
     require(std::isfinite(options.transform.eta) && options.transform.eta >= 0.0 &&
                 options.transform.reorth_every >= 0,
@@ -1456,8 +1637,9 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   }
   State::carve(tensors, options, sizes, static_cast<char*>(workspace), &s);
   for (const auto& e : s.entries)
-    s.state_bytes +=
-        2 * static_cast<std::size_t>(e.count) * 4 + static_cast<std::size_t>(o.rank * e.dim0) * 4;
+    s.state_bytes += 2 * static_cast<std::size_t>(e.count) * 4 +
+                     static_cast<std::size_t>(o.rank * e.dim0) * 4 +
+                     (options.limiter_gamma > 0.0 ? sizeof(float) : 0);
 
   detail::check_cublas(cublasCreate(&s.blas), "cublasCreate");
   detail::check_cublas(cublasSetWorkspace(s.blas, s.blas_ws, State::blas_workspace),
@@ -1490,6 +1672,8 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   detail::check(cudaMemsetAsync(s.skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
   detail::check(cudaMemsetAsync(s.skips, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
   detail::check(cudaMemsetAsync(s.status, 0, 2 * nt * sizeof(int), stream), "cudaMemsetAsync");
+  if (s.limiter)  // all bits set: NaN, the limiter's "unset"
+    detail::check(cudaMemsetAsync(s.limiter, 0xFF, nt * sizeof(float), stream), "cudaMemsetAsync");
   auto upload = [&](void* dst, const auto& host) {
     detail::check(cudaMemcpyAsync(dst, host.data(), host.size() * sizeof(host[0]),
                                   cudaMemcpyHostToDevice, stream),
@@ -1634,6 +1818,25 @@ void MultiTensorLowRank<Transform>::write_moments(index_t tensor, const float* m
   const auto bytes = static_cast<std::size_t>(e.count) * 4;
   detail::check(cudaMemcpy(e.m, m, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
   detail::check(cudaMemcpy(e.v, v, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+}
+
+template <class Transform>
+float MultiTensorLowRank<Transform>::read_limiter(index_t tensor) const {
+  (void)detail::lowrank_entry(*s_, tensor);
+  if (s_->limiter == nullptr) return -1.0f;
+  float x = -1.0f;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(&x, s_->limiter + tensor, sizeof(float), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+  return x >= 0.0f ? x : -1.0f;
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::write_limiter(index_t tensor, float norm) {
+  (void)detail::lowrank_entry(*s_, tensor);
+  if (s_->limiter == nullptr) return;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(s_->limiter + tensor, &norm, sizeof(float), cudaMemcpyHostToDevice),
+                "cudaMemcpy");
 }
 
 template <class Transform>

@@ -14,6 +14,8 @@
 //   Identity                        → MultiTensorAdam<Store> (torch, hf, bnb; Fp32, Bf16, Q8Block)
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
 //   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter)
+//   SvdProjection / Grassmann + Recovery → the same, with recovery scaling and its limiter
+//                                   (SubTrack++ without projection-aware moments; Fira)
 // The engines are built at the first step, for the parameters of that step: their launch tables
 // hold the device pointers, so every later step must pass the same parameters with the same
 // buffers (a trainer's persistent parameter and gradient buffers). Work is enqueued on the
@@ -112,14 +114,15 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   static constexpr bool lowrank = std::is_same_v<Transform, transforms::SvdProjection> ||
                                   std::is_same_v<Transform, transforms::Grassmann>;
   static constexpr bool wavelet = !identity && !lowrank && !std::is_void_v<Engine>;
+  static constexpr bool recovery = std::is_same_v<Residual, residual::Recovery>;
   static_assert(std::is_same_v<Rule, optim::Adam>, "slimgrad cuda: Optimizer runs Adam only");
   static_assert(identity ||
                     (wavelet && std::is_same_v<Residual, residual::WaveletDetails> &&
                      std::is_same_v<Store, state::Fp32>) ||
-                    (lowrank && std::is_same_v<Residual, residual::Drop> &&
+                    (lowrank && (std::is_same_v<Residual, residual::Drop> || recovery) &&
                      std::is_same_v<Store, state::Fp32>),
                 "slimgrad cuda: Optimizer composes Identity (any store), Dwt<Haar, L> with "
-                "WaveletDetails, or SvdProjection / Grassmann with Drop (Fp32 state)");
+                "WaveletDetails, or SvdProjection / Grassmann with Drop or Recovery (Fp32 state)");
   // The engine of the compressed parameters (none with Identity: a placeholder type).
   using Compressed =
       std::conditional_t<std::is_void_v<Engine>, cuda::MultiTensorAdam<Store>, Engine>;
@@ -130,9 +133,15 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   explicit Optimizer(const Options& o = {}, cuda::stream_t stream = nullptr,
                      const cuda::DeviceOptions& device = {})
       : options_(o), stream_(stream), device_(device), accounting_(o) {
-    if constexpr (lowrank)
+    if constexpr (lowrank && recovery) {
+      require(!o.residual.projection_aware,
+              "cuda optimizer: SubTrack++'s projection-aware moments are not on the GPU");
+      require(o.residual.recovery_scaling || o.residual.limiter_gamma == 0,
+              "cuda optimizer: the low-rank engine limits the recovered residual only");
+    } else if constexpr (lowrank) {
       require(o.residual.limiter_gamma == 0,
               "cuda optimizer: the low-rank engine has no norm-growth limiter");
+    }
     if constexpr (wavelet)
       require(o.transform.axis == transforms::Axis::rows,
               "cuda optimizer: GWT transforms along rows only");
@@ -278,6 +287,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
           ts.last_refresh_step = (steps_ - 1) / gap * gap;
           std::tie(ts.last_refresh_status, ts.last_failure) = engine_->refresh_status(e.index);
         }
+        if constexpr (recovery) holder.set_limiter_state(e.name, engine_->read_limiter(e.index));
       }
       holder.set_step_count(e.name, steps);
     }
@@ -389,6 +399,10 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
           o.tf32 = device_.tf32;
           o.lanes = device_.lanes;
           o.batched = device_.batched;
+          if constexpr (recovery) {
+            o.recovery_scaling = options_.residual.recovery_scaling;
+            o.limiter_gamma = options_.residual.limiter_gamma;
+          }
         }
         const std::size_t bytes = Engine::workspace_bytes(compressed, o);
         engine_ws = std::make_unique<cuda::detail::DeviceMemory>(bytes);
@@ -420,6 +434,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
         engine_->write_moments(e.index, rs.m.data.data(), rs.v.data.data());
         const auto& ts = holder.transform_state(e.name);
         if (ts.basis.size() > 0) engine_->write_basis(e.index, ts.basis.data());
+        if constexpr (recovery) engine_->write_limiter(e.index, holder.limiter_state(e.name));
       }
     }
     if (plain_) plain_->set_steps(steps_);
