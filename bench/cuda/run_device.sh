@@ -24,6 +24,7 @@ $NVCC -shared -Xcompiler -fPIC bench/cuda/bench_cuda.cu -o $B/libslimgrad_cuda_b
 $NVCC -DSLIMGRAD_BENCH_MAIN bench/cuda/bench_cuda.cu -o $B/bench_cuda -lcublas -lcusolver &
 $NVCC bench/cuda/bench_activation.cu -o $B/bench_cuda_activation -lcublas &
 $NVCC bench/cuda/bench_refresh.cu -o $B/bench_cuda_refresh -lcublas -lcusolver &
+$NVCC bench/cuda/bench_subtrackpp.cu -o $B/bench_cuda_subtrackpp -lcublas -lcusolver &
 wait
 ${CXX%% *} -o $B/test_cuda $(for f in $tests; do echo $B/$f.o; done) $B/instantiate.o \
   -L/usr/local/cuda/lib64 -lcudart -lcublas -lcusolver -fopenmp || exit 1
@@ -36,6 +37,7 @@ if [[ $what == *bench* || $what == all ]]; then
   $B/bench_cuda 2>&1 | tee "$OUT/bench_cuda.log"
   $B/bench_cuda_activation 2>&1 | tee "$OUT/bench_cuda_activation.log"
   $B/bench_cuda_refresh 2>&1 | tee "$OUT/bench_cuda_refresh.log"
+  $B/bench_cuda_subtrackpp 2>&1 | tee "$OUT/bench_cuda_subtrackpp.log"
   PYTHONUNBUFFERED=1 python3 bench/cuda/side_by_side.py --lib $B/libslimgrad_cuda_bench.so \
     --json "$OUT/side_by_side.json" 2>&1 | tee "$OUT/side_by_side.log"
 fi

@@ -202,12 +202,24 @@ TEST_CASE("checkpoints cross backends: GaLore (a refresh on each backend, subspa
 
 TEST_CASE("checkpoints cross backends: SubTrack++ recovery scaling and its limiter") {
   auto o = recipes::subtrack_options(true);
-  o.residual.projection_aware = false;  // not on the GPU
+  o.residual.projection_aware = false;
   o.transform.rank = 8;
   o.transform.update_gap = 2;  // tracking at k = 2 (CPU), 4 (GPU), 6 and 8 (CPU)
   o.fallback.min_size = 0;
   cross_case<recipes::SubTrack>(o, 8);
-  // The projection-aware moments are refused on the GPU, before anything happens.
-  using Gpu = recipes::SubTrack<backend::cuda>;
-  CHECK_THROWS_AS(static_cast<void>(Gpu(recipes::subtrack_options(true))), Error);
+}
+
+TEST_CASE("checkpoints cross backends: SubTrack++ with projection-aware moments") {
+  auto o = recipes::subtrack_options(true);
+  REQUIRE(o.residual.projection_aware);
+  o.transform.rank = 8;
+  o.transform.update_gap = 2;  // tracking and rotation at k = 2 (CPU), 4 (GPU), 6 and 8 (CPU)
+  o.fallback.min_size = 0;
+  cross_case<recipes::SubTrack>(o, 8);
+  // GaLore's refresh reports no rotation on the GPU: refused before anything happens.
+  using Fira = Optimizer<optim::Adam, transforms::SvdProjection, state::Fp32, backend::cuda,
+                         residual::Recovery>;
+  Fira::Options f;
+  f.residual.projection_aware = true;
+  CHECK_THROWS_AS(static_cast<void>(Fira(f)), Error);
 }

@@ -223,7 +223,7 @@ TEST_CASE("cuda galore: torch-convention decay before the step, one GEMM per ten
 
 TEST_CASE("cuda subtrack++: recovery scaling with its limiter matches the CPU") {
   auto co = recipes::subtrack_options(true);
-  co.residual.projection_aware = false;  // not on the GPU
+  co.residual.projection_aware = false;
   co.transform.rank = 8;
   co.transform.update_gap = 2;  // tracking at k = 2 and k = 4
   co.transform.eta = 5.0;
@@ -266,6 +266,70 @@ TEST_CASE("cuda subtrack++: recovery scaling with its limiter matches the CPU") 
   fo.residual.recovery_scaling = true;
   fo.residual.limiter_gamma = 1.01;
   compare_with_cpu<Fira, transforms::SvdProjection>(fo, gg, 4, 0.05f, 2e-6, 0.0);
+}
+
+TEST_CASE("cuda subtrack++: projection-aware moments rotate into the tracked basis as the CPU's") {
+  auto co = recipes::subtrack_options(true);
+  REQUIRE(co.residual.projection_aware);
+  co.transform.rank = 8;
+  co.transform.update_gap = 2;  // tracking (and the rotation) at k = 2 and k = 4
+  co.transform.eta = 5.0;
+  co.rule.weight_decay = 0.01;
+  co.fallback = {.min_dim = 1, .max_aspect = 1e9, .min_size = 0};
+  cuda::MultiTensorLowRank<transforms::Grassmann>::Options go;
+  go.rule = co.rule;
+  go.transform = co.transform;
+  go.scale = co.residual.scale;
+  go.recovery_scaling = true;
+  go.limiter_gamma = co.residual.limiter_gamma;
+  go.projection_aware = true;
+  go.tf32 = false;
+  go.lanes = 2;
+  // Moments to 1e-4 of their largest (compare_with_cpu), weights and bases as without rotation.
+  io::TensorFile rotated;
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 6, 0.05f, 2e-6, 2e-5,
+                                                               &rotated);
+  // The comparison can fail: the CPU without the rotation ends with other moments, far beyond
+  // that tolerance (the bases turned by more than 0.05 rad at each tracking step).
+  {
+    auto plain = co;
+    plain.residual.projection_aware = false;
+    io::TensorFile unrotated;
+    auto gp = go;
+    gp.projection_aware = false;
+    compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(plain, gp, 6, 0.05f, 2e-6, 2e-5,
+                                                                 &unrotated);
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      const std::string n = "layer" + std::to_string(k) + ".weight";
+      const std::vector<float> a = field(rotated, n + "/v"), b = field(unrotated, n + "/v");
+      CAPTURE(k);
+      CHECK(max_abs_diff(a, b) > 1e-2 * max_abs(a));
+    }
+  }
+  // A NaN step after the rotation at k = 2 skips tensor 1 (moments kept, not rotated).
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 4, 0.05f, 2e-6, 2e-5,
+                                                               nullptr, 3);
+  // One GEMM per tensor, one lane, no reorthonormalisation after the tracking steps.
+  co.transform.reorth_every = 0;
+  go.transform = co.transform;
+  go.batched = false;
+  go.lanes = 1;
+  compare_with_cpu<recipes::SubTrack<>, transforms::Grassmann>(co, go, 5, 0.05f, 2e-6, 2e-5);
+  // GaLore's refresh reports no rotation on the GPU: refused (and accepted without the flag).
+  using Galore = cuda::MultiTensorLowRank<transforms::SvdProjection>;
+  Galore::Options gg;
+  gg.transform.rank = 8;
+  DeviceBuffer wd(16 * 16 * 4), gd(16 * 16 * 4);
+  cuda::Tensor t;
+  t.weight = wd.ptr;
+  t.grad = gd.ptr;
+  t.rows = t.cols = 16;
+  const std::vector<cuda::Tensor> one{t};
+  const std::size_t bytes = Galore::workspace_bytes(one, gg);
+  DeviceBuffer ws(bytes);
+  CHECK_NOTHROW(Galore(one, gg, ws.ptr, bytes, nullptr));
+  gg.projection_aware = true;
+  CHECK_THROWS_AS(Galore(one, gg, ws.ptr, bytes, nullptr), Error);
 }
 
 TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it match the CPU") {

@@ -249,8 +249,10 @@ class MultiTensorGwt {
 ///     positive diagonal: the CPU's Householder Q) every reorth_every-th tracking step (counted
 ///     whether or not the step turned the basis).
 /// SubTrack++'s recovery scaling with its limiter: Options::recovery_scaling (per tensor after
-/// the update GEMM: Λ from one more GEMM, φ from C and N, ‖Λ‖ and ρ on the device, W += −c·Λ/ρ).
-/// Not on the GPU yet: bf16 parameters, SubTrack++'s projection-aware moment rotation.
+/// the update GEMM: Λ from one more GEMM, φ from C and N, ‖Λ‖ and ρ on the device, W += −c·Λ/ρ)
+/// and its projection-aware moments: Options::projection_aware (Grassmann; on the tracking lane
+/// after a step that turned the basis, C = S_newᵀS_old and the CPU's rotate_moments on cuBLAS).
+/// Not on the GPU yet: bf16 parameters.
 template <class Transform>
 class MultiTensorLowRank {
  public:
@@ -275,6 +277,12 @@ class MultiTensorLowRank {
     /// workspace, and per tensor one more GEMM and two passes over m×n.
     bool recovery_scaling = false;
     double limiter_gamma = 0.0;  ///< γ of the limiter on Λ (0: off; SubTrack++: 1.01)
+    /// SubTrack++'s projection-aware Adam (residual::Recovery::Options::projection_aware,
+    /// algorithms.md §2.3(a); Grassmann only): when a tracking step turns a tensor's basis,
+    /// its moments are carried into the new one as cpu::rotate_moments does (raw moments,
+    /// C = S_newᵀS_old): M ← C M, V ← |(C⊙C)(V − M²) + (C M)²| (left; M Cᵀ on the right). On
+    /// the tracking lane, fp32 GEMMs; costs 2·r·dim1 floats of scratch per lane.
+    bool projection_aware = false;
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);

@@ -562,6 +562,40 @@ __global__ void __launch_bounds__(256)
     w[q] += a * lam[q];
 }
 
+// ---- SubTrack++ projection-aware moments (residual::Recovery, algorithms.md §2.3(a)) ----------
+
+/// d ← V − M² over n floats (the raw-moment form of cpu::rotate_moments: b1 = b2 = 1).
+__global__ void __launch_bounds__(256)
+    variance_term_kernel(const float* __restrict__ m, const float* __restrict__ v,
+                         float* __restrict__ d, index_t n) {
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x)
+    d[q] = transforms::Grassmann::variance_term(m[q], v[q], 1.0f, 1.0f);
+}
+
+/// cc ← C ⊙ C over n floats.
+__global__ void __launch_bounds__(256)
+    square_kernel(const float* __restrict__ c, float* __restrict__ cc, index_t n) {
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x)
+    cc[q] = c[q] * c[q];
+}
+
+/// M ← rotated M, V ← |rotated D + (rotated M)²|, only where the tracking step installed a
+/// basis that turned (the verdict's decision and θ ≠ 0: the CPU rotates only when refresh()
+/// reports a change, so a kept or unturned basis leaves the moments bit for bit).
+__global__ void __launch_bounds__(256)
+    rotate_finish_kernel(float* __restrict__ m, float* __restrict__ v, const float* __restrict__ rm,
+                         const float* __restrict__ rd, index_t n, const int* __restrict__ decision,
+                         const double* __restrict__ theta) {
+  if (*decision != install_candidate || *theta == 0.0) return;
+  for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    m[q] = rm[q];
+    v[q] = transforms::Grassmann::rotated_second_moment(rd[q], rm[q], 1.0f, 1.0f);
+  }
+}
+
 /// Refresh scratch of one lane (internal stream): sized for the largest tensor.
 struct Lane {
   cudaStream_t stream = nullptr;
@@ -570,9 +604,10 @@ struct Lane {
   cusolverDnHandle_t solver = nullptr;
   float *z = nullptr, *h = nullptr, *u = nullptr, *s = nullptr;
   float *eig = nullptr, *vec = nullptr, *work = nullptr;
-  float* sq = nullptr;  // Grassmann: two r×r buffers of the power iteration's squarings
-  int* info = nullptr;  // [0] cuSOLVER's, [1] any breakdown, [2] verdict_kernel's decision,
-                        // [3] a non-finite intermediate
+  float* sq = nullptr;   // Grassmann: two r×r buffers of the power iteration's squarings
+  float* rot = nullptr;  // projection-aware moments: C M and (C⊙C)(V − M²), 2·r·dim1
+  int* info = nullptr;   // [0] cuSOLVER's, [1] any breakdown, [2] verdict_kernel's decision,
+                         // [3] a non-finite intermediate
   int lwork = 0;
 };
 
@@ -686,7 +721,7 @@ struct MultiTensorLowRank<Transform>::State {
   // ---- sizes -------------------------------------------------------------------------------
   struct Sizes {
     // Lanes (exact refresh, tracking), per lane.
-    index_t z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, sq = 0, sink = 0;
+    index_t z = 0, h = 0, u = 0, s = 0, eig = 0, vec = 0, sq = 0, rot = 0, sink = 0;
     int lwork = 0;
     // The batched randomized refresh.
     int bs = 0, bq = 0;
@@ -769,7 +804,10 @@ struct MultiTensorLowRank<Transform>::State {
               "syevd_bufferSize");
           z.lwork = std::max(z.lwork, lw);
         }
-        if constexpr (grassmann) z.sq = 2 * r * r;
+        if constexpr (grassmann) {
+          z.sq = 2 * r * r;
+          if (options.projection_aware) z.rot = std::max(z.rot, 2 * r * dim1);
+        }
       }
     } catch (...) {
       if (prm) cusolverDnDestroyParams(prm);
@@ -830,6 +868,7 @@ struct MultiTensorLowRank<Transform>::State {
       l.vec = f(z.vec);
       l.work = f(z.lwork);
       l.sq = f(z.sq);
+      if (z.rot > 0) l.rot = f(z.rot);
       l.info = c.take<int>(4);
       l.lwork = z.lwork;
       lane_ws.push_back(c.take<char>(lane_blas_workspace));
@@ -1310,10 +1349,46 @@ struct MultiTensorLowRank<Transform>::State {
         cublasSger(l.blas, static_cast<int>(d0), ir, &one, gw, 1, v, 1, l.s, static_cast<int>(d0)),
         "cublasSger");
     if (reorth) cholesky_qr(l, l.s, d0, r);
+    float* c = l.h;  // C = S_newᵀ S_old (r×r), before the new basis overwrites the old
+    if (options.projection_aware) {
+      if (e.side == Side::right)  // S_old = Pc (d0×r)
+        detail::gemm(l.blas, true, false, r, r, d0, 1.0f, l.s, d0, e.basis, d0, 0.0f, c, r, false);
+      else  // S_oldᵀ = Sc (r×d0)
+        detail::gemm(l.blas, true, true, r, r, d0, 1.0f, l.s, d0, e.basis, r, 0.0f, c, r, false);
+    }
     verdict(l.stream, l.info, e, k, l.s, r);
     detail::store_tracked_kernel<<<64, 256, 0, l.stream>>>(l.s, d0, r, e.side == Side::left,
                                                            l.info + 2, e.basis);
     detail::check_launch("store_tracked_kernel");
+    if (options.projection_aware) rotate_moments(l, e, k, c);
+  }
+
+  /// SubTrack++'s projection-aware moments after tensor k's tracking step (cpu::rotate_moments
+  /// with b1 = b2 = 1, fp32 GEMMs): left (M, V r×n row-major = Mc n×r) M ← C M is
+  /// Mc ← Mc Cᵀ; right (m×r = Mc r×m) M ← M Cᵀ is Mc ← C Mc. V likewise with C⊙C on V − M².
+  /// rotate_finish_kernel writes back only when the basis turned.
+  void rotate_moments(const detail::Lane& l, Entry& e, std::size_t k, const float* c) {
+    const index_t r = rank, d1 = e.dim1, n = e.count;
+    float* cc = l.sq;
+    float* d = l.z;  // V − M² (r·dim1 floats)
+    float* rm = l.rot;
+    float* rd = l.rot + n;
+    const auto blocks = static_cast<unsigned>(std::min<index_t>((n + 255) / 256, 1024));
+    detail::square_kernel<<<static_cast<unsigned>((r * r + 255) / 256), 256, 0, l.stream>>>(c, cc,
+                                                                                            r * r);
+    detail::check_launch("square_kernel");
+    detail::variance_term_kernel<<<blocks, 256, 0, l.stream>>>(e.m, e.v, d, n);
+    detail::check_launch("variance_term_kernel");
+    if (e.side == Side::left) {
+      detail::gemm(l.blas, false, true, d1, r, r, 1.0f, e.m, d1, c, r, 0.0f, rm, d1, false);
+      detail::gemm(l.blas, false, true, d1, r, r, 1.0f, d, d1, cc, r, 0.0f, rd, d1, false);
+    } else {
+      detail::gemm(l.blas, false, false, r, d1, r, 1.0f, c, r, e.m, r, 0.0f, rm, r, false);
+      detail::gemm(l.blas, false, false, r, d1, r, 1.0f, cc, r, d, r, 0.0f, rd, r, false);
+    }
+    detail::rotate_finish_kernel<<<blocks, 256, 0, l.stream>>>(e.m, e.v, rm, rd, n, l.info + 2,
+                                                               track_info + 2 * k + 1);
+    detail::check_launch("rotate_finish_kernel");
   }
 
   bool due(std::int64_t k) const {
@@ -1610,6 +1685,9 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   require(
       options.recovery_scaling || options.limiter_gamma == 0.0,
       std::string(who) + ": the limiter acts on the recovered residual: it needs recovery_scaling");
+  require(!options.projection_aware || State::grassmann,
+          std::string(who) +
+              ": projection_aware rotates the moments at a tracking step: Grassmann only");
   if constexpr (State::grassmann)
     require(std::isfinite(options.transform.eta) && options.transform.eta >= 0.0 &&
                 options.transform.reorth_every >= 0,

@@ -15,7 +15,8 @@
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
 //   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter)
 //   SvdProjection / Grassmann + Recovery → the same, with recovery scaling and its limiter
-//                                   (SubTrack++ without projection-aware moments; Fira)
+//                                   (Fira; SubTrack++ with Grassmann, its projection-aware
+//                                   moments included; SvdProjection refuses projection_aware)
 // The engines are built at the first step, for the parameters of that step: their launch tables
 // hold the device pointers, so every later step must pass the same parameters with the same
 // buffers (a trainer's persistent parameter and gradient buffers). Work is enqueued on the
@@ -134,8 +135,9 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
                      const cuda::DeviceOptions& device = {})
       : options_(o), stream_(stream), device_(device), accounting_(o) {
     if constexpr (lowrank && recovery) {
-      require(!o.residual.projection_aware,
-              "cuda optimizer: SubTrack++'s projection-aware moments are not on the GPU");
+      require(!o.residual.projection_aware || std::is_same_v<Transform, transforms::Grassmann>,
+              "cuda optimizer: projection-aware moments rotate at a tracking step: Grassmann "
+              "only on the GPU");
       require(o.residual.recovery_scaling || o.residual.limiter_gamma == 0,
               "cuda optimizer: the low-rank engine limits the recovered residual only");
     } else if constexpr (lowrank) {
@@ -402,6 +404,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
           if constexpr (recovery) {
             o.recovery_scaling = options_.residual.recovery_scaling;
             o.limiter_gamma = options_.residual.limiter_gamma;
+            o.projection_aware = options_.residual.projection_aware;
           }
         }
         const std::size_t bytes = Engine::workspace_bytes(compressed, o);
