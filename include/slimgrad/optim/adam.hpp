@@ -72,10 +72,12 @@ struct Adam {
             "adam: weight_decay must be finite and >= 0");
   }
 
-  /// The scalars of step t = k + 1 (t >= 1).
-  static AdamStep step_scalars(const Options& o, std::int64_t t) {
-    const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
-    const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
+  /// The scalars of step t = k + 1 (t >= 1). Host and device: the CUDA backend computes the
+  /// scalars of a tensor whose count lags after a skipped step on the device, with the same
+  /// expressions (the C library's pow/powf on each side; double results rounded to float).
+  SLIMGRAD_HOST_DEVICE static AdamStep step_scalars(const Options& o, std::int64_t t) {
+    const double bc1 = 1.0 - pow(o.beta1, static_cast<double>(t));
+    const double bc2 = 1.0 - pow(o.beta2, static_cast<double>(t));
     AdamStep s{};
     s.beta1 = static_cast<float>(o.beta1);
     s.beta2 = static_cast<float>(o.beta2);
@@ -83,7 +85,7 @@ struct Adam {
     s.one_minus_beta2 = static_cast<float>(1.0 - o.beta2);
     s.eps = static_cast<float>(o.eps);
     if (o.convention == AdamConvention::torch) {
-      s.denom_divisor = static_cast<float>(std::sqrt(bc2));
+      s.denom_divisor = static_cast<float>(sqrt(bc2));
       s.weight.step_size = static_cast<float>(o.lr / bc1);
       s.weight.decay_multiplier = static_cast<float>(1.0 - o.lr * o.weight_decay);
       s.weight.decay_before = true;
@@ -95,8 +97,8 @@ struct Adam {
       // scalars would land a fraction of the elements on other 8-bit codes.
       const float b1 = s.beta1, b2 = s.beta2, lr = static_cast<float>(o.lr);
       const float tf = static_cast<float>(t);
-      const float c1 = 1.0f - std::pow(b1, tf);
-      const float c2 = std::sqrt(1.0f - std::pow(b2, tf));
+      const float c1 = 1.0f - powf(b1, tf);
+      const float c2 = sqrtf(1.0f - powf(b2, tf));
       s.one_minus_beta1 = 1.0f - b1;
       s.one_minus_beta2 = 1.0f - b2;
       s.eps = c2 * static_cast<float>(o.eps);
@@ -107,7 +109,7 @@ struct Adam {
       s.weight.decay_before = false;
     } else {
       s.denom_divisor = 1.0f;
-      s.weight.step_size = static_cast<float>(o.lr * std::sqrt(bc2) / bc1);
+      s.weight.step_size = static_cast<float>(o.lr * sqrt(bc2) / bc1);
       s.weight.decay_alpha = static_cast<float>(-o.lr * o.weight_decay);
       s.weight.decay_before = false;
     }

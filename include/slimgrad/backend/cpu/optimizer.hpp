@@ -80,6 +80,9 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   struct Override {
     std::optional<ParamRole> role;
     double lr_scale = 1.0;  ///< this parameter's lr = the optimizer's lr × lr_scale
+    /// This parameter's decoupled weight decay instead of the rule's (e.g. 0 for norms and
+    /// biases, as the peers' param groups do).
+    std::optional<double> weight_decay;
     std::optional<typename Transform::Options> transform;
     std::optional<typename Residual::Options> residual;
   };
@@ -110,6 +113,12 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
                 "' already has state; set overrides before its first step");
     require(std::isfinite(o.lr_scale) && o.lr_scale >= 0,
             "optimizer: lr_scale of '" + name + "' must be finite and >= 0");
+    if (o.weight_decay) {
+      require(requires { rule_.options.weight_decay; },
+              "optimizer: the rule has no weight decay to override for '" + name + "'");
+      require(std::isfinite(*o.weight_decay) && *o.weight_decay >= 0,
+              "optimizer: weight_decay of '" + name + "' must be finite and >= 0");
+    }
     if (o.transform) TransformImpl check(*o.transform);
     if (o.residual) residual::validate(*o.residual);
     overrides_[std::move(name)] = std::move(o);
@@ -381,6 +390,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     bool compressed = false;
     std::int64_t step = 0;
     double lr_scale = 1.0;
+    std::optional<double> weight_decay;            // overridden
     std::unique_ptr<TransformImpl> own_transform;  // when the transform options are overridden
     std::optional<typename Residual::Options> residual;
     std::optional<TransformState> ts;
@@ -573,6 +583,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     s.compressed = decide_compressed(name, shape);
     if (const Override* o = override_for(name)) {
       s.lr_scale = o->lr_scale;
+      s.weight_decay = o->weight_decay;
       if (o->transform) s.own_transform = std::make_unique<TransformImpl>(*o->transform);
       s.residual = o->residual;
     }
@@ -613,6 +624,8 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
   RuleImpl rule_for(const Slot& s) const {
     RuleImpl r = rule_;
     r.options.lr = options_.rule.lr * s.lr_scale;
+    if constexpr (requires { r.options.weight_decay; })
+      if (s.weight_decay) r.options.weight_decay = *s.weight_decay;
     return r;
   }
 

@@ -127,11 +127,14 @@ __device__ inline state::q8::CodeMap* q8_stage_maps(unsigned char* smem) {
 
 // 4 blocks of 256 threads per multiprocessor (at most 64 registers): the 8-bit step is bound
 // by latency and instruction issue, and 3 blocks (80 registers) left the schedulers idle.
-template <class Store, Precision P>
+// Check: the finite check ran (check_finite), so each tensor's skip and scalars come from
+// `tensors` (adam_tensor_kernel); without it the kernel is the one of the unchecked step.
+template <class Store, Precision P, bool Check>
 __global__ void __launch_bounds__(256, 4)
     adam_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
                 int ntensors, index_t units, optim::AdamStep s, bool stochastic, std::uint64_t seed,
-                std::uint32_t epoch, const StepScalars* __restrict__ device_scalars) {
+                std::uint32_t epoch, const StepScalars* __restrict__ device_scalars,
+                const AdamTensorStep* __restrict__ tensors) {
   if (device_scalars != nullptr) {  // a graph's replay: this step's scalars, not the capture's
     s = device_scalars->adam;
     if constexpr (std::is_same_v<Store, state::Bf16>) epoch = device_scalars->epoch;
@@ -147,6 +150,14 @@ __global__ void __launch_bounds__(256, 4)
   for (index_t u = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
        u += nwarps) {
     const int k = find_tensor(unit_begin, ntensors, u);
+    optim::AdamStep st = s;
+    std::uint32_t ep = epoch;
+    if constexpr (Check) {
+      const AdamTensorStep& ts = tensors[k];
+      if (ts.skip != 0) continue;  // a non-finite gradient: nothing of the tensor is written
+      st = ts.adam;
+      ep = ts.epoch;
+    }
     const AdamEntry e = entries[k];
     const index_t base = (u - unit_begin[k]) * adam_unit;
     // A whole unit (all but a tensor's last) takes a path without per-element bounds checks.
@@ -201,9 +212,9 @@ __global__ void __launch_bounds__(256, 4)
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
-          optim::adam_moments(g[h][l], m[h][l], v[h][l], s);
-          w[h][l] =
-              optim::apply_update(w[h][l], m[h][l] / optim::adam_denominator(v[h][l], s), s.weight);
+          optim::adam_moments(g[h][l], m[h][l], v[h][l], st);
+          w[h][l] = optim::apply_update(w[h][l], m[h][l] / optim::adam_denominator(v[h][l], st),
+                                        st.weight);
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -254,8 +265,8 @@ __global__ void __launch_bounds__(256, 4)
           }
         }
       } else if constexpr (std::is_same_v<Store, state::Bf16>) {
-        const random::Key km{seed, e.id, epoch};
-        const random::Key kv{seed, ~e.id, epoch};  // the CPU's independent second-moment words
+        const random::Key km{seed, e.id, ep};
+        const random::Key kv{seed, ~e.id, ep};  // the CPU's independent second-moment words
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           store_bf16_moment4(static_cast<std::uint16_t*>(e.m), at[h], e.count, stochastic, km,
@@ -276,6 +287,95 @@ __global__ void __launch_bounds__(256, 4)
     else
       unit(std::false_type{});
   }
+}
+
+/// Whether 4 gradient samples [i, i+4) (masked at n) are all finite: exponent bits not all set.
+__device__ inline bool finite4(const float* p, index_t i, index_t n, bool vec) {
+  std::uint32_t b[4] = {0, 0, 0, 0};
+  if (vec) {
+    const uint4 q = *reinterpret_cast<const uint4*>(p + i);  // cached: the step reads it again
+    b[0] = q.x, b[1] = q.y, b[2] = q.z, b[3] = q.w;
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+      if (i + l < n) b[l] = numeric::float_bits(p[i + l]);
+  }
+  bool ok = true;
+#pragma unroll
+  for (int l = 0; l < 4; ++l)
+    ok = ok && (b[l] & 0x7f800000u) != 0x7f800000u;
+  return ok;
+}
+__device__ inline bool finite4(const std::uint16_t* p, index_t i, index_t n, bool vec) {
+  std::uint32_t b[2] = {0, 0};
+  if (vec) {
+    const uint2 q = *reinterpret_cast<const uint2*>(p + i);
+    b[0] = q.x, b[1] = q.y;
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+      if (i + l < n) b[l / 2] |= std::uint32_t{p[i + l]} << (16 * (l % 2));
+  }
+  const auto ok = [](std::uint32_t h) { return (h & 0x7f80u) != 0x7f80u; };
+  return ok(b[0]) && ok(b[0] >> 16) && ok(b[1]) && ok(b[1] >> 16);
+}
+
+/// check_finite's pass: a warp per unit of the step's layout, bad[k] ← 1 when tensor k's
+/// gradient holds a NaN or an infinity. Units go from the last, so that the gradients read last
+/// (still in L2) are the first the step kernel reads.
+template <Precision P>
+__global__ void __launch_bounds__(256)
+    adam_finite_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
+                       int ntensors, index_t units, std::int32_t* __restrict__ bad) {
+  using PG = typename Params<P>::G;
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const index_t nwarps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
+  for (index_t w = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; w < units;
+       w += nwarps) {
+    const index_t u = units - 1 - w;
+    const int k = find_tensor(unit_begin, ntensors, u);
+    const AdamEntry& e = entries[k];
+    const index_t base = (u - unit_begin[k]) * adam_unit;
+    bool ok = true;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const index_t at = base + h * 128 + lane * 4;
+      if (at < e.count)
+        ok = finite4(static_cast<const PG*>(e.g), at, e.count, e.vec != 0 && at + 4 <= e.count) &&
+             ok;
+    }
+    if (__any_sync(0xFFFFFFFFu, !ok) && lane == 0) bad[k] = 1;
+  }
+}
+
+/// check_finite, one thread per tensor after the check: the tensor's skip (its flag cleared for
+/// the next step, its skips counted) or the scalars of its own step t − skips: the shared ones,
+/// or, for a tensor that lags, optim::Adam::step_scalars on the device. device_scalars (graph
+/// replays): t = epoch + 1, the shared scalars and lr from there.
+__global__ void adam_tensor_kernel(std::int32_t* __restrict__ bad, std::int32_t* __restrict__ skipped,
+                                   std::int32_t* __restrict__ skips, AdamTensorStep* __restrict__ out,
+                                   int ntensors, optim::Adam::Options rule, long long t,
+                                   optim::AdamStep s, const StepScalars* __restrict__ device_scalars) {
+  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (k >= ntensors) return;
+  if (device_scalars != nullptr) {
+    s = device_scalars->adam;
+    t = static_cast<long long>(device_scalars->epoch) + 1;
+    rule.lr = device_scalars->lr;
+  }
+  const std::int32_t skip = bad[k] != 0 ? 1 : 0;
+  bad[k] = 0;
+  skipped[k] = skip;
+  AdamTensorStep ts{};
+  ts.skip = skip;
+  if (skip) {
+    ++skips[k];
+  } else {
+    const long long own = t - skips[k];
+    ts.adam = own == t ? s : optim::Adam::step_scalars(rule, own);
+    ts.epoch = static_cast<std::uint32_t>(own - 1);
+  }
+  out[k] = ts;
 }
 
 template <class Store>
@@ -345,6 +445,11 @@ std::size_t MultiTensorAdam<Store>::workspace_bytes(std::span<const Tensor> tens
     MomentBuffers mb;
     detail::AdamStoreLayout<Store>::carve(c, t.size(), options.store, mb);
   }
+  if (options.check_finite) {
+    for (int a = 0; a < 3; ++a)
+      c.take<std::int32_t>(tensors.size());
+    c.take<detail::AdamTensorStep>(tensors.size());
+  }
   return c.bytes();
 }
 
@@ -392,6 +497,19 @@ MultiTensorAdam<Store>::MultiTensorAdam(std::span<const Tensor> tensors, const O
     detail::AdamStoreLayout<Store>::zero(mb, stream);
   }
   units_ = host_begin.back();
+  if (options.check_finite) {
+    const std::size_t n = tensors.size();
+    flags_.bad = c.take<std::int32_t>(n);
+    flags_.skipped = c.take<std::int32_t>(n);
+    flags_.skips = c.take<std::int32_t>(n);
+    flags_.steps = c.take<detail::AdamTensorStep>(n);
+    if (n > 0)  // bad, skipped and skips are adjacent regions: zero them together
+      detail::check(cudaMemsetAsync(flags_.bad, 0,
+                                    static_cast<std::size_t>(reinterpret_cast<char*>(flags_.steps) -
+                                                             reinterpret_cast<char*>(flags_.bad)),
+                                    stream),
+                    "cudaMemsetAsync");
+  }
   if constexpr (detail::is_q8<Store>::value) {
     // The code maps live in dynamic shared memory beyond the default 48 KiB: raise the limit.
     auto allow = [](auto kernel) {
@@ -399,9 +517,12 @@ MultiTensorAdam<Store>::MultiTensorAdam(std::span<const Tensor> tensors, const O
                                          static_cast<int>(detail::q8_smem_bytes)),
                     "cudaFuncSetAttribute");
     };
-    allow(detail::adam_kernel<Store, Precision::fp32>);
-    allow(detail::adam_kernel<Store, Precision::bf16>);
-    allow(detail::adam_kernel<Store, Precision::fp32_master>);
+    allow(detail::adam_kernel<Store, Precision::fp32, false>);
+    allow(detail::adam_kernel<Store, Precision::bf16, false>);
+    allow(detail::adam_kernel<Store, Precision::fp32_master, false>);
+    allow(detail::adam_kernel<Store, Precision::fp32, true>);
+    allow(detail::adam_kernel<Store, Precision::bf16, true>);
+    allow(detail::adam_kernel<Store, Precision::fp32_master, true>);
   }
   // Synchronous copies from pageable memory: construction is setup, not a step.
   detail::check(cudaMemcpyAsync(entries, host.data(), host.size() * sizeof(detail::AdamEntry),
@@ -475,6 +596,52 @@ void MultiTensorAdam<Store>::set_steps(std::int64_t t) {
 }
 
 template <class Store>
+std::vector<index_t> MultiTensorAdam<Store>::last_skipped() const {
+  require(options_.check_finite, "cuda::MultiTensorAdam::last_skipped: check_finite is off");
+  std::vector<std::int32_t> flags(moments_.size());
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  if (!flags.empty())
+    detail::check(cudaMemcpy(flags.data(), flags_.skipped, flags.size() * sizeof(std::int32_t),
+                             cudaMemcpyDeviceToHost),
+                  "cudaMemcpy");
+  std::vector<index_t> out;
+  for (std::size_t k = 0; k < flags.size(); ++k)
+    if (flags[k]) out.push_back(static_cast<index_t>(k));
+  return out;
+}
+
+template <class Store>
+std::int64_t MultiTensorAdam<Store>::tensor_steps(index_t tensor) const {
+  (void)moments(tensor);  // range check
+  if (!options_.check_finite) return t_;
+  std::int32_t skips = 0;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(
+      cudaMemcpy(&skips, flags_.skips + tensor, sizeof(std::int32_t), cudaMemcpyDeviceToHost),
+      "cudaMemcpy");
+  return t_ - skips;
+}
+
+template <class Store>
+void MultiTensorAdam<Store>::set_tensor_steps(index_t tensor, std::int64_t steps) {
+  (void)moments(tensor);
+  require(steps >= 0 && steps <= t_,
+          "cuda::MultiTensorAdam::set_tensor_steps: a tensor's count must be in [0, steps()]");
+  if (!options_.check_finite) {
+    require(steps == t_,
+            "cuda::MultiTensorAdam::set_tensor_steps: without check_finite every tensor has "
+            "steps() steps");
+    return;
+  }
+  require(t_ - steps <= 0x7fffffff, "cuda::MultiTensorAdam::set_tensor_steps: lag too large");
+  const auto skips = static_cast<std::int32_t>(t_ - steps);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(
+      cudaMemcpy(flags_.skips + tensor, &skips, sizeof(std::int32_t), cudaMemcpyHostToDevice),
+      "cudaMemcpy");
+}
+
+template <class Store>
 void MultiTensorAdam<Store>::set_lr(double lr) {
   require(std::isfinite(lr) && lr >= 0,
           "cuda::MultiTensorAdam::set_lr: lr must be finite and >= 0");
@@ -484,7 +651,8 @@ void MultiTensorAdam<Store>::set_lr(double lr) {
 template <class Store>
 StepScalars MultiTensorAdam<Store>::scalars(std::int64_t t) const {
   require(t >= 1, "cuda::MultiTensorAdam::scalars: steps count from 1");
-  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1)};
+  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1),
+          options_.rule.lr};
 }
 
 template <class Store>
@@ -517,20 +685,36 @@ void MultiTensorAdam<Store>::launch(stream_t stream, const StepScalars& sc,
   bool stochastic = false;
   if constexpr (std::is_same_v<Store, state::Bf16>) stochastic = options_.store.stochastic_rounding;
   const auto n = static_cast<int>(moments_.size());
-  auto launch_kernel = [&](auto kernel) {
+  const bool check = options_.check_finite;
+  auto launch_kernel = [&](auto finite_kernel, auto kernel, auto checked_kernel) {
+    if (check) {
+      finite_kernel<<<blocks, threads, 0, stream>>>(entries, begin, n, units_, flags_.bad);
+      detail::check_launch("MultiTensorAdam::step (finite check)");
+      detail::adam_tensor_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+          flags_.bad, flags_.skipped, flags_.skips, flags_.steps, n, options_.rule,
+          static_cast<long long>(t_), sc.adam, device_scalars);
+      detail::check_launch("MultiTensorAdam::step (tensor scalars)");
+    }
     const std::size_t smem = detail::is_q8<Store>::value ? detail::q8_smem_bytes : 0;
-    kernel<<<blocks, threads, smem, stream>>>(entries, begin, n, units_, sc.adam, stochastic,
-                                              options_.seed, sc.epoch, device_scalars);
+    (check ? checked_kernel : kernel)<<<blocks, threads, smem, stream>>>(
+        entries, begin, n, units_, sc.adam, stochastic, options_.seed, sc.epoch, device_scalars,
+        flags_.steps);
   };
+  using detail::adam_finite_kernel;
+  using detail::adam_kernel;
   switch (options_.precision) {
     case Precision::fp32:
-      launch_kernel(detail::adam_kernel<Store, Precision::fp32>);
+      launch_kernel(adam_finite_kernel<Precision::fp32>, adam_kernel<Store, Precision::fp32, false>,
+                    adam_kernel<Store, Precision::fp32, true>);
       break;
     case Precision::bf16:
-      launch_kernel(detail::adam_kernel<Store, Precision::bf16>);
+      launch_kernel(adam_finite_kernel<Precision::bf16>, adam_kernel<Store, Precision::bf16, false>,
+                    adam_kernel<Store, Precision::bf16, true>);
       break;
     case Precision::fp32_master:
-      launch_kernel(detail::adam_kernel<Store, Precision::fp32_master>);
+      launch_kernel(adam_finite_kernel<Precision::fp32_master>,
+                    adam_kernel<Store, Precision::fp32_master, false>,
+                    adam_kernel<Store, Precision::fp32_master, true>);
       break;
   }
   detail::check_launch("MultiTensorAdam::step");

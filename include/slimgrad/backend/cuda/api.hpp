@@ -89,7 +89,20 @@ struct MomentBuffers {
 struct StepScalars {
   optim::AdamStep adam{};   ///< optim::Adam::step_scalars(rule with the current lr, t)
   std::uint32_t epoch = 0;  ///< t − 1: names stochastic rounding's random words (Adam, Bf16)
+  /// The current lr (MultiTensorAdam with check_finite: the scalars of a tensor whose count
+  /// lags after a skip are computed on the device from the rule's options with this lr).
+  double lr = 0;
 };
+
+namespace detail {
+/// What MultiTensorAdam's step kernel reads per tensor under check_finite (device memory):
+/// skip the tensor, or the scalars and stochastic-rounding epoch of its own step.
+struct AdamTensorStep {
+  optim::AdamStep adam;
+  std::uint32_t epoch;
+  std::int32_t skip;
+};
+}  // namespace detail
 
 /// Adam (any convention: torch, hf, bnb) over a list of tensors, one launch per step for all of
 /// them. Store: state::Fp32, state::Bf16 (nearest-even or stochastic rounding) or
@@ -97,6 +110,16 @@ struct StepScalars {
 /// pass; tensors under min_8bit_size stay fp32, as on the CPU). The per-element math is the
 /// CPU's (optim/adam.hpp, state/q8_math.hpp, core/numeric.hpp), so a program built with
 /// -fmad=false reproduces impl<Adam, backend::cpu>::update_apply bit for bit.
+///
+/// With Options::check_finite, a tensor whose gradient holds a NaN or an infinity is skipped by
+/// the step, as the CPU optimizer skips it: weights, moments (codes and absmax) and the tensor's
+/// own step count untouched; its later steps take the bias corrections (and the stochastic
+/// rounding epoch) of its own count. The check is a pass of its own over the gradients before
+/// the step (a tensor must be known clean before any of its blocks is written, and a tensor
+/// spans many warps), so it costs the gradient's bytes once more (4 of 28 per fp32 parameter,
+/// 4 of 16.1 for 8-bit): it is off by default, for trainers that check their gradients already
+/// (a global-norm clip does); Optimizer<…, backend::cuda> turns it on (DeviceOptions). The
+/// flags stay on the device (skipped()); last_skipped() and tensor_steps() read them.
 template <class Store>
 class MultiTensorAdam {
  public:
@@ -105,6 +128,7 @@ class MultiTensorAdam {
     typename Store::Options store{};
     Precision precision = Precision::fp32;
     std::uint64_t seed = 0;  ///< stochastic rounding: Key{seed, Tensor::id, step − 1}
+    bool check_finite = false;  ///< skip tensors whose gradient is not finite (see above)
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
@@ -136,13 +160,33 @@ class MultiTensorAdam {
   void read_moments(index_t tensor, void* m, void* v, float* m_absmax, float* v_absmax) const;
   void write_moments(index_t tensor, const void* m, const void* v, const float* m_absmax,
                      const float* v_absmax);
-  /// The number of steps taken so far (the next step() is t + 1).
+  /// The number of steps taken so far (the next step() is t + 1). Tensors that lag keep their
+  /// lag (steps() − tensor_steps()): set it with set_tensor_steps() after this.
   void set_steps(std::int64_t t);
 
+  /// check_finite only (else nullptr / an Error). Device array, one int per tensor: 1 when the
+  /// last step skipped it.
+  const std::int32_t* skipped() const { return flags_.skipped; }
+  /// The tensors the last step skipped (ascending; synchronises with the device).
+  std::vector<index_t> last_skipped() const;
+  /// Steps tensor k has taken: steps() minus its skips (synchronises).
+  std::int64_t tensor_steps(index_t tensor) const;
+  /// Sets tensor k's own count (0 <= steps <= steps(); a checkpoint's count), synchronously.
+  void set_tensor_steps(index_t tensor, std::int64_t steps);
+
  private:
+  /// Device state of the finite check: per tensor the check's flag (cleared by the step that
+  /// reads it), the last step's skip, the number of skips, and what the step kernel reads.
+  struct Flags {
+    std::int32_t* bad = nullptr;
+    std::int32_t* skipped = nullptr;
+    std::int32_t* skips = nullptr;
+    detail::AdamTensorStep* steps = nullptr;
+  };
   Options options_;
   std::vector<MomentBuffers> moments_;
   void* table_ = nullptr;  // device: one entry per tensor, then the unit prefix sums
+  Flags flags_;
   index_t units_ = 0;
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;

@@ -14,9 +14,6 @@
 //   Identity                        → MultiTensorAdam<Store> (torch, hf, bnb; Fp32, Bf16, Q8Block)
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
 //   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter)
-//   SvdProjection / Grassmann + Recovery → the same, with recovery scaling and its limiter
-//                                   (Fira; SubTrack++ with Grassmann, its projection-aware
-//                                   moments included; SvdProjection refuses projection_aware)
 // The engines are built at the first step, for the parameters of that step: their launch tables
 // hold the device pointers, so every later step must pass the same parameters with the same
 // buffers (a trainer's persistent parameter and gradient buffers). Work is enqueued on the
@@ -60,11 +57,36 @@ struct Param {
   DeviceView<const float> grad;
 };
 
+/// bf16 parameters and gradients (bf16 bits; Precision::bf16, the peers' pure-bf16 runs): the
+/// step is computed in fp32 from the widened values, the weight rounded once to nearest even.
+struct ParamBf16 {
+  std::string_view name;
+  DeviceView<std::uint16_t> weight;
+  DeviceView<const std::uint16_t> grad;
+};
+
+/// fp32 master weights with bf16 gradients (Precision::fp32_master); after each step the bf16
+/// model copy (weight_bf16: weight's shape, contiguous; may be null) gets the rounded weight.
+struct ParamMaster {
+  std::string_view name;
+  DeviceView<float> weight;
+  DeviceView<const std::uint16_t> grad;
+  std::uint16_t* weight_bf16 = nullptr;
+};
+
 /// Settings of the CUDA engines that the CPU optimizer does not have.
 struct DeviceOptions {
   bool tf32 = true;     ///< MultiTensorLowRank: TF32 tensor cores for the large GEMMs
   int lanes = 8;        ///< MultiTensorLowRank: refresh lanes
   bool batched = true;  ///< MultiTensorLowRank: one batched GEMM per shape group
+  /// Skip a tensor whose gradient holds NaN or Inf, as the CPU does (plain path and GWT; the
+  /// low-rank engine always checks). Off saves the plain path's check pass (one more read of
+  /// the gradients) for a trainer that checks its gradients itself.
+  bool check_finite = true;
+  /// step() waits for the device to name the skipped tensors in its report, as the CPU's does.
+  /// Off: step() never synchronises (a steady step is then launches only; the report counts
+  /// every tensor as stepped) and last_skipped() reads the flags when asked.
+  bool report_skips = true;
 };
 
 namespace detail {
@@ -104,6 +126,28 @@ void to_device(void* device, const T* host, std::size_t count, stream_t stream) 
   copy_to_device(static_cast<std::byte*>(device), reinterpret_cast<const std::byte*>(host),
                  count * sizeof(T), stream);
 }
+
+/// One parameter of any precision, as step() checks and binds it.
+struct RawParam {
+  std::string_view name;
+  Shape shape, grad_shape;
+  bool contiguous = false;
+  void* weight = nullptr;
+  const void* grad = nullptr;
+  std::uint16_t* copy = nullptr;
+};
+inline RawParam raw(const Param& p) {
+  return {p.name,   p.weight.shape(),          p.grad.shape(),
+          p.weight.contiguous() && p.grad.contiguous(), p.weight.data, p.grad.data};
+}
+inline RawParam raw(const ParamBf16& p) {
+  return {p.name,   p.weight.shape(),          p.grad.shape(),
+          p.weight.contiguous() && p.grad.contiguous(), p.weight.data, p.grad.data};
+}
+inline RawParam raw(const ParamMaster& p) {
+  return {p.name,       p.weight.shape(), p.grad.shape(), p.weight.contiguous() && p.grad.contiguous(),
+          p.weight.data, p.grad.data,      p.weight_bf16};
+}
 }  // namespace detail
 }  // namespace cuda
 
@@ -111,42 +155,30 @@ template <class Rule, class Transform, class Store, class Residual>
 class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   using Cpu = Optimizer<Rule, Transform, Store, backend::cpu, Residual>;
   using Engine = typename cuda::detail::engine_of<Transform>::type;
+  using Plain = cuda::MultiTensorAdam<Store>;
   static constexpr bool identity = std::is_same_v<Transform, transforms::Identity>;
   static constexpr bool lowrank = std::is_same_v<Transform, transforms::SvdProjection> ||
                                   std::is_same_v<Transform, transforms::Grassmann>;
   static constexpr bool wavelet = !identity && !lowrank && !std::is_void_v<Engine>;
-  static constexpr bool recovery = std::is_same_v<Residual, residual::Recovery>;
   static_assert(std::is_same_v<Rule, optim::Adam>, "slimgrad cuda: Optimizer runs Adam only");
   static_assert(identity ||
                     (wavelet && std::is_same_v<Residual, residual::WaveletDetails> &&
                      std::is_same_v<Store, state::Fp32>) ||
-                    (lowrank && (std::is_same_v<Residual, residual::Drop> || recovery) &&
+                    (lowrank && std::is_same_v<Residual, residual::Drop> &&
                      std::is_same_v<Store, state::Fp32>),
                 "slimgrad cuda: Optimizer composes Identity (any store), Dwt<Haar, L> with "
-                "WaveletDetails, or SvdProjection / Grassmann with Drop or Recovery (Fp32 state)");
+                "WaveletDetails, or SvdProjection / Grassmann with Drop (Fp32 state)");
   // The engine of the compressed parameters (none with Identity: a placeholder type).
-  using Compressed =
-      std::conditional_t<std::is_void_v<Engine>, cuda::MultiTensorAdam<Store>, Engine>;
+  using Compressed = std::conditional_t<std::is_void_v<Engine>, Plain, Engine>;
 
  public:
   using Options = typename Cpu::Options;
+  using Override = typename Cpu::Override;
 
   explicit Optimizer(const Options& o = {}, cuda::stream_t stream = nullptr,
                      const cuda::DeviceOptions& device = {})
       : options_(o), stream_(stream), device_(device), accounting_(o) {
-    if constexpr (lowrank && recovery) {
-      require(!o.residual.projection_aware || std::is_same_v<Transform, transforms::Grassmann>,
-              "cuda optimizer: projection-aware moments rotate at a tracking step: Grassmann "
-              "only on the GPU");
-      require(o.residual.recovery_scaling || o.residual.limiter_gamma == 0,
-              "cuda optimizer: the low-rank engine limits the recovered residual only");
-    } else if constexpr (lowrank) {
-      require(o.residual.limiter_gamma == 0,
-              "cuda optimizer: the low-rank engine has no norm-growth limiter");
-    }
-    if constexpr (wavelet)
-      require(o.transform.axis == transforms::Axis::rows,
-              "cuda optimizer: GWT transforms along rows only");
+    check_engine(o.transform, o.residual);
   }
 
   const Options& options() const { return options_; }
@@ -155,87 +187,73 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   void set_lr(double lr) {
     require(std::isfinite(lr) && lr >= 0, "optimizer: lr must be finite and >= 0");
     options_.rule.lr = lr;
-    if (plain_) plain_->set_lr(lr);
+    for (auto& g : plain_)
+      g.engine->set_lr(lr * g.lr_scale);
     if constexpr (!identity)
-      if (engine_) engine_->set_lr(lr);
+      for (auto& g : engines_)
+        g.engine->set_lr(lr * g.lr_scale);
   }
 
-  /// One step of every parameter (the same ones, with the same buffers, at every step).
+  /// Per-parameter settings, as on the CPU (role, lr_scale, weight_decay, transform and
+  /// residual options), with the CPU's checks; given before the first step (the engines are
+  /// built then). Parameters with the same settings share an engine: each distinct setting
+  /// costs one more launch per step (a low-rank engine also its refresh lanes).
+  void set_override(std::string name, Override o) {
+    require(!bound() && !pending_,
+            "optimizer: parameter '" + name +
+                "' already has state; set overrides before its first step");
+    check_engine(o.transform ? *o.transform : options_.transform,
+                 o.residual ? *o.residual : options_.residual);
+    accounting_.set_override(name, o);  // the CPU's checks; throws with nothing changed
+    overrides_[std::move(name)] = std::move(o);
+  }
+
+  /// One step of every parameter (the same ones, with the same buffers, at every step), in one
+  /// precision: fp32 (Param), bf16 (ParamBf16) or fp32 master weights with bf16 gradients
+  /// (ParamMaster), fixed by the first step.
   StepReport step(std::span<const cuda::Param> params) {
-    std::vector<const cuda::Param*> sorted;
-    for (const cuda::Param& p : params) {
-      const std::string name(p.name);
-      require(!p.name.empty(), "optimizer: a parameter has an empty name");
-      require(p.weight.rows > 0 && p.weight.cols > 0,
-              "optimizer: parameter '" + name + "' has zero size");
-      require(p.grad.shape() == p.weight.shape(),
-              "optimizer: gradient of '" + name + "' has another shape than its weight");
-      require(p.weight.data && p.grad.data, "optimizer: parameter '" + name + "' has a null view");
-      require(p.weight.ld == p.weight.cols && p.grad.ld == p.grad.cols,
-              "cuda optimizer: parameter '" + name + "' is not contiguous");
-      sorted.push_back(&p);
-    }
-    std::sort(sorted.begin(), sorted.end(),
-              [](const cuda::Param* a, const cuda::Param* b) { return a->name < b->name; });
-    for (std::size_t i = 1; i < sorted.size(); ++i)
-      require(sorted[i]->name != sorted[i - 1]->name,
-              "optimizer: parameter '" + std::string(sorted[i]->name) + "' appears twice");
-    if (bound()) {
-      require(sorted.size() == entries_.size(),
-              "cuda optimizer: every step takes the parameters of the first step");
-      for (std::size_t i = 0; i < sorted.size(); ++i) {
-        const Entry& e = entries_[i];
-        require(sorted[i]->name == e.name && sorted[i]->weight.data == e.weight &&
-                    sorted[i]->grad.data == e.grad,
-                "cuda optimizer: every step takes the parameters of the first step, with the "
-                "same device buffers ('" +
-                    std::string(sorted[i]->name) + "' differs)");
-      }
-    } else {
-      if (pending_) {
-        require(sorted.size() == pending_shapes_.size(),
-                "cuda optimizer: the loaded checkpoint holds other parameters than this step");
-        for (const cuda::Param* p : sorted) {
-          const auto it = pending_shapes_.find(p->name);
-          require(it != pending_shapes_.end() && it->second == p->weight.shape(),
-                  "cuda optimizer: parameter '" + std::string(p->name) +
-                      "' is not in the loaded checkpoint with this shape");
-        }
-      }
-      bind(sorted);
-      if (pending_) {
-        apply(*pending_);
-        pending_.reset();
-        pending_shapes_.clear();
-      }
-    }
-    if (plain_) plain_->step(stream_);
-    if (engine_) engine_->step(stream_);
-    ++steps_;
-    StepReport report;
-    report.stepped = static_cast<index_t>(entries_.size());
-    std::vector<index_t> skipped;  // the engine's indices
-    if constexpr (wavelet) {
-      if (engine_) {
-        std::vector<std::int32_t> flags(static_cast<std::size_t>(engine_->tensors()));
-        cuda::detail::to_host(flags.data(), engine_->skipped(), flags.size(), stream_);
-        for (std::size_t k = 0; k < flags.size(); ++k)
-          if (flags[k]) skipped.push_back(static_cast<index_t>(k));
-      }
-    } else if constexpr (lowrank) {
-      if (engine_) skipped = engine_->last_skipped();
-    }
-    for (const Entry& e : entries_)
-      if (e.compressed && std::find(skipped.begin(), skipped.end(), e.index) != skipped.end()) {
-        report.skipped.push_back(e.name);
-        --report.stepped;
-      }
-    return report;
+    return step_raw(raws(params), cuda::Precision::fp32);
+  }
+  StepReport step(std::span<const cuda::ParamBf16> params) {
+    return step_raw(raws(params), cuda::Precision::bf16);
+  }
+  StepReport step(std::span<const cuda::ParamMaster> params) {
+    return step_raw(raws(params), cuda::Precision::fp32_master);
   }
 
-  /// Steps taken (all parameters step together); 0 for an unknown parameter.
+  /// The parameters the last step skipped (non-finite gradients), by name; synchronises.
+  std::vector<std::string> last_skipped() const {
+    std::vector<std::string> out;
+    std::vector<std::vector<index_t>> plain(plain_.size()), packed(engines_.size());
+    if (device_.check_finite)
+      for (std::size_t k = 0; k < plain_.size(); ++k)
+        plain[k] = plain_[k].engine->last_skipped();
+    if constexpr (wavelet) {
+      if (device_.check_finite)
+        for (std::size_t k = 0; k < engines_.size(); ++k) {
+          const auto& e = *engines_[k].engine;
+          std::vector<std::int32_t> flags(static_cast<std::size_t>(e.tensors()));
+          cuda::detail::to_host(flags.data(), e.skipped(), flags.size(), stream_);
+          for (std::size_t i = 0; i < flags.size(); ++i)
+            if (flags[i]) packed[k].push_back(static_cast<index_t>(i));
+        }
+    } else if constexpr (lowrank) {
+      for (std::size_t k = 0; k < engines_.size(); ++k)
+        packed[k] = engines_[k].engine->last_skipped();
+    }
+    for (const Entry& e : entries_) {
+      const auto& list = e.compressed ? packed[e.group] : plain[e.group];
+      if (std::find(list.begin(), list.end(), e.index) != list.end()) out.push_back(e.name);
+    }
+    return out;
+  }
+
+  /// Steps a parameter has taken (a skipped step does not count on the plain path and the
+  /// low-rank engine; synchronises for those); 0 for an unknown parameter.
   std::int64_t step_count(std::string_view name) const {
-    return find(name) || pending_shapes_.count(name) ? steps_ : 0;
+    if (pending_) return pending_shapes_.count(name) ? pending_->step_count(name) : 0;
+    const Entry* e = find(name);
+    return e ? tensor_steps(*e) : 0;
   }
   bool is_compressed(std::string_view name) const {
     const Entry* e = find(name);
@@ -258,64 +276,70 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   std::size_t size() const { return entries_.size(); }
 
   /// The whole state in the CPU optimizer's checkpoint format: a CPU optimizer of the same
-  /// composition takes the GPU's state (synchronous copies) and writes the file.
+  /// composition and overrides takes the GPU's state (synchronous copies) and writes the file.
   io::TensorFile to_checkpoint() const {
     require(!pending_, "cuda optimizer: a loaded checkpoint is applied at the first step");
-    Cpu holder(options_);
+    const auto holder = make_cpu();
     for (const Entry& e : entries_) {
-      holder.add_state(e.name, e.shape);
-      require(holder.is_compressed(e.name) == e.compressed,
+      holder->add_state(e.name, e.shape);
+      require(holder->is_compressed(e.name) == e.compressed,
               "cuda optimizer: '" + e.name + "' is compressed on one backend only");
-      auto& rs = holder.rule_state(e.name);
-      std::int64_t steps = steps_;
+      auto& rs = holder->rule_state(e.name);
+      const std::int64_t steps = tensor_steps(e);
       if (!e.compressed) {
         const auto [m, ma] = cuda::detail::host_moment(rs.m);
         const auto [v, va] = cuda::detail::host_moment(rs.v);
-        plain_->read_moments(e.index, m, v, ma, va);
+        plain_[e.group].engine->read_moments(e.index, m, v, ma, va);
       } else if constexpr (wavelet) {
         float limiter = -1.0f;
-        engine_->read_state(e.index, rs.m.data.data(), rs.v.data.data(), limiter);
-        holder.set_limiter_state(e.name, limiter >= 0.0f ? limiter : -1.0f);
+        engines_[e.group].engine->read_state(e.index, rs.m.data.data(), rs.v.data.data(),
+                                             limiter);
+        holder->set_limiter_state(e.name, limiter >= 0.0f ? limiter : -1.0f);
       } else if constexpr (lowrank) {
-        engine_->read_moments(e.index, rs.m.data.data(), rs.v.data.data());
-        steps = engine_->tensor_steps(e.index);  // its own count: skipped steps do not count
-        auto& ts = holder.transform_state(e.name);
+        const auto& engine = *engines_[e.group].engine;
+        engine.read_moments(e.index, rs.m.data.data(), rs.v.data.data());
+        auto& ts = holder->transform_state(e.name);
         if (steps_ > 0) {  // refreshes ran at k ≡ 0 mod T, k < steps_
-          const Shape bs = engine_->basis_shape(e.index);
+          const Shape bs = engine.basis_shape(e.index);
           ts.basis.resize(bs.rows, bs.cols);
-          engine_->read_basis(e.index, ts.basis.data());
-          const index_t gap = options_.transform.update_gap;
+          engine.read_basis(e.index, ts.basis.data());
+          const index_t gap = engines_[e.group].update_gap;
           ts.refresh_count = static_cast<std::uint64_t>((steps_ + gap - 1) / gap);
           ts.last_refresh_step = (steps_ - 1) / gap * gap;
-          std::tie(ts.last_refresh_status, ts.last_failure) = engine_->refresh_status(e.index);
+          std::tie(ts.last_refresh_status, ts.last_failure) = engine.refresh_status(e.index);
         }
-        if constexpr (recovery) holder.set_limiter_state(e.name, engine_->read_limiter(e.index));
       }
-      holder.set_step_count(e.name, steps);
+      holder->set_step_count(e.name, steps);
     }
-    return holder.to_checkpoint();
+    return holder->to_checkpoint();
   }
 
   /// Replaces the whole state with the checkpoint's: every check of the CPU loader (format,
   /// version, composition, structural options, shapes, checksum, values), then the parameters
-  /// must be this optimizer's (or, before the first step, become the first step's) and share one
-  /// step count. On any error nothing changes.
+  /// must be this optimizer's (or, before the first step, become the first step's). The
+  /// engines step every compressed parameter together, so those share one count, the largest;
+  /// a plain parameter may lag behind it (skipped steps) when check_finite is on. On any error
+  /// nothing changes.
   void from_checkpoint(const io::TensorFile& f) {
-    auto holder = std::make_unique<Cpu>(options_);
+    auto holder = make_cpu();
     holder->from_checkpoint(f);  // throws, with nothing changed here, on any defect of the file
     std::map<std::string, Shape, std::less<>> shapes;
-    std::optional<std::int64_t> count;
+    std::int64_t count = 0;
     for (const auto& jn : nlohmann::json::parse(f.metadata.at("params"))) {
       const std::string name = jn.get<std::string>();
       io::StateReader r(f, name);
       std::vector<std::int64_t> shape(2);
       r.vector("shape", shape);
       shapes.emplace(name, Shape{static_cast<index_t>(shape[0]), static_cast<index_t>(shape[1])});
+      count = std::max(count, holder->step_count(name));
+    }
+    for (const auto& [name, shape] : shapes) {
       const std::int64_t s = holder->step_count(name);
-      require(!count || *count == s,
-              "cuda optimizer: the checkpoint's parameters have different step counts (the CUDA "
-              "engines step every parameter together)");
-      count = s;
+      require(s == count || (!holder->is_compressed(name) && device_.check_finite),
+              "cuda optimizer: the checkpoint's parameters have different step counts ('" + name +
+                  "' " + std::to_string(s) + ", another " + std::to_string(count) +
+                  "); the CUDA engines step their parameters together (a plain one may lag "
+                  "with check_finite)");
     }
     if (bound()) {
       require(shapes.size() == entries_.size(),
@@ -326,12 +350,12 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
                 "cuda optimizer: parameter '" + e.name + "' is not in the checkpoint with shape " +
                     std::to_string(e.shape.rows) + "x" + std::to_string(e.shape.cols));
       }
-      steps_ = count.value_or(0);
+      steps_ = count;
       apply(*holder);
     } else {
       pending_ = std::move(holder);
       pending_shapes_ = std::move(shapes);
-      steps_ = count.value_or(0);
+      steps_ = count;
     }
   }
 
@@ -343,10 +367,113 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
     std::string name;
     Shape shape;
     bool compressed = false;
-    index_t index = 0;  // in its engine
-    const float* weight = nullptr;
-    const float* grad = nullptr;
+    std::size_t group = 0;  // in plain_ or engines_
+    index_t index = 0;      // in its group's engine
+    const void* weight = nullptr;
+    const void* grad = nullptr;
+    const void* copy = nullptr;
   };
+  template <class E>
+  struct Group {
+    std::string key;  // the effective options and lr_scale, as text
+    double lr_scale = 1.0;
+    index_t update_gap = 1;  // low-rank: the refresh period
+    std::vector<cuda::Tensor> tensors;
+    typename E::Options options;
+    std::unique_ptr<cuda::detail::DeviceMemory> ws;
+    std::unique_ptr<E> engine;
+  };
+
+  // What the engines cannot do, refused before anything changes.
+  static void check_engine(const typename Transform::Options& t,
+                           const typename Residual::Options& r) {
+    if constexpr (lowrank)
+      require(r.limiter_gamma == 0,
+              "cuda optimizer: the low-rank engine has no norm-growth limiter");
+    if constexpr (wavelet)
+      require(t.axis == transforms::Axis::rows, "cuda optimizer: GWT transforms along rows only");
+    (void)t, (void)r;
+  }
+
+  std::unique_ptr<Cpu> make_cpu() const {
+    auto c = std::make_unique<Cpu>(options_);
+    for (const auto& [name, o] : overrides_)
+      c->set_override(name, o);
+    return c;
+  }
+
+  template <class P>
+  static std::vector<cuda::detail::RawParam> raws(std::span<const P> params) {
+    std::vector<cuda::detail::RawParam> out;
+    out.reserve(params.size());
+    for (const P& p : params)
+      out.push_back(cuda::detail::raw(p));
+    return out;
+  }
+
+  StepReport step_raw(const std::vector<cuda::detail::RawParam>& params, cuda::Precision p) {
+    std::vector<const cuda::detail::RawParam*> sorted;
+    for (const cuda::detail::RawParam& r : params) {
+      const std::string name(r.name);
+      require(!r.name.empty(), "optimizer: a parameter has an empty name");
+      require(r.shape.rows > 0 && r.shape.cols > 0,
+              "optimizer: parameter '" + name + "' has zero size");
+      require(r.grad_shape == r.shape,
+              "optimizer: gradient of '" + name + "' has another shape than its weight");
+      require(r.weight && r.grad, "optimizer: parameter '" + name + "' has a null view");
+      require(r.contiguous, "cuda optimizer: parameter '" + name + "' is not contiguous");
+      sorted.push_back(&r);
+    }
+    std::sort(sorted.begin(), sorted.end(),
+              [](const auto* a, const auto* b) { return a->name < b->name; });
+    for (std::size_t i = 1; i < sorted.size(); ++i)
+      require(sorted[i]->name != sorted[i - 1]->name,
+              "optimizer: parameter '" + std::string(sorted[i]->name) + "' appears twice");
+    if (bound()) {
+      require(p == precision_,
+              "cuda optimizer: every step takes the parameters' precision of the first step");
+      require(sorted.size() == entries_.size(),
+              "cuda optimizer: every step takes the parameters of the first step");
+      for (std::size_t i = 0; i < sorted.size(); ++i) {
+        const Entry& e = entries_[i];
+        require(sorted[i]->name == e.name && sorted[i]->weight == e.weight &&
+                    sorted[i]->grad == e.grad && sorted[i]->copy == e.copy,
+                "cuda optimizer: every step takes the parameters of the first step, with the "
+                "same device buffers ('" +
+                    std::string(sorted[i]->name) + "' differs)");
+      }
+    } else {
+      if (pending_) {
+        require(sorted.size() == pending_shapes_.size(),
+                "cuda optimizer: the loaded checkpoint holds other parameters than this step");
+        for (const auto* r : sorted) {
+          const auto it = pending_shapes_.find(r->name);
+          require(it != pending_shapes_.end() && it->second == r->shape,
+                  "cuda optimizer: parameter '" + std::string(r->name) +
+                      "' is not in the loaded checkpoint with this shape");
+        }
+      }
+      bind(sorted, p);
+      if (pending_) {
+        apply(*pending_);
+        pending_.reset();
+        pending_shapes_.clear();
+      }
+    }
+    for (auto& g : plain_)
+      g.engine->step(stream_);
+    if constexpr (!identity)
+      for (auto& g : engines_)
+        g.engine->step(stream_);
+    ++steps_;
+    StepReport report;
+    report.stepped = static_cast<index_t>(entries_.size());
+    if (device_.report_skips) {
+      report.skipped = last_skipped();
+      report.stepped -= static_cast<index_t>(report.skipped.size());
+    }
+    return report;
+  }
 
   bool bound() const { return !entries_.empty(); }
   const Entry* find(std::string_view name) const {
@@ -354,104 +481,162 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
                                      [](const Entry& e, std::string_view n) { return e.name < n; });
     return it != entries_.end() && it->name == name ? &*it : nullptr;
   }
+  std::int64_t tensor_steps(const Entry& e) const {
+    if (!e.compressed) return plain_[e.group].engine->tensor_steps(e.index);
+    if constexpr (lowrank) return engines_[e.group].engine->tensor_steps(e.index);
+    return steps_;
+  }
 
-  void bind(const std::vector<const cuda::Param*>& sorted) {
+  // The rule of a parameter: its lr scale and weight decay (the CPU's rule_for).
+  optim::Adam::Options rule_of(const Override* o) const {
+    optim::Adam::Options r = options_.rule;
+    if (o) {
+      r.lr *= o->lr_scale;
+      if (o->weight_decay) r.weight_decay = *o->weight_decay;
+    }
+    return r;
+  }
+
+  template <class E, class MakeOptions>
+  static void add_to_group(std::vector<Group<E>>& groups, std::string key, double lr_scale,
+                           const cuda::Tensor& t, Entry& e, MakeOptions&& make) {
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const Group<E>& g) { return g.key == key; });
+    if (it == groups.end()) {
+      Group<E> g;
+      g.key = std::move(key);
+      g.lr_scale = lr_scale;
+      make(g);
+      groups.push_back(std::move(g));
+      it = groups.end() - 1;
+    }
+    e.group = static_cast<std::size_t>(it - groups.begin());
+    e.index = static_cast<index_t>(it->tensors.size());
+    it->tensors.push_back(t);
+  }
+
+  void bind(const std::vector<const cuda::detail::RawParam*>& sorted, cuda::Precision precision) {
+    if constexpr (lowrank)
+      require(precision == cuda::Precision::fp32,
+              "cuda optimizer: the low-rank engine takes fp32 parameters and gradients");
     std::vector<Entry> entries;
-    std::vector<cuda::Tensor> plain, compressed;
-    Cpu probe(options_);  // the CPU engine's decision: plain (Fallback) or compressed
-    for (const cuda::Param* p : sorted) {
-      probe.add_state(p->name, p->weight.shape());
-      Entry e{std::string(p->name), p->weight.shape(), probe.is_compressed(p->name)};
-      e.weight = p->weight.data;
-      e.grad = p->grad.data;
+    std::vector<Group<Plain>> plain;
+    std::vector<Group<Compressed>> compressed;
+    const auto probe = make_cpu();  // the CPU engine's decision: plain (Fallback) or compressed
+    for (const auto* p : sorted) {
+      probe->add_state(p->name, p->shape);
+      Entry e{std::string(p->name), p->shape, probe->is_compressed(p->name)};
+      e.weight = p->weight;
+      e.grad = p->grad;
+      e.copy = p->copy;
       cuda::Tensor t;
-      t.weight = p->weight.data;
-      t.grad = p->grad.data;
+      t.weight = p->weight;
+      t.grad = p->grad;
+      t.weight_bf16 = p->copy;
       t.rows = e.shape.rows;
       t.cols = e.shape.cols;
       t.id = tensor_id(e.name);
-      auto& list = e.compressed ? compressed : plain;
-      e.index = static_cast<index_t>(list.size());
-      list.push_back(t);
+      const auto ov = overrides_.find(e.name);
+      const Override* o = ov == overrides_.end() ? nullptr : &ov->second;
+      // The group: every option this parameter's step reads, as text, and its lr scale.
+      Options effective = options_;
+      effective.rule = rule_of(o);
+      effective.rule.lr = options_.rule.lr;  // set_lr scales it per group
+      if (o && o->transform) effective.transform = *o->transform;
+      if (o && o->residual) effective.residual = *o->residual;
+      const double lr_scale = o ? o->lr_scale : 1.0;
+      std::string key = fields::to_text(lr_scale);
+      auto add = [&](const char* k, const auto& v) { key += ";" + (k + ("=" + fields::to_text(v))); };
+      if (e.compressed)
+        fields::visit_all(effective, add);
+      else
+        fields::visit(effective.rule, add);  // a plain parameter reads only the rule
+      if (!e.compressed) {
+        add_to_group(plain, std::move(key), lr_scale, t, e, [&](Group<Plain>& g) {
+          g.options.rule = rule_of(o);
+          g.options.store = options_.store;
+          g.options.seed = options_.seed;
+          g.options.precision = precision;
+          g.options.check_finite = device_.check_finite;
+        });
+      } else if constexpr (!identity) {
+        add_to_group(compressed, std::move(key), lr_scale, t, e, [&](Group<Compressed>& g) {
+          auto& c = g.options;
+          c.rule = rule_of(o);
+          if constexpr (wavelet) {
+            c.residual = effective.residual;
+            c.mode = effective.transform.mode;
+            c.precision = precision;
+            c.check_finite = device_.check_finite;
+          } else {
+            c.transform = effective.transform;
+            c.scale = effective.residual.scale;
+            c.tf32 = device_.tf32;
+            c.lanes = device_.lanes;
+            c.batched = device_.batched;
+            g.update_gap = effective.transform.update_gap;
+          }
+        });
+      }
       entries.push_back(std::move(e));
     }
-    std::unique_ptr<cuda::detail::DeviceMemory> plain_ws, engine_ws;
-    std::unique_ptr<cuda::MultiTensorAdam<Store>> plain_engine;
-    std::unique_ptr<Compressed> engine;
-    if (!plain.empty()) {
-      typename cuda::MultiTensorAdam<Store>::Options o;
-      o.rule = options_.rule;
-      o.store = options_.store;
-      o.seed = options_.seed;
-      const std::size_t bytes = cuda::MultiTensorAdam<Store>::workspace_bytes(plain, o);
-      plain_ws = std::make_unique<cuda::detail::DeviceMemory>(bytes);
-      plain_engine =
-          std::make_unique<cuda::MultiTensorAdam<Store>>(plain, o, plain_ws->ptr, bytes, stream_);
-    }
-    if constexpr (!identity) {
-      if (!compressed.empty()) {
-        typename Engine::Options o;
-        o.rule = options_.rule;
-        if constexpr (wavelet) {
-          o.residual = options_.residual;
-          o.mode = options_.transform.mode;
-        } else {
-          o.transform = options_.transform;
-          o.scale = options_.residual.scale;
-          o.tf32 = device_.tf32;
-          o.lanes = device_.lanes;
-          o.batched = device_.batched;
-          if constexpr (recovery) {
-            o.recovery_scaling = options_.residual.recovery_scaling;
-            o.limiter_gamma = options_.residual.limiter_gamma;
-            o.projection_aware = options_.residual.projection_aware;
-          }
-        }
-        const std::size_t bytes = Engine::workspace_bytes(compressed, o);
-        engine_ws = std::make_unique<cuda::detail::DeviceMemory>(bytes);
-        engine = std::make_unique<Engine>(compressed, o, engine_ws->ptr, bytes, stream_);
+    // Engines built (their constructors check every tensor) before this object changes.
+    auto build = [&](auto& groups) {
+      for (auto& g : groups) {
+        using E = typename std::remove_reference_t<decltype(*g.engine)>;
+        const std::size_t bytes = E::workspace_bytes(g.tensors, g.options);
+        g.ws = std::make_unique<cuda::detail::DeviceMemory>(bytes);
+        g.engine = std::make_unique<E>(g.tensors, g.options, g.ws->ptr, bytes, stream_);
       }
-    }
+    };
+    build(plain);
+    if constexpr (!identity) build(compressed);
     // Nothing above changed this object; now it takes everything at once.
     entries_ = std::move(entries);
-    plain_ws_ = std::move(plain_ws);
-    engine_ws_ = std::move(engine_ws);
-    plain_ = std::move(plain_engine);
-    engine_ = std::move(engine);
-    if (plain_) plain_->set_steps(steps_);
-    if (engine_) engine_->set_steps(steps_);
+    plain_ = std::move(plain);
+    engines_ = std::move(compressed);
+    precision_ = precision;
+    for (auto& g : plain_)
+      g.engine->set_steps(steps_);
+    for (auto& g : engines_)
+      g.engine->set_steps(steps_);
   }
 
   // Writes a validated state (a CPU optimizer that loaded the file) into the bound engines.
   void apply(const Cpu& holder) {
+    for (auto& g : plain_)
+      g.engine->set_steps(steps_);
+    for (auto& g : engines_)
+      g.engine->set_steps(steps_);
     for (const Entry& e : entries_) {
       const auto& rs = holder.rule_state(e.name);
       if (!e.compressed) {
         const auto [m, ma] = cuda::detail::host_moment(rs.m);
         const auto [v, va] = cuda::detail::host_moment(rs.v);
-        plain_->write_moments(e.index, m, v, ma, va);
+        auto& engine = *plain_[e.group].engine;
+        engine.write_moments(e.index, m, v, ma, va);
+        engine.set_tensor_steps(e.index, holder.step_count(e.name));
       } else if constexpr (wavelet) {
-        engine_->write_state(e.index, rs.m.data.data(), rs.v.data.data(),
-                             holder.limiter_state(e.name));
+        engines_[e.group].engine->write_state(e.index, rs.m.data.data(), rs.v.data.data(),
+                                              holder.limiter_state(e.name));
       } else if constexpr (lowrank) {
-        engine_->write_moments(e.index, rs.m.data.data(), rs.v.data.data());
+        auto& engine = *engines_[e.group].engine;
+        engine.write_moments(e.index, rs.m.data.data(), rs.v.data.data());
         const auto& ts = holder.transform_state(e.name);
-        if (ts.basis.size() > 0) engine_->write_basis(e.index, ts.basis.data());
-        if constexpr (recovery) engine_->write_limiter(e.index, holder.limiter_state(e.name));
+        if (ts.basis.size() > 0) engine.write_basis(e.index, ts.basis.data());
       }
     }
-    if (plain_) plain_->set_steps(steps_);
-    if (engine_) engine_->set_steps(steps_);
   }
 
   Options options_;
   cuda::stream_t stream_ = nullptr;
   cuda::DeviceOptions device_;
-  Cpu accounting_;              // predicted_state_bytes: the CPU's accounting of the same state
+  Cpu accounting_;  // predicted_state_bytes and the overrides' checks: the CPU's accounting
+  std::map<std::string, Override, std::less<>> overrides_;
   std::vector<Entry> entries_;  // sorted by name
-  std::unique_ptr<cuda::detail::DeviceMemory> plain_ws_, engine_ws_;
-  std::unique_ptr<cuda::MultiTensorAdam<Store>> plain_;
-  std::unique_ptr<Compressed> engine_;
+  cuda::Precision precision_ = cuda::Precision::fp32;
+  std::vector<Group<Plain>> plain_;  // one engine per distinct setting of the plain parameters
+  std::vector<Group<Compressed>> engines_;
   std::unique_ptr<Cpu> pending_;  // a loaded checkpoint, until the first step binds the engines
   std::map<std::string, Shape, std::less<>> pending_shapes_;
   std::int64_t steps_ = 0;

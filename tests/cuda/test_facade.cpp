@@ -1,0 +1,394 @@
+// Optimizer<…, backend::cuda> (backend/cuda/optimizer.hpp) against the CPU optimizer on what
+// the CPU offers beyond the plain step: the non-finite gradient skip on the plain Adam path
+// (weights, moments and the tensor's own count untouched; its later steps take its own bias
+// corrections), per-parameter overrides, and bf16 / fp32-master parameters, whose CPU reference
+// steps the bf16-rounded values. Same bits as the CPU unless a case says otherwise.
+#include <slimgrad/backend/cuda/optimizer.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "device.hpp"
+
+using namespace slimgrad;
+using test::DeviceBuffer;
+
+namespace {
+
+// Sorted names (the GPU reports in name order, the CPU in the order given): two matrices the
+// compressing recipes take (both orientations) and a bias the fallback keeps plain.
+const std::vector<std::string> names = {"a", "bias", "c"};
+const std::vector<Shape> shapes = {{64, 96}, {1, 96}, {96, 64}};
+
+std::vector<std::vector<float>> initial_weights() {
+  std::vector<std::vector<float>> w;
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    w.push_back(test::random_floats(static_cast<std::size_t>(shapes[i].size()),
+                                    static_cast<std::uint32_t>(7 + i), 0.5f));
+  return w;
+}
+
+using Poison = std::function<void(int step, std::vector<std::vector<float>>& g)>;
+
+std::vector<std::vector<float>> gradients(int step, const Poison& poison) {
+  std::vector<std::vector<float>> g;
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    g.push_back(test::random_floats(static_cast<std::size_t>(shapes[i].size()),
+                                    static_cast<std::uint32_t>(500 * step + i), 0.1f));
+  if (poison) poison(step, g);
+  return g;
+}
+
+float round_bf16(float x) { return numeric::bf16_to_float(numeric::bf16_bits_rne(x)); }
+std::vector<std::uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<std::uint16_t> out(x.size());
+  std::transform(x.begin(), x.end(), out.begin(), numeric::bf16_bits_rne);
+  return out;
+}
+std::vector<float> widen(const std::vector<std::uint16_t>& x) {
+  std::vector<float> out(x.size());
+  std::transform(x.begin(), x.end(), out.begin(), numeric::bf16_to_float);
+  return out;
+}
+
+bool same_tensors(const io::TensorFile& a, const io::TensorFile& b) {
+  if (a.tensors.size() != b.tensors.size()) return false;
+  for (const auto& [name, t] : a.tensors) {
+    const auto it = b.tensors.find(name);
+    if (it == b.tensors.end() || it->second.data != t.data) {
+      MESSAGE("checkpoint tensor differs: " << name);
+      return false;
+    }
+  }
+  return true;
+}
+
+// The device side of a run in one precision: weights (and the fp32-master run's bf16 copies)
+// stay in their buffers; each step uploads the gradients and builds the precision's params.
+struct DeviceSet {
+  cuda::Precision precision;
+  std::vector<std::unique_ptr<DeviceBuffer>> w, g, copy;
+
+  DeviceSet(cuda::Precision p, const std::vector<std::vector<float>>& weights) : precision(p) {
+    const bool bf16_w = p == cuda::Precision::bf16;
+    const bool bf16_g = p != cuda::Precision::fp32;
+    for (const auto& x : weights) {
+      w.push_back(std::make_unique<DeviceBuffer>(x.size() * (bf16_w ? 2 : 4)));
+      g.push_back(std::make_unique<DeviceBuffer>(x.size() * (bf16_g ? 2 : 4)));
+      copy.push_back(std::make_unique<DeviceBuffer>(
+          p == cuda::Precision::fp32_master ? x.size() * 2 : std::size_t{0}));
+      if (bf16_w)
+        test::upload(w.back()->ptr, to_bf16(x));
+      else
+        test::upload(w.back()->ptr, x);
+    }
+  }
+
+  template <class Opt>
+  StepReport step(Opt& opt, const std::vector<std::vector<float>>& grads) {
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      if (precision == cuda::Precision::fp32)
+        test::upload(g[i]->ptr, grads[i]);
+      else
+        test::upload(g[i]->ptr, to_bf16(grads[i]));
+    }
+    auto view = [&](auto* p, std::size_t i) { return device_view(p, shapes[i].rows, shapes[i].cols); };
+    if (precision == cuda::Precision::fp32) {
+      std::vector<cuda::Param> ps;
+      for (std::size_t i = 0; i < names.size(); ++i)
+        ps.push_back({names[i], view(w[i]->as<float>(), i),
+                      view(static_cast<const float*>(g[i]->ptr), i)});
+      return opt.step(ps);
+    }
+    if (precision == cuda::Precision::bf16) {
+      std::vector<cuda::ParamBf16> ps;
+      for (std::size_t i = 0; i < names.size(); ++i)
+        ps.push_back({names[i], view(w[i]->as<std::uint16_t>(), i),
+                      view(static_cast<const std::uint16_t*>(g[i]->ptr), i)});
+      return opt.step(ps);
+    }
+    std::vector<cuda::ParamMaster> ps;
+    for (std::size_t i = 0; i < names.size(); ++i)
+      ps.push_back({names[i], view(w[i]->as<float>(), i),
+                    view(static_cast<const std::uint16_t*>(g[i]->ptr), i),
+                    copy[i]->as<std::uint16_t>()});
+    return opt.step(ps);
+  }
+
+  /// The weights as floats (bf16 widened).
+  std::vector<float> weights(std::size_t i) const {
+    const auto n = static_cast<std::size_t>(shapes[i].size());
+    if (precision == cuda::Precision::bf16) return widen(test::download<std::uint16_t>(w[i]->ptr, n));
+    return test::download<float>(w[i]->ptr, n);
+  }
+};
+
+struct RunOptions {
+  int steps = 5;
+  Poison poison;
+  cuda::Precision precision = cuda::Precision::fp32;
+  /// Maximal |Δw| in units of 2^-23·max|w_cpu| per step (0: the same bits, checkpoint too).
+  double ulps_per_step = 0;
+};
+RunOptions run(int steps, Poison p = {}, cuda::Precision precision = cuda::Precision::fp32,
+               double ulps_per_step = 0) {
+  RunOptions r;
+  r.steps = steps;
+  r.poison = std::move(p);
+  r.precision = precision;
+  r.ulps_per_step = ulps_per_step;
+  return r;
+}
+template <class Opt>
+typename Opt::Override override_of(double lr_scale, std::optional<double> weight_decay = {}) {
+  typename Opt::Override o;
+  o.lr_scale = lr_scale;
+  o.weight_decay = weight_decay;
+  return o;
+}
+cuda::DeviceOptions device_options(bool check_finite, bool report_skips, bool tf32 = true) {
+  cuda::DeviceOptions d;
+  d.check_finite = check_finite;
+  d.report_skips = report_skips;
+  d.tf32 = tf32;
+  return d;
+}
+
+// `steps` steps on both backends from the same weights and gradients; the GPU's weights (and
+// reports and per-parameter counts) must equal the CPU's after every step, its state at the end.
+// With bf16 parameters the CPU steps the bf16-rounded weights and its result is rounded again.
+template <class Gpu, class Cpu>
+void compare(Gpu& gpu, Cpu& cpu, const RunOptions& ro) {
+  std::vector<std::vector<float>> w = initial_weights();
+  const bool bf16_w = ro.precision == cuda::Precision::bf16;
+  const bool bf16_g = ro.precision != cuda::Precision::fp32;
+  if (bf16_w)
+    for (auto& x : w)
+      std::transform(x.begin(), x.end(), x.begin(), round_bf16);
+  DeviceSet dev(ro.precision, w);
+  for (int k = 0; k < ro.steps; ++k) {
+    CAPTURE(k);
+    std::vector<std::vector<float>> g = gradients(k, ro.poison);
+    if (bf16_g)
+      for (auto& x : g)
+        std::transform(x.begin(), x.end(), x.begin(), round_bf16);
+    std::vector<Param> hp;
+    for (std::size_t i = 0; i < names.size(); ++i)
+      hp.push_back({names[i], host_view(w[i].data(), shapes[i].rows, shapes[i].cols),
+                    host_view<const float>(g[i].data(), shapes[i].rows, shapes[i].cols)});
+    const StepReport want = cpu.step(hp);
+    if (bf16_w)
+      for (auto& x : w)
+        std::transform(x.begin(), x.end(), x.begin(), round_bf16);
+    const StepReport got = dev.step(gpu, g);
+    CHECK(got.skipped == want.skipped);
+    CHECK(got.stepped == want.stepped);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      CAPTURE(names[i]);
+      CHECK(gpu.step_count(names[i]) == cpu.step_count(names[i]));
+      const std::vector<float> wg = dev.weights(i);
+      if (ro.ulps_per_step == 0) {
+        CHECK(test::max_ulp(wg, w[i]) == 0);
+      } else {
+        double d = 0, ref = 0;
+        for (std::size_t j = 0; j < wg.size(); ++j) {
+          d = std::max(d, std::fabs(double(wg[j]) - w[i][j]));
+          ref = std::max(ref, std::fabs(double(w[i][j])));
+        }
+        CHECK(d <= ro.ulps_per_step * (k + 1) * 0x1p-23 * ref);
+      }
+      if (ro.precision == cuda::Precision::fp32_master) {
+        const auto copy = test::download<std::uint16_t>(dev.copy[i]->ptr, wg.size());
+        CHECK(copy == to_bf16(w[i]));
+      }
+    }
+  }
+  CHECK(gpu.state_bytes() == cpu.state_bytes());
+  if (ro.ulps_per_step == 0) CHECK(same_tensors(gpu.to_checkpoint(), cpu.to_checkpoint()));
+}
+
+// A NaN in "a" at step 1; an infinity in the bias and a NaN in "c" at step 3; "c" again at 4.
+void poison(int step, std::vector<std::vector<float>>& g) {
+  if (step == 1) g[0][5] = std::numeric_limits<float>::quiet_NaN();
+  if (step == 3) {
+    g[1][95] = std::numeric_limits<float>::infinity();
+    g[2][6143] = -std::numeric_limits<float>::quiet_NaN();
+  }
+  if (step == 4) g[2][0] = -std::numeric_limits<float>::infinity();
+}
+
+template <template <class> class Recipe>
+void skip_case(const typename Recipe<backend::cpu>::Options& o) {
+  Recipe<backend::cpu> cpu(o);
+  Recipe<backend::cuda> gpu(o);
+  compare(gpu, cpu, run(6, poison));
+  CHECK(cpu.step_count("a") == 5);
+  CHECK(cpu.step_count("c") == 4);
+  // Resume from the GPU's checkpoint (counts that differ between parameters) on a fresh GPU
+  // optimizer and on the CPU: two more steps, a NaN in "bias" at the first.
+  Recipe<backend::cuda> resumed(o);
+  resumed.from_checkpoint(gpu.to_checkpoint());
+  CHECK(resumed.step_count("c") == 4);
+  Recipe<backend::cpu> cpu2(o);
+  cpu2.from_checkpoint(cpu.to_checkpoint());
+  compare(resumed, cpu2, run(2, [](int step, std::vector<std::vector<float>>& g) {
+            if (step == 0) g[1][0] = std::numeric_limits<float>::quiet_NaN();
+          }));
+}
+
+}  // namespace
+
+TEST_CASE("cuda facade: a non-finite gradient skips its tensor on the plain path as on the CPU") {
+  SUBCASE("adamw (fp32, torch)") { skip_case<recipes::AdamW>(recipes::adamw_options()); }
+  SUBCASE("adam8bit (bnb; a and c in 8 bits, the bias in fp32)") {
+    auto o = recipes::adam8bit_options();
+    o.store.min_8bit_size = 1024;
+    skip_case<recipes::Adam8bit>(o);
+  }
+  SUBCASE("adamw, bf16 moments with stochastic rounding (the lagging tensor's own epoch)") {
+    using Opt = Optimizer<optim::Adam, transforms::Identity, state::Bf16>;
+    auto o = Opt::Options{};
+    o.store.stochastic_rounding = true;
+    o.seed = 42;
+    Opt cpu(o);
+    Optimizer<optim::Adam, transforms::Identity, state::Bf16, backend::cuda> gpu(o);
+    compare(gpu, cpu, run(6, poison));
+  }
+}
+
+TEST_CASE("cuda facade: report_skips off never waits; last_skipped reads the flags; no check") {
+  const auto o = recipes::adamw_options();
+  {
+    recipes::AdamW<backend::cuda> gpu(o, nullptr, device_options(true, false));
+    DeviceSet dev(cuda::Precision::fp32, initial_weights());
+    const StepReport r = dev.step(gpu, gradients(1, poison));
+    CHECK(r.stepped == 3);
+    CHECK(r.skipped.empty());
+    CHECK(gpu.last_skipped() == std::vector<std::string>{"a"});
+    CHECK(gpu.step_count("a") == 0);
+    CHECK(gpu.step_count("c") == 1);
+  }
+  {  // check_finite off: the NaN goes through (a trainer that checks its gradients itself)
+    recipes::AdamW<backend::cuda> gpu(o, nullptr, device_options(false, true));
+    DeviceSet dev(cuda::Precision::fp32, initial_weights());
+    const StepReport r = dev.step(gpu, gradients(1, poison));
+    CHECK(r.skipped.empty());
+    CHECK(std::isnan(dev.weights(0)[5]));
+    CHECK(gpu.step_count("a") == 1);
+  }
+}
+
+TEST_CASE("cuda facade: per-parameter overrides as on the CPU") {
+  SUBCASE("adamw: lr scale and weight decay") {
+    auto o = recipes::adamw_options();
+    recipes::AdamW<> cpu(o);
+    recipes::AdamW<backend::cuda> gpu(o);
+    using Opt = recipes::AdamW<>;
+    const auto bias = override_of<Opt>(0.5, 0.0);
+    const auto c = override_of<Opt>(2.0);
+    cpu.set_override("bias", bias);
+    gpu.set_override("bias", bias);
+    cpu.set_override("c", c);
+    gpu.set_override("c", c);
+    CHECK_THROWS_AS(gpu.set_override("a", override_of<Opt>(-1.0)), Error);
+    CHECK_THROWS_AS(gpu.set_override("a", override_of<Opt>(1.0, std::nan(""))), Error);
+    compare(gpu, cpu, run(3, poison));
+    gpu.set_lr(2e-3);  // each engine takes lr × its scale
+    cpu.set_lr(2e-3);
+    compare(gpu, cpu, run(1));
+    CHECK_THROWS_AS(gpu.set_override("a", override_of<Opt>(1.0)), Error);  // after step 1
+  }
+  SUBCASE("gwt: a forced plain parameter, lr scale and residual scale") {
+    auto o = recipes::gwt_options();
+    o.fallback.min_size = 0;
+    o.residual.limiter_gamma = 0;  // same bits (the limiter's norm is summed in another order)
+    recipes::Gwt<> cpu(o);
+    recipes::Gwt<backend::cuda> gpu(o);
+    using Opt = recipes::Gwt<>;
+    auto a = override_of<Opt>(1.0);
+    a.role = ParamRole::plain;
+    auto c = override_of<Opt>(0.5, 0.1);
+    c.residual = o.residual;
+    c.residual->scale = 0.5;
+    cpu.set_override("a", a);
+    cpu.set_override("c", c);
+    gpu.set_override("a", a);
+    gpu.set_override("c", c);
+    auto cols = o.transform;
+    cols.axis = transforms::Axis::cols;
+    auto bad = override_of<Opt>(1.0);
+    bad.transform = cols;
+    CHECK_THROWS_AS(gpu.set_override("bias", bad), Error);
+    compare(gpu, cpu, run(4));
+    CHECK_FALSE(gpu.is_compressed("a"));
+    CHECK(gpu.is_compressed("c"));
+  }
+  SUBCASE("galore: a rank override gets its own engine (subspace accuracy)") {
+    auto o = recipes::galore_options();
+    o.transform.rank = 8;
+    o.transform.update_gap = 3;
+    o.transform.method = transforms::SvdMethod::exact;
+    o.fallback.min_size = 0;
+    recipes::GaLore<> cpu(o);
+    recipes::GaLore<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
+    using Opt = recipes::GaLore<>;
+    auto c = override_of<Opt>(0.5);
+    c.transform = o.transform;
+    c.transform->rank = 4;
+    cpu.set_override("c", c);
+    gpu.set_override("c", c);
+    auto limited = override_of<Opt>(1.0);
+    limited.residual = o.residual;
+    limited.residual->limiter_gamma = 1.01;
+    CHECK_THROWS_AS(gpu.set_override("a", limited), Error);
+    auto a = override_of<Opt>(1.0);
+    a.transform = o.transform;
+    a.transform->rank = 1000;  // above min(m, n): the CPU's fallback keeps "a" plain, on both
+    cpu.set_override("a", a);
+    gpu.set_override("a", a);
+    compare(gpu, cpu, run(5, {}, cuda::Precision::fp32, 8));
+    CHECK_FALSE(gpu.is_compressed("a"));
+    CHECK(gpu.is_compressed("c"));
+  }
+}
+
+TEST_CASE("cuda facade: bf16 parameters and fp32 master weights against the CPU") {
+  SUBCASE("adamw, bf16 weights and gradients, with a skip") {
+    recipes::AdamW<> cpu(recipes::adamw_options());
+    recipes::AdamW<backend::cuda> gpu(recipes::adamw_options());
+    compare(gpu, cpu, run(5, poison, cuda::Precision::bf16));
+  }
+  SUBCASE("adam8bit, fp32 master weights, bf16 gradients and model copy") {
+    auto o = recipes::adam8bit_options();
+    o.store.min_8bit_size = 1024;
+    recipes::Adam8bit<> cpu(o);
+    recipes::Adam8bit<backend::cuda> gpu(o);
+    compare(gpu, cpu, run(4, poison, cuda::Precision::fp32_master));
+  }
+  SUBCASE("gwt, bf16 weights and gradients") {
+    auto o = recipes::gwt_options();
+    o.fallback.min_size = 0;
+    o.residual.limiter_gamma = 0;
+    recipes::Gwt<> cpu(o);
+    recipes::Gwt<backend::cuda> gpu(o);
+    compare(gpu, cpu, run(4, {}, cuda::Precision::bf16));
+    // A later step in another precision is refused, nothing changed.
+    DeviceSet other(cuda::Precision::fp32, initial_weights());
+    CHECK_THROWS_AS(other.step(gpu, gradients(0, {})), Error);
+  }
+  SUBCASE("galore takes fp32 only") {
+    auto o = recipes::galore_options();
+    o.transform.rank = 8;
+    o.fallback.min_size = 0;
+    recipes::GaLore<backend::cuda> gpu(o);
+    DeviceSet dev(cuda::Precision::bf16, initial_weights());
+    CHECK_THROWS_AS(dev.step(gpu, gradients(0, {})), Error);
+    CHECK(gpu.size() == 0);
+  }
+}
