@@ -78,15 +78,17 @@ sg::optim::Adam::Options rule(int convention, double lr, double b1, double b2, d
 extern "C" {
 
 /// store: 0 fp32, 1 bf16, 2 q8 (256); convention: 0 torch, 1 hf, 2 bnb; precision: 0 fp32,
-/// 1 bf16, 2 fp32_master. Returns nullptr on failure (message on stderr).
-void* sg_adam_create(int store, int convention, int precision, int n, void** w, void** g,
-                     void** wcopy, const long* rows, const long* cols, double lr, double b1,
-                     double b2, double eps, double wd) {
+/// 1 bf16, 2 fp32_master; check_finite: the non-finite gradient skip's check pass. Returns
+/// nullptr on failure (message on stderr).
+void* sg_adam_create(int store, int convention, int precision, int check_finite, int n, void** w,
+                     void** g, void** wcopy, const long* rows, const long* cols, double lr,
+                     double b1, double b2, double eps, double wd) {
   try {
     const auto t = tensors_of(n, w, g, wcopy, rows, cols);
     auto fill = [&](auto& o) {
       o.rule = rule(convention, lr, b1, b2, eps, wd);
       o.precision = static_cast<sg::cuda::Precision>(precision);
+      o.check_finite = check_finite != 0;
     };
     if (store == 0) {
       sg::cuda::MultiTensorAdam<sg::state::Fp32>::Options o;

@@ -170,6 +170,9 @@ def main():
                     help="layers for the official GaLore AdamW (its SVD refresh takes seconds "
                          "per tensor; the time is scaled to --layers); 0 skips it")
     ap.add_argument("--only-lowrank", action="store_true")
+    ap.add_argument("--only-adam", action="store_true",
+                    help="fused AdamW, then slimgrad's fp32 and 8-bit Adam with and without the "
+                         "non-finite check, alternating (no low-rank, GWT or bf16 rows)")
     args = ap.parse_args()
 
     lib = ctypes.CDLL(args.lib)
@@ -177,7 +180,7 @@ def main():
     pp = ctypes.POINTER(ctypes.c_void_p)
     d = ctypes.c_double
     lib.sg_adam_create.restype = vp
-    lib.sg_adam_create.argtypes = [ctypes.c_int] * 4 + [pp, pp, pp, lp, lp, d, d, d, d, d]
+    lib.sg_adam_create.argtypes = [ctypes.c_int] * 5 + [pp, pp, pp, lp, lp, d, d, d, d, d]
     lib.sg_gwt_create.restype = vp
     lib.sg_gwt_create.argtypes = [ctypes.c_int, ctypes.c_int, d, d, ctypes.c_int, pp, pp, pp, lp,
                                   lp, d, d, d, d, d]
@@ -255,17 +258,35 @@ def main():
     torch.cuda.empty_cache()
 
     n, W, G, C, R, K = arrays(ws, gs)
+    if args.only_adam:
+        for rep in range(2):
+            for check in (0, 1):
+                h = lib.sg_adam_create(0, 0, 0, check, n, W, G, None, R, K, 1e-3, 0.9, 0.999,
+                                       1e-8, 0.01)
+                bench_handle(h, f"slimgrad adamw fp32{' + check' if check else ''} ({rep})",
+                             32 if check else 28, ref)
+                h = lib.sg_adam_create(2, 2, 0, check, n, W, G, None, R, K, 1e-3, 0.9, 0.999,
+                                       1e-8, 0.01)
+                bench_handle(h, f"slimgrad adam8bit{' + check' if check else ''} ({rep})",
+                             (16 if check else 12) + 4 * (1 + 4 / 256), ref)
+        ref3, _, _ = timed(torch.optim.AdamW(params, lr=1e-3, fused=True).step, args.warmup,
+                           args.reps)
+        print(f"  (torch AdamW fused at the end: {ref3:.3f} ms)", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref)
     if args.only_lowrank:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         return 0
-    h = lib.sg_adam_create(0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(0, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw fp32 (torch convention)", 28, ref)
-    h = lib.sg_adam_create(2, 2, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(2, 2, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adam8bit (q8 block 256, bnb)", 12 + 4 * (1 + 4 / 256), ref)
-    h = lib.sg_adam_create(1, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(1, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw, bf16 moments", 20, ref)
     h = lib.sg_gwt_create(0, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
     bench_handle(h, "slimgrad gwt haar L2 (limiter 1.01, check)", 22, ref)
@@ -286,9 +307,9 @@ def main():
     del opt
     torch.cuda.empty_cache()
     n, W, G, C, R, K = arrays(ws, gs)
-    h = lib.sg_adam_create(1, 0, 1, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(1, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw bf16 params, bf16 moments", 14, ref, f"vs bf16 torch {ref_bf:.3f}")
-    h = lib.sg_adam_create(0, 0, 1, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(0, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw bf16 params, fp32 moments", 22, ref)
     h = lib.sg_gwt_create(1, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
     bench_handle(h, "slimgrad gwt bf16 params (limiter)", 14, ref)
@@ -299,9 +320,9 @@ def main():
     masters = [torch.randn(r, c, device="cuda") * 0.02 for r, c in shapes]
     copies = [torch.empty(r, c, device="cuda", dtype=torch.bfloat16) for r, c in shapes]
     n, W, G, C, R, K = arrays(masters, gs, copies)
-    h = lib.sg_adam_create(0, 0, 2, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(0, 0, 2, 0, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adamw fp32 master, bf16 grads", 8 + 2 + 16 + 2, ref)
-    h = lib.sg_adam_create(2, 2, 2, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    h = lib.sg_adam_create(2, 2, 2, 0, n, W, G, C, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     bench_handle(h, "slimgrad adam8bit fp32 master, bf16 grads", 8 + 2 + 2 + 4 * (1 + 4 / 256), ref)
     del masters, copies, gs
     torch.cuda.empty_cache()

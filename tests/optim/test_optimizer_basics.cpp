@@ -97,3 +97,35 @@ TEST_CASE("bad input is refused before anything changes") {
   CHECK_THROWS_AS(opt.set_lr(-1), Error);
   CHECK(w == w_before);
 }
+
+TEST_CASE("an override's lr scale and weight decay are that parameter's rule settings") {
+  const index_t m = 4, n = 8;
+  AdamW opt({.rule = {.lr = 1e-2, .weight_decay = 0.1}});
+  AdamW::Override o;
+  o.lr_scale = 0.5;
+  o.weight_decay = 0.0;
+  opt.set_override("b", o);
+  AdamW b_alone({.rule = {.lr = 5e-3, .weight_decay = 0.0}});  // 1e-2 × 0.5, no decay
+  AdamW a_alone({.rule = {.lr = 1e-2, .weight_decay = 0.1}});
+  auto wa = gaussian(m * n, 3), wb = gaussian(m * n, 4);
+  auto wa2 = wa, wb2 = wb;
+  for (int k = 0; k < 3; ++k) {
+    const auto ga = gaussian(m * n, 200 + static_cast<std::uint64_t>(k));
+    const auto gb = gaussian(m * n, 300 + static_cast<std::uint64_t>(k));
+    Param both[2] = {{"a", host_view(wa.data(), m, n), host_view<const float>(ga.data(), m, n)},
+                     {"b", host_view(wb.data(), m, n), host_view<const float>(gb.data(), m, n)}};
+    opt.step(both);
+    Param a{"a", host_view(wa2.data(), m, n), host_view<const float>(ga.data(), m, n)};
+    Param b{"b", host_view(wb2.data(), m, n), host_view<const float>(gb.data(), m, n)};
+    a_alone.step(std::span<const Param>(&a, 1));
+    b_alone.step(std::span<const Param>(&b, 1));
+  }
+  CHECK(wa == wa2);
+  CHECK(wb == wb2);
+  CHECK_THROWS_AS(opt.set_override("b", o), Error);  // it has state
+  AdamW::Override bad;
+  bad.weight_decay = -1.0;
+  CHECK_THROWS_AS(opt.set_override("c", bad), Error);
+  bad.weight_decay = NAN;
+  CHECK_THROWS_AS(opt.set_override("c", bad), Error);
+}

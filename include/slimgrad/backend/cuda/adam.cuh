@@ -8,6 +8,9 @@
 // persistent (a few blocks per multiprocessor, each warp striding over units), so the code maps
 // are staged in shared memory once per block, as bitsandbytes does. Bytes per element: w, g,
 // m, v read and w, m, v written (28 for fp32; 4 + 4 + 4 + 2·(1 + 4/256)·2 ≈ 16.1 for 8-bit).
+// With check_finite, a pass before the step reads the gradients (+4 bytes per fp32 gradient,
+// +2 for bf16) and a kernel of one thread per tensor turns its flags into each tensor's skip
+// and scalars, which the step kernel reads per unit.
 #pragma once
 
 #include <cmath>
@@ -150,19 +153,27 @@ __global__ void __launch_bounds__(256, 4)
   for (index_t u = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
        u += nwarps) {
     const int k = find_tensor(unit_begin, ntensors, u);
-    optim::AdamStep st = s;
-    std::uint32_t ep = epoch;
+    std::int32_t mode = 0;
     if constexpr (Check) {
-      const AdamTensorStep& ts = tensors[k];
-      if (ts.skip != 0) continue;  // a non-finite gradient: nothing of the tensor is written
-      st = ts.adam;
-      ep = ts.epoch;
+      mode = tensors[k].mode;
+      if (mode == 1) continue;  // a non-finite gradient: nothing of the tensor is written
     }
     const AdamEntry e = entries[k];
     const index_t base = (u - unit_begin[k]) * adam_unit;
     // A whole unit (all but a tensor's last) takes a path without per-element bounds checks.
-    auto unit = [&](auto whole) {
+    // Own: the tensor lags, so its scalars are its own step's (read from memory); otherwise
+    // they are the kernel's arguments, as in the unchecked step.
+    auto unit = [&](auto whole, auto own) {
       constexpr bool Full = decltype(whole)::value;
+      constexpr bool Own = decltype(own)::value;
+      const optim::AdamStep& st = [&]() -> const optim::AdamStep& {
+        if constexpr (Own)
+          return tensors[k].adam;
+        else
+          return s;
+      }();
+      std::uint32_t ep = epoch;
+      if constexpr (Own) ep = tensors[k].epoch;
       const bool vec = e.vec != 0;
       float g[2][4], w[2][4], m[2][4], v[2][4];
       index_t at[2];
@@ -282,10 +293,16 @@ __global__ void __launch_bounds__(256, 4)
         }
       }
     };
+    auto run = [&](auto whole) {
+      if constexpr (Check) {
+        if (mode == 2) return unit(whole, std::true_type{});
+      }
+      unit(whole, std::false_type{});
+    };
     if (base + adam_unit <= e.count)
-      unit(std::true_type{});
+      run(std::true_type{});
     else
-      unit(std::false_type{});
+      run(std::false_type{});
   }
 }
 
@@ -320,9 +337,10 @@ __device__ inline bool finite4(const std::uint16_t* p, index_t i, index_t n, boo
   return ok(b[0]) && ok(b[0] >> 16) && ok(b[1]) && ok(b[1] >> 16);
 }
 
-/// check_finite's pass: a warp per unit of the step's layout, bad[k] ← 1 when tensor k's
-/// gradient holds a NaN or an infinity. Units go from the last, so that the gradients read last
-/// (still in L2) are the first the step kernel reads.
+/// check_finite's pass: a warp takes finite_units consecutive units of the step's layout at a
+/// time (their loads in flight together, one tensor search per tensor met), bad[k] ← 1 when
+/// tensor k's gradient holds a NaN or an infinity.
+inline constexpr int finite_units = 8;
 template <Precision P>
 __global__ void __launch_bounds__(256)
     adam_finite_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
@@ -330,52 +348,65 @@ __global__ void __launch_bounds__(256)
   using PG = typename Params<P>::G;
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const index_t nwarps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
-  for (index_t w = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; w < units;
-       w += nwarps) {
-    const index_t u = units - 1 - w;
-    const int k = find_tensor(unit_begin, ntensors, u);
-    const AdamEntry& e = entries[k];
-    const index_t base = (u - unit_begin[k]) * adam_unit;
-    bool ok = true;
+  const index_t warp = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  for (index_t u0 = warp * finite_units; u0 < units; u0 += nwarps * finite_units) {
+    bool ok[finite_units];
+    int of[finite_units];
+    int k = -1;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const index_t at = base + h * 128 + lane * 4;
-      if (at < e.count)
-        ok = finite4(static_cast<const PG*>(e.g), at, e.count, e.vec != 0 && at + 4 <= e.count) &&
-             ok;
+    for (int j = 0; j < finite_units; ++j) {
+      const index_t u = u0 + j;
+      ok[j] = true;
+      of[j] = -1;
+      if (u < units) {
+        if (k < 0 || u >= unit_begin[k + 1]) k = find_tensor(unit_begin, ntensors, u);
+        of[j] = k;
+        const AdamEntry& e = entries[k];
+        const index_t base = (u - unit_begin[k]) * adam_unit;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const index_t at = base + h * 128 + lane * 4;
+          if (at < e.count)
+            ok[j] = finite4(static_cast<const PG*>(e.g), at, e.count,
+                            e.vec != 0 && at + 4 <= e.count) &&
+                    ok[j];
+        }
+      }
     }
-    if (__any_sync(0xFFFFFFFFu, !ok) && lane == 0) bad[k] = 1;
+#pragma unroll
+    for (int j = 0; j < finite_units; ++j)  // of[j] is the same on every lane
+      if (of[j] >= 0 && __any_sync(0xFFFFFFFFu, !ok[j]) && lane == 0) bad[of[j]] = 1;
   }
 }
 
 /// check_finite, one thread per tensor after the check: the tensor's skip (its flag cleared for
-/// the next step, its skips counted) or the scalars of its own step t − skips: the shared ones,
-/// or, for a tensor that lags, optim::Adam::step_scalars on the device. device_scalars (graph
-/// replays): t = epoch + 1, the shared scalars and lr from there.
+/// the next step, its skips counted) or the scalars of its own step t − skips: the kernel's
+/// arguments, or, for a tensor that lags, optim::Adam::step_scalars on the device.
+/// device_scalars (graph replays): t = epoch + 1 and lr from there.
 __global__ void adam_tensor_kernel(std::int32_t* __restrict__ bad, std::int32_t* __restrict__ skipped,
                                    std::int32_t* __restrict__ skips, AdamTensorStep* __restrict__ out,
                                    int ntensors, optim::Adam::Options rule, long long t,
-                                   optim::AdamStep s, const StepScalars* __restrict__ device_scalars) {
+                                   const StepScalars* __restrict__ device_scalars) {
   const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (k >= ntensors) return;
   if (device_scalars != nullptr) {
-    s = device_scalars->adam;
     t = static_cast<long long>(device_scalars->epoch) + 1;
     rule.lr = device_scalars->lr;
   }
   const std::int32_t skip = bad[k] != 0 ? 1 : 0;
   bad[k] = 0;
   skipped[k] = skip;
-  AdamTensorStep ts{};
-  ts.skip = skip;
   if (skip) {
     ++skips[k];
+    out[k].mode = 1;
+  } else if (skips[k] == 0) {
+    out[k].mode = 0;  // the kernel's own arguments
   } else {
     const long long own = t - skips[k];
-    ts.adam = own == t ? s : optim::Adam::step_scalars(rule, own);
-    ts.epoch = static_cast<std::uint32_t>(own - 1);
+    out[k].mode = 2;
+    out[k].adam = optim::Adam::step_scalars(rule, own);
+    out[k].epoch = static_cast<std::uint32_t>(own - 1);
   }
-  out[k] = ts;
 }
 
 template <class Store>
@@ -688,11 +719,15 @@ void MultiTensorAdam<Store>::launch(stream_t stream, const StepScalars& sc,
   const bool check = options_.check_finite;
   auto launch_kernel = [&](auto finite_kernel, auto kernel, auto checked_kernel) {
     if (check) {
-      finite_kernel<<<blocks, threads, 0, stream>>>(entries, begin, n, units_, flags_.bad);
+      const index_t per_block = threads / 32 * detail::finite_units;
+      const index_t finite_needed = (units_ + per_block - 1) / per_block;
+      const auto finite_blocks = static_cast<unsigned>(
+          finite_needed < index_t{sms} * 8 ? finite_needed : index_t{sms} * 8);
+      finite_kernel<<<finite_blocks, threads, 0, stream>>>(entries, begin, n, units_, flags_.bad);
       detail::check_launch("MultiTensorAdam::step (finite check)");
       detail::adam_tensor_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
           flags_.bad, flags_.skipped, flags_.skips, flags_.steps, n, options_.rule,
-          static_cast<long long>(t_), sc.adam, device_scalars);
+          static_cast<long long>(t_), device_scalars);
       detail::check_launch("MultiTensorAdam::step (tensor scalars)");
     }
     const std::size_t smem = detail::is_q8<Store>::value ? detail::q8_smem_bytes : 0;

@@ -11,8 +11,8 @@
 // buffer of at least that size (aligned to workspace_alignment) and a stream, and only enqueues
 // asynchronous work on it (zeroing the state, uploading the launch table). A steady-state step()
 // then allocates nothing and never synchronises with the host: it is a fixed number of kernel
-// launches on the caller's stream (one for Adam over every tensor; three for GWT with its
-// limiter or finite check, one without), whose per-step scalars travel as kernel arguments, or,
+// launches on the caller's stream (one for Adam over every tensor, three with its finite check;
+// three for GWT with its limiter or finite check, one without), whose per-step scalars travel as kernel arguments, or,
 // for a step captured in a CUDA graph, are read from a caller-owned device StepScalars.
 // Errors of the arguments are reported with slimgrad::Error before anything is enqueued; a
 // failed launch throws slimgrad::Error with the runtime's message.
@@ -96,11 +96,12 @@ struct StepScalars {
 
 namespace detail {
 /// What MultiTensorAdam's step kernel reads per tensor under check_finite (device memory):
-/// skip the tensor, or the scalars and stochastic-rounding epoch of its own step.
+/// mode 0 takes the step's shared scalars, 1 skips the tensor, 2 takes the scalars and
+/// stochastic-rounding epoch of the tensor's own step (it lags after a skip).
 struct AdamTensorStep {
-  optim::AdamStep adam;
+  std::int32_t mode;
   std::uint32_t epoch;
-  std::int32_t skip;
+  optim::AdamStep adam;
 };
 }  // namespace detail
 

@@ -6,25 +6,40 @@
 // uses (MultiTensorAdam<Store>, MultiTensorGwt<W, L> or MultiTensorLowRank<Transform>) and the
 // byte helpers device_allocate, device_free, copy_to_host, copy_to_device<std::byte>.
 //
-// What it offers, as the CPU optimizer does: named parameters (device views, fp32, contiguous),
-// step(params) → StepReport, set_lr, step_count, state_bytes (the CPU's exact accounting: the
-// GPU holds the same moments, bases and limiter scalars), is_compressed, and checkpoints in the
-// CPU's safetensors format — a file written on either backend loads on the other. Parameters the
-// fallback keeps plain take MultiTensorAdam<Store>; the others the composition's engine:
+// What it offers, as the CPU optimizer does: named parameters (device views, contiguous) in
+// fp32 (Param), bf16 (ParamBf16: the step in fp32 from the widened values, the weight rounded
+// once) or fp32 master weights with bf16 gradients and an optional bf16 model copy
+// (ParamMaster), the precision fixed by the first step; step(params) → StepReport, set_lr,
+// step_count, state_bytes (the CPU's exact accounting: the GPU holds the same moments, bases and
+// limiter scalars), is_compressed, per-parameter overrides (set_override: role, lr_scale,
+// weight_decay, transform and residual options, with the CPU's checks, before the first step),
+// the non-finite gradient skip, and checkpoints in the CPU's safetensors format — a file written
+// on either backend loads on the other. Parameters the fallback (or an override) keeps plain
+// take MultiTensorAdam<Store>; the others the composition's engine:
 //   Identity                        → MultiTensorAdam<Store> (torch, hf, bnb; Fp32, Bf16, Q8Block)
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
-//   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter)
+//   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter,
+//                                      fp32 parameters)
+// Parameters whose overrides give the same settings share one engine; each distinct setting
+// (an lr scale, a weight decay, a rank) is an engine of its own, one more launch per step.
 // The engines are built at the first step, for the parameters of that step: their launch tables
 // hold the device pointers, so every later step must pass the same parameters with the same
 // buffers (a trainer's persistent parameter and gradient buffers). Work is enqueued on the
-// stream given at construction; step() synchronises with it only to report the tensors that
-// GWT or the low-rank engine skipped (non-finite gradients). Checkpoints go through a CPU
-// optimizer of the same composition, which takes the GPU's state (transfer.hpp's copies, the
-// low-rank bases) and writes or reads the file, so both backends share one loader and its checks.
-// Not offered (yet): per-parameter overrides, bf16 parameters (use the multi-tensor classes
-// directly) and the non-finite gradient skip on the plain Adam path (its kernel does not check).
-// The engines keep one step count (the low-rank engine also a count per tensor, which its
-// checkpoints carry), so a file whose step counts differ between parameters is refused.
+// stream given at construction.
+// Non-finite gradients (DeviceOptions::check_finite, on by default): a tensor whose gradient
+// holds NaN or Inf is skipped — weights and moments untouched, and on the plain path and in the
+// low-rank engine its own step count too (its later steps take their own bias corrections, as
+// on the CPU). The flags stay on the device; step() waits for them to name the skipped tensors
+// in its report (DeviceOptions::report_skips; off, step() never synchronises and last_skipped()
+// reads them on request). The plain path's check is a pass of its own over the gradients (4
+// more bytes per fp32 parameter: see MultiTensorAdam). Deviation: GWT's engine skips the tensor
+// but keeps one step count for all, so a tensor's steps after its skip take the bias
+// corrections of the shared count, where the CPU takes its own.
+// Checkpoints go through a CPU optimizer of the same composition and overrides, which takes the
+// GPU's state (transfer.hpp's copies, the low-rank bases, the per-tensor counts) and writes or
+// reads the file, so both backends share one loader and its checks. The compressed parameters
+// step together, so a file whose compressed parameters have different step counts is refused;
+// plain ones may lag (check_finite).
 #pragma once
 
 #include <algorithm>
