@@ -45,7 +45,9 @@ std::vector<std::vector<float>> gradients(int step, const Poison& poison) {
   return g;
 }
 
-float round_bf16(float x) { return numeric::bf16_to_float(numeric::bf16_bits_rne(x)); }
+float round_bf16(float x) {
+  return numeric::bf16_to_float(numeric::bf16_bits_rne(x));
+}
 std::vector<std::uint16_t> to_bf16(const std::vector<float>& x) {
   std::vector<std::uint16_t> out(x.size());
   std::transform(x.begin(), x.end(), out.begin(), numeric::bf16_bits_rne);
@@ -98,12 +100,14 @@ struct DeviceSet {
       else
         test::upload(g[i]->ptr, to_bf16(grads[i]));
     }
-    auto view = [&](auto* p, std::size_t i) { return device_view(p, shapes[i].rows, shapes[i].cols); };
+    auto view = [&](auto* p, std::size_t i) {
+      return device_view(p, shapes[i].rows, shapes[i].cols);
+    };
     if (precision == cuda::Precision::fp32) {
       std::vector<cuda::Param> ps;
       for (std::size_t i = 0; i < names.size(); ++i)
-        ps.push_back({names[i], view(w[i]->as<float>(), i),
-                      view(static_cast<const float*>(g[i]->ptr), i)});
+        ps.push_back(
+            {names[i], view(w[i]->as<float>(), i), view(static_cast<const float*>(g[i]->ptr), i)});
       return opt.step(ps);
     }
     if (precision == cuda::Precision::bf16) {
@@ -124,7 +128,8 @@ struct DeviceSet {
   /// The weights as floats (bf16 widened).
   std::vector<float> weights(std::size_t i) const {
     const auto n = static_cast<std::size_t>(shapes[i].size());
-    if (precision == cuda::Precision::bf16) return widen(test::download<std::uint16_t>(w[i]->ptr, n));
+    if (precision == cuda::Precision::bf16)
+      return widen(test::download<std::uint16_t>(w[i]->ptr, n));
     return test::download<float>(w[i]->ptr, n);
   }
 };
@@ -245,7 +250,9 @@ void skip_case(const typename Recipe<backend::cpu>::Options& o) {
 }  // namespace
 
 TEST_CASE("cuda facade: a non-finite gradient skips its tensor on the plain path as on the CPU") {
-  SUBCASE("adamw (fp32, torch)") { skip_case<recipes::AdamW>(recipes::adamw_options()); }
+  SUBCASE("adamw (fp32, torch)") {
+    skip_case<recipes::AdamW>(recipes::adamw_options());
+  }
   SUBCASE("adam8bit (bnb; a and c in 8 bits, the bias in fp32)") {
     auto o = recipes::adam8bit_options();
     o.store.min_8bit_size = 1024;

@@ -114,8 +114,9 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
     require(std::isfinite(o.lr_scale) && o.lr_scale >= 0,
             "optimizer: lr_scale of '" + name + "' must be finite and >= 0");
     if (o.weight_decay) {
-      require(requires { rule_.options.weight_decay; },
-              "optimizer: the rule has no weight decay to override for '" + name + "'");
+      require(
+          requires { rule_.options.weight_decay; },
+          "optimizer: the rule has no weight decay to override for '" + name + "'");
       require(std::isfinite(*o.weight_decay) && *o.weight_decay >= 0,
               "optimizer: weight_decay of '" + name + "' must be finite and >= 0");
     }

@@ -343,8 +343,9 @@ __device__ inline bool finite4(const std::uint16_t* p, index_t i, index_t n, boo
 inline constexpr int finite_units = 8;
 template <Precision P>
 __global__ void __launch_bounds__(256)
-    adam_finite_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
-                       int ntensors, index_t units, std::int32_t* __restrict__ bad) {
+    adam_finite_kernel(const AdamEntry* __restrict__ entries,
+                       const index_t* __restrict__ unit_begin, int ntensors, index_t units,
+                       std::int32_t* __restrict__ bad) {
   using PG = typename Params<P>::G;
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const index_t nwarps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
@@ -383,9 +384,11 @@ __global__ void __launch_bounds__(256)
 /// the next step, its skips counted) or the scalars of its own step t − skips: the kernel's
 /// arguments, or, for a tensor that lags, optim::Adam::step_scalars on the device.
 /// device_scalars (graph replays): t = epoch + 1 and lr from there.
-__global__ void adam_tensor_kernel(std::int32_t* __restrict__ bad, std::int32_t* __restrict__ skipped,
-                                   std::int32_t* __restrict__ skips, AdamTensorStep* __restrict__ out,
-                                   int ntensors, optim::Adam::Options rule, long long t,
+__global__ void adam_tensor_kernel(std::int32_t* __restrict__ bad,
+                                   std::int32_t* __restrict__ skipped,
+                                   std::int32_t* __restrict__ skips,
+                                   AdamTensorStep* __restrict__ out, int ntensors,
+                                   optim::Adam::Options rule, long long t,
                                    const StepScalars* __restrict__ device_scalars) {
   const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (k >= ntensors) return;

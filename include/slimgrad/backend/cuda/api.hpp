@@ -12,10 +12,10 @@
 // asynchronous work on it (zeroing the state, uploading the launch table). A steady-state step()
 // then allocates nothing and never synchronises with the host: it is a fixed number of kernel
 // launches on the caller's stream (one for Adam over every tensor, three with its finite check;
-// three for GWT with its limiter or finite check, one without), whose per-step scalars travel as kernel arguments, or,
-// for a step captured in a CUDA graph, are read from a caller-owned device StepScalars.
-// Errors of the arguments are reported with slimgrad::Error before anything is enqueued; a
-// failed launch throws slimgrad::Error with the runtime's message.
+// three for GWT with its limiter or finite check, one without), whose per-step scalars travel as
+// kernel arguments, or, for a step captured in a CUDA graph, are read from a caller-owned device
+// StepScalars. Errors of the arguments are reported with slimgrad::Error before anything is
+// enqueued; a failed launch throws slimgrad::Error with the runtime's message.
 //
 // Precision of parameters and gradients (the optimizer state is the Store's business):
 //   fp32         weights and gradients fp32;
@@ -128,7 +128,7 @@ class MultiTensorAdam {
     optim::Adam::Options rule{};
     typename Store::Options store{};
     Precision precision = Precision::fp32;
-    std::uint64_t seed = 0;  ///< stochastic rounding: Key{seed, Tensor::id, step − 1}
+    std::uint64_t seed = 0;     ///< stochastic rounding: Key{seed, Tensor::id, step − 1}
     bool check_finite = false;  ///< skip tensors whose gradient is not finite (see above)
   };
 

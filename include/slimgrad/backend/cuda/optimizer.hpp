@@ -152,16 +152,19 @@ struct RawParam {
   std::uint16_t* copy = nullptr;
 };
 inline RawParam raw(const Param& p) {
-  return {p.name,   p.weight.shape(),          p.grad.shape(),
-          p.weight.contiguous() && p.grad.contiguous(), p.weight.data, p.grad.data};
+  return {p.name,         p.weight.shape(),
+          p.grad.shape(), p.weight.contiguous() && p.grad.contiguous(),
+          p.weight.data,  p.grad.data};
 }
 inline RawParam raw(const ParamBf16& p) {
-  return {p.name,   p.weight.shape(),          p.grad.shape(),
-          p.weight.contiguous() && p.grad.contiguous(), p.weight.data, p.grad.data};
+  return {p.name,         p.weight.shape(),
+          p.grad.shape(), p.weight.contiguous() && p.grad.contiguous(),
+          p.weight.data,  p.grad.data};
 }
 inline RawParam raw(const ParamMaster& p) {
-  return {p.name,       p.weight.shape(), p.grad.shape(), p.weight.contiguous() && p.grad.contiguous(),
-          p.weight.data, p.grad.data,      p.weight_bf16};
+  return {
+      p.name,        p.weight.shape(), p.grad.shape(), p.weight.contiguous() && p.grad.contiguous(),
+      p.weight.data, p.grad.data,      p.weight_bf16};
 }
 }  // namespace detail
 }  // namespace cuda
@@ -214,9 +217,8 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   /// built then). Parameters with the same settings share an engine: each distinct setting
   /// costs one more launch per step (a low-rank engine also its refresh lanes).
   void set_override(std::string name, Override o) {
-    require(!bound() && !pending_,
-            "optimizer: parameter '" + name +
-                "' already has state; set overrides before its first step");
+    require(!bound() && !pending_, "optimizer: parameter '" + name +
+                                       "' already has state; set overrides before its first step");
     check_engine(o.transform ? *o.transform : options_.transform,
                  o.residual ? *o.residual : options_.residual);
     accounting_.set_override(name, o);  // the CPU's checks; throws with nothing changed
@@ -307,8 +309,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
         plain_[e.group].engine->read_moments(e.index, m, v, ma, va);
       } else if constexpr (wavelet) {
         float limiter = -1.0f;
-        engines_[e.group].engine->read_state(e.index, rs.m.data.data(), rs.v.data.data(),
-                                             limiter);
+        engines_[e.group].engine->read_state(e.index, rs.m.data.data(), rs.v.data.data(), limiter);
         holder->set_limiter_state(e.name, limiter >= 0.0f ? limiter : -1.0f);
       } else if constexpr (lowrank) {
         const auto& engine = *engines_[e.group].engine;
@@ -515,8 +516,8 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   template <class E, class MakeOptions>
   static void add_to_group(std::vector<Group<E>>& groups, std::string key, double lr_scale,
                            const cuda::Tensor& t, Entry& e, MakeOptions&& make) {
-    auto it = std::find_if(groups.begin(), groups.end(),
-                           [&](const Group<E>& g) { return g.key == key; });
+    auto it =
+        std::find_if(groups.begin(), groups.end(), [&](const Group<E>& g) { return g.key == key; });
     if (it == groups.end()) {
       Group<E> g;
       g.key = std::move(key);
@@ -561,7 +562,9 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
       if (o && o->residual) effective.residual = *o->residual;
       const double lr_scale = o ? o->lr_scale : 1.0;
       std::string key = fields::to_text(lr_scale);
-      auto add = [&](const char* k, const auto& v) { key += ";" + (k + ("=" + fields::to_text(v))); };
+      auto add = [&](const char* k, const auto& v) {
+        key += ";" + (k + ("=" + fields::to_text(v)));
+      };
       if (e.compressed)
         fields::visit_all(effective, add);
       else
