@@ -20,6 +20,9 @@
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
 //   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter,
 //                                      fp32 parameters)
+//   SvdProjection / Grassmann + Recovery → the same, with recovery scaling and its limiter
+//                                   (Fira; SubTrack++ with Grassmann, its projection-aware
+//                                   moments included; SvdProjection refuses projection_aware)
 // Parameters whose overrides give the same settings share one engine; each distinct setting
 // (an lr scale, a weight decay, a rank) is an engine of its own, one more launch per step.
 // The engines are built at the first step, for the parameters of that step: their launch tables
@@ -178,14 +181,15 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   static constexpr bool lowrank = std::is_same_v<Transform, transforms::SvdProjection> ||
                                   std::is_same_v<Transform, transforms::Grassmann>;
   static constexpr bool wavelet = !identity && !lowrank && !std::is_void_v<Engine>;
+  static constexpr bool recovery = std::is_same_v<Residual, residual::Recovery>;
   static_assert(std::is_same_v<Rule, optim::Adam>, "slimgrad cuda: Optimizer runs Adam only");
   static_assert(identity ||
                     (wavelet && std::is_same_v<Residual, residual::WaveletDetails> &&
                      std::is_same_v<Store, state::Fp32>) ||
-                    (lowrank && std::is_same_v<Residual, residual::Drop> &&
+                    (lowrank && (std::is_same_v<Residual, residual::Drop> || recovery) &&
                      std::is_same_v<Store, state::Fp32>),
                 "slimgrad cuda: Optimizer composes Identity (any store), Dwt<Haar, L> with "
-                "WaveletDetails, or SvdProjection / Grassmann with Drop (Fp32 state)");
+                "WaveletDetails, or SvdProjection / Grassmann with Drop or Recovery (Fp32 state)");
   // The engine of the compressed parameters (none with Identity: a placeholder type).
   using Compressed = std::conditional_t<std::is_void_v<Engine>, Plain, Engine>;
 
@@ -324,6 +328,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
           ts.last_refresh_step = (steps_ - 1) / gap * gap;
           std::tie(ts.last_refresh_status, ts.last_failure) = engine.refresh_status(e.index);
         }
+        if constexpr (recovery) holder->set_limiter_state(e.name, engine.read_limiter(e.index));
       }
       holder->set_step_count(e.name, steps);
     }
@@ -403,9 +408,16 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   // What the engines cannot do, refused before anything changes.
   static void check_engine(const typename Transform::Options& t,
                            const typename Residual::Options& r) {
-    if constexpr (lowrank)
+    if constexpr (lowrank && recovery) {
+      require(!r.projection_aware || std::is_same_v<Transform, transforms::Grassmann>,
+              "cuda optimizer: projection-aware moments rotate at a tracking step: Grassmann "
+              "only on the GPU");
+      require(r.recovery_scaling || r.limiter_gamma == 0,
+              "cuda optimizer: the low-rank engine limits the recovered residual only");
+    } else if constexpr (lowrank) {
       require(r.limiter_gamma == 0,
               "cuda optimizer: the low-rank engine has no norm-growth limiter");
+    }
     if constexpr (wavelet)
       require(t.axis == transforms::Axis::rows, "cuda optimizer: GWT transforms along rows only");
     (void)t, (void)r;
@@ -593,6 +605,11 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
             c.lanes = device_.lanes;
             c.batched = device_.batched;
             g.update_gap = effective.transform.update_gap;
+            if constexpr (recovery) {
+              c.recovery_scaling = effective.residual.recovery_scaling;
+              c.limiter_gamma = effective.residual.limiter_gamma;
+              c.projection_aware = effective.residual.projection_aware;
+            }
           }
         });
       }
@@ -642,6 +659,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
         engine.write_moments(e.index, rs.m.data.data(), rs.v.data.data());
         const auto& ts = holder.transform_state(e.name);
         if (ts.basis.size() > 0) engine.write_basis(e.index, ts.basis.data());
+        if constexpr (recovery) engine.write_limiter(e.index, holder.limiter_state(e.name));
       }
     }
   }
