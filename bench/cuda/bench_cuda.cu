@@ -25,6 +25,7 @@ struct Handle {
   std::size_t state_bytes = 0;
   std::function<void(cudaStream_t)> step;
   std::function<void(cudaStream_t)> refresh;  // low-rank methods: the refresh work alone
+  std::function<int()> limited;               // GWT: tensors the last step's limiter scaled
   std::shared_ptr<void> object;
   ~Handle() {
     object.reset();
@@ -57,6 +58,15 @@ Handle* make(const std::vector<sg::cuda::Tensor>& t, const typename Opt::Options
   h->step = [opt](cudaStream_t s) { opt->step(s); };
   if constexpr (requires { opt->refresh(nullptr); })
     h->refresh = [opt](cudaStream_t s) { opt->refresh(s); };
+  if constexpr (requires { opt->limiter_divisors(); })
+    h->limited = [opt] {  // synchronous: outside the timed steps
+      std::vector<float> rho(static_cast<std::size_t>(opt->tensors()));
+      if (cudaMemcpy(rho.data(), opt->limiter_divisors(), rho.size() * sizeof(float),
+                     cudaMemcpyDeviceToHost) != cudaSuccess)
+        return -1;
+      return static_cast<int>(
+          std::count_if(rho.begin(), rho.end(), [](float r) { return r != 1.0f; }));
+    };
   h->object = opt;
   return h.release();
 }
@@ -109,7 +119,8 @@ void* sg_adam_create(int store, int convention, int precision, int check_finite,
   }
 }
 
-/// GWT, Haar, 2 levels, mode zero, HF-Adam.
+/// GWT, Haar, 2 levels, mode zero, HF-Adam. check_finite: 0 off, 1 on, 2 off with the
+/// optimistic limiter step.
 void* sg_gwt_create(int precision, int check_finite, double gamma, double scale, int n, void** w,
                     void** g, void** wcopy, const long* rows, const long* cols, double lr,
                     double b1, double b2, double eps, double wd) {
@@ -118,7 +129,8 @@ void* sg_gwt_create(int precision, int check_finite, double gamma, double scale,
     Opt::Options o;
     o.rule = rule(1, lr, b1, b2, eps, wd);
     o.precision = static_cast<sg::cuda::Precision>(precision);
-    o.check_finite = check_finite != 0;
+    o.check_finite = check_finite == 1;
+    o.optimistic_limiter = check_finite == 2;
     o.residual.limiter_gamma = gamma;
     o.residual.scale = scale;
     return make<Opt>(tensors_of(n, w, g, wcopy, rows, cols), o);
@@ -187,6 +199,12 @@ int sg_step(void* h, void* stream) {
     std::fprintf(stderr, "sg_step: %s\n", e.what());
     return 1;
   }
+}
+
+/// GWT: how many tensors the last step's limiter scaled (ρ ≠ 1); -1 when not GWT.
+int sg_limited(void* h) {
+  const Handle* p = static_cast<Handle*>(h);
+  return p->limited ? p->limited() : -1;
 }
 
 unsigned long long sg_state_bytes(void* h) {

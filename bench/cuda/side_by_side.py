@@ -155,6 +155,56 @@ def official_galore(args, results, row, timed, ref):
     torch.cuda.empty_cache()
 
 
+def gwt_rows(lib, row, timed, args, precision, W, G, R, K, n, gs, ref, gbytes, only_steady=False):
+    """GWT (Haar, 2 levels, HF-Adam, lr 1e-2) with and without the limiter and the finite check,
+    the limiter in two passes or optimistic (pass A steps with rho = 1; pass B only for limited
+    tensors). Each limiter configuration is timed twice: the steady step after 120 warm-up steps
+    on the same gradients, where no tensor is limited any more, and with every gradient scaled by 16
+    (exactly undone afterwards), which makes the limiter scale every tensor for dozens of steps.
+    `gbytes`: bytes per gradient element (G is read once more by the finite check and pass B)."""
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    wbytes = 4 if precision == 0 else 2
+    pass_a = 2 * wbytes + gbytes + 4  # W read + written, G read, a quarter's moments r + w
+    pass_b = 2 * wbytes + gbytes + 2  # W read + written, G read, a quarter's moments read
+    first = gbytes + 2  # the two-pass step's first pass: G and a quarter's moments read
+    tag = "" if precision == 0 else " bf16 params"
+    # (check: 0 off, 1 on, 2 off with the optimistic limiter step; gamma; label; bytes/param)
+    configs = [(1, 1.01, "limiter 1.01 + check", pass_a + first),
+               (0, 1.01, "limiter 1.01, no check, two passes", pass_a + first),
+               (2, 1.01, "limiter 1.01, no check, optimistic", pass_a),
+               (1, 0.0, "no limiter, check", pass_a + gbytes),
+               (0, 0.0, "no limiter, no check", pass_a)]
+    if only_steady:
+        configs = configs[:1]
+    for check, gamma, label, base in configs:
+        h = lib.sg_gwt_create(precision, check, gamma, 0.25, n, W, G, None, R, K, 1e-2, 0.9,
+                              0.999, 1e-6, 0.0)
+        if not h:
+            print(f"gwt {label}: creation failed", flush=True)
+            continue
+        for _ in range(120):
+            lib.sg_step(h, stream)
+        ms, lo, hi = timed(lambda: lib.sg_step(h, stream), 3, args.reps)
+        lim = lib.sg_limited(h) if gamma > 0 else 0
+        row(f"slimgrad gwt{tag} ({label}), steady", ms, base, ref,
+            f"limited tensors in the last step {lim}; min {lo:.3f} max {hi:.3f}")
+        if gamma > 0 and not only_steady:
+            for g in gs:
+                g.mul_(16.0)
+            lib.sg_step(h, stream)
+            lim_first = lib.sg_limited(h)
+            ms, lo, hi = timed(lambda: lib.sg_step(h, stream), 1, args.reps)
+            lim_last = lib.sg_limited(h)
+            for g in gs:
+                g.div_(16.0)
+            row(f"slimgrad gwt{tag} ({label}), limiter active", ms,
+                base + (pass_b if check == 2 else 0), ref,
+                f"limited tensors: first step {lim_first}, last {lim_last} of {n}; "
+                f"min {lo:.3f} max {hi:.3f}")
+        lib.sg_destroy(h)
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
@@ -173,6 +223,8 @@ def main():
     ap.add_argument("--only-adam", action="store_true",
                     help="fused AdamW, then slimgrad's fp32 and 8-bit Adam with and without the "
                          "non-finite check, alternating (no low-rank, GWT or bf16 rows)")
+    ap.add_argument("--only-gwt", action="store_true",
+                    help="torch fused AdamW and the GWT rows only (fp32 and bf16 parameters)")
     args = ap.parse_args()
 
     lib = ctypes.CDLL(args.lib)
@@ -185,6 +237,7 @@ def main():
     lib.sg_gwt_create.argtypes = [ctypes.c_int, ctypes.c_int, d, d, ctypes.c_int, pp, pp, pp, lp,
                                   lp, d, d, d, d, d]
     lib.sg_step.argtypes = [vp, vp]
+    lib.sg_limited.argtypes = [vp]
     lib.sg_state_bytes.restype = ctypes.c_ulonglong
     lib.sg_state_bytes.argtypes = [vp]
     lib.sg_destroy.argtypes = [vp]
@@ -276,22 +329,21 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         return 0
-    lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref)
+    if not args.only_gwt:
+        lowrank_section(lib, args, results, row, timed, shapes, n, W, G, R, K, ref)
     if args.only_lowrank:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         return 0
-    h = lib.sg_adam_create(0, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    bench_handle(h, "slimgrad adamw fp32 (torch convention)", 28, ref)
-    h = lib.sg_adam_create(2, 2, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    bench_handle(h, "slimgrad adam8bit (q8 block 256, bnb)", 12 + 4 * (1 + 4 / 256), ref)
-    h = lib.sg_adam_create(1, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    bench_handle(h, "slimgrad adamw, bf16 moments", 20, ref)
-    h = lib.sg_gwt_create(0, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
-    bench_handle(h, "slimgrad gwt haar L2 (limiter 1.01, check)", 22, ref)
-    h = lib.sg_gwt_create(0, 0, 0.0, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
-    bench_handle(h, "slimgrad gwt haar L2 (no limiter, no check)", 16, ref)
+    if not args.only_gwt:
+        h = lib.sg_adam_create(0, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        bench_handle(h, "slimgrad adamw fp32 (torch convention)", 28, ref)
+        h = lib.sg_adam_create(2, 2, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        bench_handle(h, "slimgrad adam8bit (q8 block 256, bnb)", 12 + 4 * (1 + 4 / 256), ref)
+        h = lib.sg_adam_create(1, 0, 0, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        bench_handle(h, "slimgrad adamw, bf16 moments", 20, ref)
+    gwt_rows(lib, row, timed, args, 0, W, G, R, K, n, gs, ref, 4)
     torch.cuda.synchronize()
     del params, ws, gs, W, G
     torch.cuda.empty_cache()
@@ -307,14 +359,20 @@ def main():
     del opt
     torch.cuda.empty_cache()
     n, W, G, C, R, K = arrays(ws, gs)
-    h = lib.sg_adam_create(1, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    bench_handle(h, "slimgrad adamw bf16 params, bf16 moments", 14, ref, f"vs bf16 torch {ref_bf:.3f}")
-    h = lib.sg_adam_create(0, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    bench_handle(h, "slimgrad adamw bf16 params, fp32 moments", 22, ref)
-    h = lib.sg_gwt_create(1, 1, 1.01, 0.25, n, W, G, None, R, K, 1e-2, 0.9, 0.999, 1e-6, 0.0)
-    bench_handle(h, "slimgrad gwt bf16 params (limiter)", 14, ref)
+    if not args.only_gwt:
+        h = lib.sg_adam_create(1, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        bench_handle(h, "slimgrad adamw bf16 params, bf16 moments", 14, ref,
+                     f"vs bf16 torch {ref_bf:.3f}")
+        h = lib.sg_adam_create(0, 0, 1, 0, n, W, G, None, R, K, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        bench_handle(h, "slimgrad adamw bf16 params, fp32 moments", 22, ref)
+    gwt_rows(lib, row, timed, args, 1, W, G, R, K, n, gs, ref, 2, only_steady=True)
     del params, ws, W
     torch.cuda.empty_cache()
+    if args.only_gwt:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
 
     # ---- fp32 master weights, bf16 gradients, bf16 model copy -------------------------------
     masters = [torch.randn(r, c, device="cuda") * 0.02 for r, c in shapes]

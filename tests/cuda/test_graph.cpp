@@ -2,8 +2,8 @@
 // several steps whose learning rate changes (the scalars written to device memory before each
 // replay), gives the same bits (weights, moments, 8-bit absmax, the limiter's state) as direct
 // steps with set_lr() — for MultiTensorAdam (fp32, stochastic bf16, 8-bit stores) and for
-// MultiTensorGwt with its limiter (three kernels in the graph). A graph that replayed stale
-// scalars would differ from the second step on.
+// MultiTensorGwt with its limiter (three kernels in the graph, both with and without the finite
+// check). A graph that replayed stale scalars would differ from the second step on.
 #include <cuda_runtime.h>
 
 #include <memory>
@@ -164,6 +164,15 @@ TEST_CASE("cuda graphs: a captured Adam step replays with the lr and step writte
 TEST_CASE("cuda graphs: a captured GWT step (limiter and finite check) replays bit-identically") {
   cuda::MultiTensorGwt<transforms::Haar, 2>::Options o;
   o.residual.limiter_gamma = 1.01;
+  direct_vs_graph<cuda::MultiTensorGwt<transforms::Haar, 2>>(o, 4);
+}
+
+TEST_CASE(
+    "cuda graphs: the optimistic GWT step (limiter, no finite check) replays bit-identically") {
+  cuda::MultiTensorGwt<transforms::Haar, 2>::Options o;
+  o.residual.limiter_gamma = 1.01;
+  o.check_finite = false;  // pass A, the limiter kernel and pass B, always launched
+  o.optimistic_limiter = true;
   direct_vs_graph<cuda::MultiTensorGwt<transforms::Haar, 2>>(o, 4);
 }
 

@@ -198,9 +198,14 @@ class MultiTensorAdam {
 /// the approximation (fp32 moments, m × N_L per tensor as on the CPU), details divided by their
 /// ancestor's denominator and the limiter's ρ, inverse DWT, W ← W − c·α·U. Fused per group of
 /// 2^L samples of a row, which a thread transforms in registers: one pass over G, the moments
-/// and W. With the norm-growth limiter (γ > 0) or the finite check, a first pass reads G and the
-/// moments (‖N‖ per tensor, non-finite gradients) and a one-block-per-tensor kernel turns the
-/// partial sums into ρ (in a fixed order, so runs are deterministic). Haar only.
+/// and W. The norm-growth limiter (γ > 0) needs ‖N‖ per tensor before a weight moves: a first
+/// pass reads G and the moments (‖N‖ and the finite check), and a one-block-per-tensor kernel
+/// turns per-block sums into ρ (a fixed order: runs are deterministic). Options::
+/// optimistic_limiter (without the finite check) steps with ρ = 1 while summing ‖N‖² (pass A)
+/// and reads again only a tensor the limiter scales (pass B: W += c·f·(1 − 1/ρ)·u, u
+/// recomputed): an unlimited tensor's weights are the CPU's bits, a limited one's differ from
+/// the CPU's by rounding (tests/cuda/test_gwt.cpp states the bound). Without the limiter, the
+/// finite check alone reads G before the step. Haar only.
 template <class Wavelet, int Levels>
 class MultiTensorGwt {
  public:
@@ -209,10 +214,15 @@ class MultiTensorGwt {
     residual::WaveletDetails::Options residual{};
     transforms::BoundaryMode mode = transforms::BoundaryMode::zero;
     Precision precision = Precision::fp32;
-    /// Skip a tensor whose gradient holds a NaN or infinity (the CPU engine's rule). A trainer
-    /// that already checks its gradients (a global-norm clip does) can turn it off and, with
-    /// γ = 0, save the first pass.
+    /// Skip a tensor whose gradient holds a NaN or infinity (the CPU engine's rule): a read of
+    /// G (4 B/param in fp32) before the step. A trainer that already checks its gradients (a
+    /// global-norm clip does) can turn it off and save that read.
     bool check_finite = true;
+    /// With the limiter and without the finite check: the optimistic step (pass A with ρ = 1,
+    /// pass B for the limited tensors). It moves 16 + 14·f B/param against the two-pass step's
+    /// 22 (fp32), f the fraction of tensors the limiter scales in a step: a win only while
+    /// f < 3/7, and a real run limits about half of them (BENCHMARKS.md), so it is off by default.
+    bool optimistic_limiter = false;
   };
 
   static std::size_t workspace_bytes(std::span<const Tensor> tensors, const Options& options);
@@ -233,6 +243,9 @@ class MultiTensorGwt {
   const std::int32_t* skipped() const { return skipped_; }
   /// Device array, one float per tensor: the limiter's remembered norm (NaN: unset).
   float* limiter_state() const { return limiter_; }
+  /// Device array, one float per tensor: the divisor ρ the limiter applied in the last step (1:
+  /// inactive, or a skipped tensor; 0 before the first step with the limiter on).
+  const float* limiter_divisors() const { return rho_; }
   index_t tensors() const { return static_cast<index_t>(moments_.size()); }
 
   /// Checkpoints across backends (backend/cuda/transfer.hpp): tensor k's moments (fp32,
@@ -248,12 +261,13 @@ class MultiTensorGwt {
   std::vector<MomentBuffers> moments_;
   void* table_ = nullptr;
   double* partial_ = nullptr;    // ‖N‖² per unit
-  std::int32_t* bad_ = nullptr;  // non-finite flag per unit
+  std::int32_t* bad_ = nullptr;  // non-finite flag per unit (the two-pass step)
   float* rho_ = nullptr;
   std::int32_t* skipped_ = nullptr;
   float* limiter_ = nullptr;
   std::uint32_t* unit_tensor_ = nullptr;  // the tensor of each unit (a load instead of a search)
   index_t units_ = 0;
+  int limit_grid_ = 1;  // blocks of pass B
   std::int64_t t_ = 0;
   std::size_t state_bytes_ = 0;
   void launch(stream_t stream, const StepScalars& s, const StepScalars* device_scalars);

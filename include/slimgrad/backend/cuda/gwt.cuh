@@ -7,14 +7,20 @@
 // loads 2^L samples, runs every level in registers, and the packed layout (transforms/dwt.hpp)
 // is only an addressing rule. The arithmetic is the CPU's haar_forward_line/haar_inverse_line
 // (same taps, same expressions), the Adam step optim/adam.hpp's, so with -fmad=false the
-// CUDA results equal the CPU's bit for bit (up to the limiter's ρ, whose norm is summed in
-// another order).
+// CUDA results equal the CPU's bit for bit (up to the limiter: ρ's norm is summed in another
+// order, and the optimistic step applies a limited update in two roundings).
 //
-// GWT step bytes per parameter (fp32, L = 2): pass 2 reads G and W and writes W (12) and
-// reads/writes the moments of a quarter of the coefficients (4); the first pass (limiter or
-// finite check) reads G and the moments again (6): 22 in all, 16 without it (28 for AdamW).
+// GWT step bytes per parameter (fp32, L = 2): one pass reads G and W and writes W (12) and
+// reads/writes the moments of a quarter of the coefficients (4): 16 (AdamW: 28). The norm-growth
+// limiter needs ‖N‖ of the whole tensor before it can scale an update: a first pass reads G and
+// the moments (6, the finite check included), then the step: 22. The optimistic step (no finite
+// check) steps with ρ = 1 while it sums ‖N‖² (pass A), and only the tensors the limiter then
+// scales take a second pass (pass B: G, W and the moments read again, W written: 14) that moves
+// W by the rest of the limited update: 16 + 14·(the fraction of tensors limited). The finite
+// check without the limiter reads G alone first (4): 20.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -222,8 +228,56 @@ struct GwtEntry {
   std::uint32_t vec;
 };
 
-/// Pass 1: per unit, ‖N‖² of the would-be normalised approximation and whether any gradient
-/// sample is not finite. Writes only the two per-unit results.
+inline constexpr int gwt_finite_units = 4;  // units per block of the finite check
+
+/// The finite check alone (no limiter): a read of G before anything is written (a tensor's skip
+/// has to be known before its first weight moves). Flags tensor k in `skipped` (zeroed first).
+template <int L, Precision P>
+__global__ void __launch_bounds__(gwt_threads)
+    gwt_finite_kernel(const GwtEntry<L>* __restrict__ entries,
+                      const index_t* __restrict__ unit_begin,
+                      const std::uint32_t* __restrict__ unit_tensor, index_t units,
+                      std::int32_t* skipped) {
+  using PG = typename Params<P>::G;
+  constexpr int G = 1 << L;
+#pragma unroll
+  for (int j = 0; j < gwt_finite_units; ++j) {  // independent loads in flight
+    const index_t u = static_cast<index_t>(blockIdx.x) * gwt_finite_units + j;
+    if (u >= units) return;
+    const auto k = static_cast<int>(unit_tensor[u]);
+    const GwtEntry<L>& e = entries[k];
+    const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
+    if (gi >= e.rows * e.na) continue;
+    float x[G];
+    load_group<L>(static_cast<const PG*>(e.g) + (gi / e.na) * e.cols, gi % e.na, e.cols, e.vec != 0,
+                  x);
+    std::uint32_t nonfinite = 0;
+#pragma unroll
+    for (int q = 0; q < G; ++q)
+      nonfinite |= (numeric::float_bits(x[q]) & 0x7f800000u) == 0x7f800000u;
+    if (nonfinite) atomicOr(reinterpret_cast<unsigned*>(skipped + k), 1u);
+  }
+}
+
+/// Block sum of `sum` in a fixed order (warps by shuffles, then the warps' sums by thread 0),
+/// which thread 0 returns. Every thread of the block must call it.
+__device__ inline double gwt_block_sum(double sum) {
+  __shared__ double warp_sum[gwt_threads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    sum += __shfl_down_sync(0xFFFFFFFFu, sum, off);
+  if ((threadIdx.x & 31u) == 0) warp_sum[threadIdx.x / 32] = sum;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < gwt_threads / 32; ++w)
+      total += warp_sum[w];
+  return total;
+}
+
+/// The first pass of the two-pass step (limiter and finite check): per unit, ‖N‖² of the
+/// would-be normalised approximation and whether any gradient sample is not finite. Writes only
+/// the two per-unit results.
 template <class W, int L, Precision P>
 __global__ void __launch_bounds__(gwt_threads)
     gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
@@ -252,33 +306,26 @@ __global__ void __launch_bounds__(gwt_threads)
     const float nj = mt / optim::adam_denominator(vt, s);
     sum = static_cast<double>(nj) * nj;
   }
-  // Block sum in a fixed order: warps by shuffles, then the warps' sums by warp 0.
-  __shared__ double warp_sum[gwt_threads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1)
-    sum += __shfl_down_sync(0xFFFFFFFFu, sum, off);
-  if ((threadIdx.x & 31u) == 0) warp_sum[threadIdx.x / 32] = sum;
   const int any_bad = __syncthreads_or(nonfinite);
+  const double total = gwt_block_sum(sum);
   if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < gwt_threads / 32; ++w)
-      total += warp_sum[w];
     partial[u] = total;
     bad[u] = any_bad;
   }
 }
 
-/// One block per tensor: ρ from the unit sums (fixed order) and the limiter's state.
+/// One block per tensor: ρ from the unit sums (a fixed order) and the limiter's state. With
+/// `bad` (the two-pass step's finite check) it also decides the tensor's skip.
 __global__ void __launch_bounds__(256)
     gwt_limiter_kernel(const index_t* __restrict__ unit_begin, const double* __restrict__ partial,
-                       const std::int32_t* __restrict__ bad, double gamma, bool check_finite,
-                       float* limiter, float* rho, std::int32_t* skipped) {
+                       const std::int32_t* __restrict__ bad, double gamma, float* limiter,
+                       float* rho, std::int32_t* skipped) {
   const int k = static_cast<int>(blockIdx.x);
   double sum = 0.0;
   int any_bad = 0;
   for (index_t u = unit_begin[k] + threadIdx.x; u < unit_begin[k + 1]; u += blockDim.x) {
     sum += partial[u];
-    any_bad |= bad[u];
+    if (bad != nullptr) any_bad |= bad[u];
   }
   __shared__ double s[256];
   s[threadIdx.x] = sum;
@@ -288,22 +335,46 @@ __global__ void __launch_bounds__(256)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const bool skip = check_finite && any_bad != 0;
-    skipped[k] = skip ? 1 : 0;
-    float r = 1.0f;
-    if (!skip && gamma > 0)
-      r = static_cast<float>(residual::limiter_divisor(sqrt(s[0]), gamma, limiter[k]));
-    rho[k] = r;
+    if (bad != nullptr) skipped[k] = any_bad != 0 ? 1 : 0;
+    rho[k] = any_bad != 0
+                 ? 1.0f
+                 : static_cast<float>(residual::limiter_divisor(sqrt(s[0]), gamma, limiter[k]));
   }
 }
 
-/// Pass 2: the step, one thread per group.
-template <class W, int L, Precision P>
-__global__ void __launch_bounds__(gwt_threads)
+/// One group's update from its forward transform (x[0] = the approximation coefficient, d the
+/// details) and the group's new moments: x ← u = α·IDWT(N/ρ, details/(D·ρ)) with N = M/D (nj).
+/// The two-pass step's operations; with ρ = 1 the same bits in pass A and pass B.
+template <class W, int L>
+__device__ inline void gwt_group_update(float (&x)[1 << L], float (&d)[1 << L], float m, float v,
+                                        const optim::AdamStep& s, float rho, float alpha,
+                                        float& nj) {
+  constexpr int G = 1 << L;
+  const float den = optim::adam_denominator(v, s);
+  nj = m / den;
+  const float a = rho != 1.0f ? nj / rho : nj;
+  const float up = den * rho;
+#pragma unroll
+  for (int j = 1; j < G; ++j)
+    d[j] = d[j] / up;
+  haar_group_inverse<W, L>(a, d, x);
+  if (alpha != 1.0f)
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      x[j] = x[j] * alpha;
+}
+
+/// The step, one thread per group. Two-pass (`rho_of` set): the limiter's ρ is known. Optimistic
+/// (Sum: pass A): ρ = 1, and ‖N‖² is summed per unit into `partial` in the two-pass step's order
+/// (ρ and the limiter's memory keep their bits); a separate instance, since the sum's registers
+/// cost the plain step a block per SM (46 against 38). A tensor flagged in `skipped` is left
+/// untouched.
+template <class W, int L, Precision P, bool Sum>
+__global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 40 registers
     gwt_step_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
                     float alpha, const float* __restrict__ rho_of,
-                    const std::int32_t* __restrict__ skipped,
+                    const std::int32_t* __restrict__ skipped, double* partial,
                     const StepScalars* __restrict__ device_scalars) {
   if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   using PW = typename Params<P>::W;
@@ -312,37 +383,92 @@ __global__ void __launch_bounds__(gwt_threads)
   const index_t u = blockIdx.x;
   const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
   const GwtEntry<L>& e = entries[k];
-  if (skipped != nullptr && skipped[k] != 0) return;
+  if (skipped != nullptr && skipped[k] != 0) return;  // the whole block: one tensor
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
-  if (gi >= e.rows * e.na) return;
-  const float rho = rho_of != nullptr ? rho_of[k] : 1.0f;
-  const index_t row = gi / e.na, grp = gi % e.na;
-  const bool vec = e.vec != 0;
-  float x[G], d[G], w[G];
-  load_group<L>(static_cast<const PG*>(e.g) + row * e.cols, grp, e.cols, vec, x);
-  PW* wrow = static_cast<PW*>(e.w) + row * e.cols;
-  load_group<L>(wrow, grp, e.cols, vec, w);
-  haar_group_forward<W, L>(x, d, grp, e.len, periodic);
-  float m = e.m[gi], v = e.v[gi];
-  optim::adam_moments(x[0], m, v, s);
-  e.m[gi] = m;
-  e.v[gi] = v;
-  const float den = optim::adam_denominator(v, s);
-  float a = m / den;
-  if (rho != 1.0f) a = a / rho;
-  const float up = den * rho;
+  double sum = 0.0;
+  if (gi < e.rows * e.na) {
+    const float rho = rho_of != nullptr ? rho_of[k] : 1.0f;
+    const index_t row = gi / e.na, grp = gi % e.na;
+    const bool vec = e.vec != 0;
+    float x[G], d[G], w[G], nj;
+    load_group<L>(static_cast<const PG*>(e.g) + row * e.cols, grp, e.cols, vec, x);
+    PW* wrow = static_cast<PW*>(e.w) + row * e.cols;
+    load_group<L>(wrow, grp, e.cols, vec, w);
+    haar_group_forward<W, L>(x, d, grp, e.len, periodic);
+    float m = e.m[gi], v = e.v[gi];
+    optim::adam_moments(x[0], m, v, s);
+    e.m[gi] = m;
+    e.v[gi] = v;
+    gwt_group_update<W, L>(x, d, m, v, s, rho, alpha, nj);
+    if constexpr (Sum) sum = static_cast<double>(nj) * nj;
 #pragma unroll
-  for (int j = 1; j < G; ++j)
-    d[j] = d[j] / up;
-  haar_group_inverse<W, L>(a, d, x);
-#pragma unroll
-  for (int j = 0; j < G; ++j) {
-    if (alpha != 1.0f) x[j] = x[j] * alpha;
-    w[j] = optim::apply_update(w[j], x[j], s.weight);
+    for (int j = 0; j < G; ++j)
+      w[j] = optim::apply_update(w[j], x[j], s.weight);
+    store_group<L>(wrow, grp, e.cols, vec, w);
+    if constexpr (P == Precision::fp32_master)
+      if (e.wcopy != nullptr) store_group<L>(e.wcopy + row * e.cols, grp, e.cols, vec, w);
   }
-  store_group<L>(wrow, grp, e.cols, vec, w);
-  if constexpr (P == Precision::fp32_master)
-    if (e.wcopy != nullptr) store_group<L>(e.wcopy + row * e.cols, grp, e.cols, vec, w);
+  if constexpr (Sum) {
+    const double total = gwt_block_sum(sum);
+    if (threadIdx.x == 0) partial[u] = total;
+  }
+}
+
+/// Pass B of the optimistic step: the tensors the limiter scaled (ρ ≠ 1) take the rest of their
+/// step. Pass A wrote W' = step(W, c·u); the limited step is step(W, c·u/ρ), which differs from
+/// W' by c·f·(1 − 1/ρ)·u, where f is the decay applied after the update (1 when it comes first,
+/// as in torch; 1 + λ' for hf's w + λ'·w; the multiplier for bnb). u is recomputed from G and the
+/// moments pass A wrote: the same bits. Always launched (a graph holds one sequence), a grid of
+/// the blocks that fit on the device at once, which returns at once when no tensor is limited.
+template <class W, int L, Precision P>
+__global__ void __launch_bounds__(gwt_threads)
+    gwt_limit_kernel(const GwtEntry<L>* __restrict__ entries,
+                     const index_t* __restrict__ unit_begin, int tensors, optim::AdamStep s,
+                     bool periodic, float alpha, const float* __restrict__ rho_of,
+                     const StepScalars* __restrict__ device_scalars) {
+  if (device_scalars != nullptr) s = device_scalars->adam;
+  using PW = typename Params<P>::W;
+  using PG = typename Params<P>::G;
+  constexpr int G = 1 << L;
+  __shared__ float rho_chunk[gwt_threads];
+  const optim::WeightUpdate& wu = s.weight;
+  const double after = wu.decay_before ? 1.0
+                                       : static_cast<double>(wu.decay_multiplier) *
+                                             (1.0 + static_cast<double>(wu.decay_alpha));
+  for (int base = 0; base < tensors; base += gwt_threads) {
+    const int kt = base + static_cast<int>(threadIdx.x);
+    const float r = kt < tensors ? rho_of[kt] : 1.0f;
+    __syncthreads();  // the previous chunk's reads are done
+    rho_chunk[threadIdx.x] = r;
+    __syncthreads();
+    const int end = tensors - base < gwt_threads ? tensors - base : gwt_threads;
+    for (int j = 0; j < end; ++j) {
+      const float rho = rho_chunk[j];
+      if (rho == 1.0f) continue;
+      const GwtEntry<L>& e = entries[base + j];
+      const auto kappa = static_cast<float>(static_cast<double>(wu.step_size) * after *
+                                            (1.0 - 1.0 / static_cast<double>(rho)));
+      const index_t count = e.rows * e.na, units = unit_begin[base + j + 1] - unit_begin[base + j];
+      const bool vec = e.vec != 0;
+      for (index_t uu = blockIdx.x; uu < units; uu += gridDim.x) {
+        const index_t gi = uu * gwt_threads + threadIdx.x;
+        if (gi >= count) continue;
+        const index_t row = gi / e.na, grp = gi % e.na;
+        float x[G], d[G], w[G], nj;
+        load_group<L>(static_cast<const PG*>(e.g) + row * e.cols, grp, e.cols, vec, x);
+        PW* wrow = static_cast<PW*>(e.w) + row * e.cols;
+        load_group<L>(wrow, grp, e.cols, vec, w);
+        haar_group_forward<W, L>(x, d, grp, e.len, periodic);
+        gwt_group_update<W, L>(x, d, e.m[gi], e.v[gi], s, 1.0f, alpha, nj);
+#pragma unroll
+        for (int q = 0; q < G; ++q)
+          w[q] = w[q] + kappa * x[q];
+        store_group<L>(wrow, grp, e.cols, vec, w);
+        if constexpr (P == Precision::fp32_master)
+          if (e.wcopy != nullptr) store_group<L>(e.wcopy + row * e.cols, grp, e.cols, vec, w);
+      }
+    }
+  }
 }
 
 template <int L>
@@ -433,6 +559,10 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
       require(tensors[k].cols % (index_t{1} << Levels) == 0,
               std::string(who) + ": periodization needs cols divisible by 2^levels");
   }
+  require(!(options.optimistic_limiter && options.check_finite),
+          std::string(who) +
+              ": optimistic_limiter needs check_finite off (a skip must be known before a weight "
+              "moves)");
   detail::check_workspace(workspace, workspace_size, workspace_bytes(tensors, options), who);
 
   detail::Carver c{static_cast<char*>(workspace)};
@@ -488,6 +618,7 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
                   "cudaMemsetAsync");  // NaN: unset
     detail::check(cudaMemsetAsync(skipped_, 0, n * sizeof(std::int32_t), stream),
                   "cudaMemsetAsync");
+    detail::check(cudaMemsetAsync(rho_, 0, n * sizeof(float), stream), "cudaMemsetAsync");
   }
   detail::check(
       cudaMemcpyAsync(entries, host.data(), n * sizeof(host[0]), cudaMemcpyHostToDevice, stream),
@@ -499,6 +630,25 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
                                 host_unit_tensor.size() * sizeof(std::uint32_t),
                                 cudaMemcpyHostToDevice, stream),
                 "cudaMemcpyAsync");
+  // Pass B's grid: as many blocks as fit on the device at once (it loops over the units).
+  int per_sm = 0;
+  auto occupancy = [&](auto kernel) {
+    detail::check(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, detail::gwt_threads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  };
+  switch (options.precision) {
+    case Precision::fp32:
+      occupancy(detail::gwt_limit_kernel<Wavelet, Levels, Precision::fp32>);
+      break;
+    case Precision::bf16:
+      occupancy(detail::gwt_limit_kernel<Wavelet, Levels, Precision::bf16>);
+      break;
+    case Precision::fp32_master:
+      occupancy(detail::gwt_limit_kernel<Wavelet, Levels, Precision::fp32_master>);
+      break;
+  }
+  limit_grid_ = std::max(1, per_sm) * detail::sm_count();
   detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
 }
 
@@ -580,36 +730,72 @@ void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars&
   const auto n = static_cast<int>(moments_.size());
   const bool periodic = options_.mode == transforms::BoundaryMode::periodization;
   const double gamma = options_.residual.limiter_gamma;
-  const bool first_pass = gamma > 0 || options_.check_finite;
+  const bool check = options_.check_finite;
+  const auto alpha = static_cast<float>(options_.residual.scale);
   const auto blocks = static_cast<unsigned>(units_);
-  auto run = [&](auto norm_kernel, auto step_kernel) {
-    if (first_pass) {
+  auto run = [&](auto norm_kernel, auto finite_kernel, auto step_kernel, auto pass_a_kernel,
+                 auto limit_kernel) {
+    if (gamma > 0 && !options_.optimistic_limiter) {
+      // Two passes; the finite check shares the first one's read of G.
       norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
           entries, begin, unit_tensor_, s, periodic, partial_, bad_, device_scalars);
       detail::check_launch("MultiTensorGwt::step (norm)");
       detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
-          begin, partial_, bad_, gamma, options_.check_finite, limiter_, rho_, skipped_);
+          begin, partial_, check ? bad_ : nullptr, gamma, limiter_, rho_, skipped_);
       detail::check_launch("MultiTensorGwt::step (limiter)");
+      step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
+          entries, begin, unit_tensor_, s, periodic, alpha, rho_, check ? skipped_ : nullptr,
+          nullptr, device_scalars);
+      detail::check_launch("MultiTensorGwt::step");
+      return;
     }
-    step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
-        entries, begin, unit_tensor_, s, periodic, static_cast<float>(options_.residual.scale),
-        first_pass ? rho_ : nullptr, first_pass ? skipped_ : nullptr, device_scalars);
+    if (check) {
+      detail::check(cudaMemsetAsync(skipped_, 0, moments_.size() * sizeof(std::int32_t), stream),
+                    "cudaMemsetAsync");
+      finite_kernel<<<static_cast<unsigned>((units_ + detail::gwt_finite_units - 1) /
+                                            detail::gwt_finite_units),
+                      detail::gwt_threads, 0, stream>>>(entries, begin, unit_tensor_, units_,
+                                                        skipped_);
+      detail::check_launch("MultiTensorGwt::step (finite check)");
+    }
+    // One pass; with the (optimistic) limiter ρ = 1 while ‖N‖² is summed (pass A), then pass B
+    // for the tensors the limiter scales.
+    (gamma > 0 ? pass_a_kernel : step_kernel)<<<blocks, detail::gwt_threads, 0, stream>>>(
+        entries, begin, unit_tensor_, s, periodic, alpha, nullptr, check ? skipped_ : nullptr,
+        partial_, device_scalars);
     detail::check_launch("MultiTensorGwt::step");
+    if (gamma > 0) {
+      detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+          begin, partial_, nullptr, gamma, limiter_, rho_, skipped_);
+      detail::check_launch("MultiTensorGwt::step (limiter)");
+      limit_kernel<<<static_cast<unsigned>(limit_grid_), detail::gwt_threads, 0, stream>>>(
+          entries, begin, n, s, periodic, alpha, rho_, device_scalars);
+      detail::check_launch("MultiTensorGwt::step (limited tensors)");
+    }
   };
   using W = Wavelet;
   constexpr int L = Levels;
   switch (options_.precision) {
     case Precision::fp32:
       run(detail::gwt_norm_kernel<W, L, Precision::fp32>,
-          detail::gwt_step_kernel<W, L, Precision::fp32>);
+          detail::gwt_finite_kernel<L, Precision::fp32>,
+          detail::gwt_step_kernel<W, L, Precision::fp32, false>,
+          detail::gwt_step_kernel<W, L, Precision::fp32, true>,
+          detail::gwt_limit_kernel<W, L, Precision::fp32>);
       break;
     case Precision::bf16:
       run(detail::gwt_norm_kernel<W, L, Precision::bf16>,
-          detail::gwt_step_kernel<W, L, Precision::bf16>);
+          detail::gwt_finite_kernel<L, Precision::bf16>,
+          detail::gwt_step_kernel<W, L, Precision::bf16, false>,
+          detail::gwt_step_kernel<W, L, Precision::bf16, true>,
+          detail::gwt_limit_kernel<W, L, Precision::bf16>);
       break;
     case Precision::fp32_master:
       run(detail::gwt_norm_kernel<W, L, Precision::fp32_master>,
-          detail::gwt_step_kernel<W, L, Precision::fp32_master>);
+          detail::gwt_finite_kernel<L, Precision::fp32_master>,
+          detail::gwt_step_kernel<W, L, Precision::fp32_master, false>,
+          detail::gwt_step_kernel<W, L, Precision::fp32_master, true>,
+          detail::gwt_limit_kernel<W, L, Precision::fp32_master>);
       break;
   }
 }
