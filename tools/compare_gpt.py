@@ -26,15 +26,20 @@ from concurrent.futures import ThreadPoolExecutor
 # The recipes of the full run (README.md) at the learning rates that won its sweep (2000 steps,
 # nanoGPT's configuration; README.md lists every rate tried). Low-rank recipes use rank n/4 = 32
 # of the 128-wide model (GaLore's LLaMA ratio), T = 200 as in the papers; α = 0.25 scales the
-# compressed updates of gwt, galore and subtrack, hence their larger rates.
+# compressed updates of gwt, galore and subtrack, hence their larger rates. --split-qkv hands
+# the optimizer q, k and v as three tensors, as LLaMA's q_proj, k_proj and v_proj of the papers'
+# runs (one fused c_attn gave APOLLO-Mini a single tensor-wise scale for all three).
 DEFAULT_RECIPES = [
     "adamw: --optimizer adamw --lr 4e-3",
     "gwt: --optimizer gwt --lr 2e-2 --set levels=2",
     "galore: --optimizer galore --lr 3.2e-2 --set rank=32",
-    "subtrack: --optimizer subtrack --lr 2.8e-2 --set rank=32",
+    "subtrack: --optimizer subtrack --lr 3.6e-2 --set rank=32 --split-qkv",
     "apollo: --optimizer apollo --lr 4.8e-2 --set rank=32",
-    # APOLLO-Mini's official 60M/130M setting: sqrt(scale) applied before the limiter.
-    "apollo-mini: --optimizer apollo-mini --lr 8e-3 --set scale_front=true",
+    # APOLLO-Mini's official 60M/130M setting (sqrt(scale) applied before the limiter) with
+    # scale 512 instead of 128: the projections step as with 128 at lr 2e-2 (lr·sqrt(scale)),
+    # while the embeddings and LayerNorm gains (plain Adam) and the decay take lr 1e-2.
+    "apollo-mini: --optimizer apollo-mini --lr 1e-2 --set scale_front=true --set scale=512 "
+    "--split-qkv",
     "adam8bit: --optimizer adam8bit --lr 3e-3",
     "adafactor: --optimizer adafactor --lr 3e-3 --set relative_step=false "
     "--set scale_parameter=false",

@@ -153,17 +153,49 @@ inline void configure_activations(Model<float>& model, const std::string& kind,
   }
 }
 
-/// The optimizer roles of the model's tensors: the attention and MLP projections compressed,
-/// the rest plain; the attention output projections take the recipe's full path where it has
-/// one (CompAct leaves o_proj uncompressed: algorithms.md §4.2 step 4).
-inline void set_roles(const Model<float>& model, slimgrad::tools::AnyOptimizer& opt) {
-  for (const TensorInfo& t : model.tensors())
+/// The tensors the optimizer steps: the model's, where `split_qkv` hands each attn.c_attn over
+/// as its three C×C row blocks attn.c_attn.{q,k,v} (contiguous in the row-major weight), as
+/// LLaMA's q_proj, k_proj and v_proj are three tensors. A recipe's per-tensor statistics
+/// (APOLLO-Mini's tensor-wise scale, the norm-growth limiter) then see each projection alone, as
+/// in the papers' LLaMA runs, instead of one scale for q, k and v together. Needs full weight
+/// gradients (not CompAct's m×r ones).
+inline std::vector<TensorInfo> optimizer_tensors(const Model<float>& model, bool split_qkv) {
+  std::vector<TensorInfo> out;
+  const std::string qkv = std::string(".") + Model<float>::linear_name(LinearKind::attn_qkv);
+  for (const TensorInfo& t : model.tensors()) {
+    if (!split_qkv || !t.name.ends_with(qkv)) {
+      out.push_back(t);
+      continue;
+    }
+    slimgrad::require(model.grad_cols(t) == t.cols, "--split-qkv needs full weight gradients of " +
+                                                        t.name + " (not --activations compact)");
+    const Index c = t.rows / 3;
+    for (Index k = 0; k < 3; ++k) {
+      TensorInfo part = t;
+      part.name = t.name + "." + "qkv"[k];
+      part.offset = t.offset + static_cast<std::size_t>(k * c * t.cols);
+      part.rows = c;
+      out.push_back(part);
+    }
+  }
+  return out;
+}
+
+/// The optimizer roles of `tensors` (optimizer_tensors): the attention and MLP projections
+/// compressed, the rest plain; the attention output projections take the recipe's full path
+/// where it has one (CompAct leaves o_proj uncompressed: algorithms.md §4.2 step 4).
+inline void set_roles(const Model<float>& model, const std::vector<TensorInfo>& tensors,
+                      slimgrad::tools::AnyOptimizer& opt) {
+  for (const TensorInfo& t : tensors)
     opt.set_role(t.name, {t.rows, t.cols},
                  t.compressible ? slimgrad::ParamRole::compressed : slimgrad::ParamRole::plain);
   if (opt.has_full_path())
     for (Index l = 0; l < model.config().layers; ++l)
       opt.set_full_path("h." + std::to_string(l) + "." +
                         Model<float>::linear_name(LinearKind::attn_proj));
+}
+inline void set_roles(const Model<float>& model, slimgrad::tools::AnyOptimizer& opt) {
+  set_roles(model, model.tensors(), opt);
 }
 
 /// Before each step's forward: every projection takes its weight's optimizer step count, so that

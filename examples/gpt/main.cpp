@@ -27,6 +27,9 @@ int main(int argc, char** argv) {
   app.add_option("--act-set", o.activation_sets,
                  "activation-compression setting key=value (repeatable)")
       ->allow_extra_args(false);
+  app.add_flag("--split-qkv", o.split_qkv,
+               "the optimizer steps attn.c_attn as three tensors q, k, v (as LLaMA's q_proj, "
+               "k_proj, v_proj), so per-tensor statistics see each alone");
   app.add_option("--layers", o.layers, "transformer blocks");
   app.add_option("--heads", o.heads, "attention heads per block");
   app.add_option("--width", o.width, "embedding width (a multiple of --heads)");

@@ -227,7 +227,8 @@ Result train(const Options& o, std::ostream& out) {
           "--activations compact needs --optimizer compact (its weight gradients are m×r, which "
           "only the compact recipe takes)");
   configure_activations(model, o.activations, o.activation_sets, o.seed, opt->options());
-  set_roles(model, *opt);
+  const std::vector<TensorInfo> opt_tensors = optimizer_tensors(model, o.split_qkv);
+  set_roles(model, opt_tensors, *opt);
 
   long start = 0;
   if (!o.resume.empty()) {
@@ -253,6 +254,10 @@ Result train(const Options& o, std::ostream& out) {
     require(meta("gpt.optimizer") == o.optimizer, "the checkpoint '" + o.resume + "' holds " +
                                                       meta("gpt.optimizer") +
                                                       " state, this run uses " + o.optimizer);
+    const auto split = f.metadata.find("gpt.split_qkv");  // absent: written before the option
+    require((split != f.metadata.end() && split->second == "1") == o.split_qkv,
+            "the checkpoint '" + o.resume + "' was trained " + (o.split_qkv ? "without" : "with") +
+                " --split-qkv; resume it the same way");
     io::TensorFile model_part, opt_part;
     opt_part.metadata = f.metadata;
     for (auto& [name, t] : f.tensors)
@@ -316,7 +321,7 @@ Result train(const Options& o, std::ostream& out) {
   }
 
   std::vector<slimgrad::Param> params;
-  for (const TensorInfo& t : model.tensors())
+  for (const TensorInfo& t : opt_tensors)
     params.push_back(
         {t.name, slimgrad::host_view(model.params() + t.offset, t.rows, t.cols),
          slimgrad::host_view<const float>(model.grads() + t.offset, t.rows, model.grad_cols(t))});
@@ -422,6 +427,7 @@ Result train(const Options& o, std::ostream& out) {
     f.metadata["gpt.config"] = config_text(cfg);
     f.metadata["gpt.vocab"] = hex(corpus.vocab);
     f.metadata["gpt.optimizer"] = o.optimizer;
+    f.metadata["gpt.split_qkv"] = o.split_qkv ? "1" : "0";
     f.metadata["gpt.step"] = std::to_string(o.steps);
     f.metadata["gpt.model_checksum"] = std::to_string(io::checksum(model_part));
     for (auto& [name, t] : model_part.tensors)
@@ -469,6 +475,7 @@ Result train(const Options& o, std::ostream& out) {
                         {"composition", opt->composition()},
                         {"settings", opt->options()},
                         {"activations", o.activations},
+                        {"split_qkv", o.split_qkv},
                         {"lr", o.lr},
                         {"val_loss", r.val_loss},
                         {"train_loss", r.train_loss},

@@ -29,6 +29,7 @@ struct Options {
   std::vector<std::string> sets;     ///< the recipe's `key=value` settings
   std::string activations = "none";  ///< none | velora | compact
   std::vector<std::string> activation_sets;
+  bool split_qkv = false;  ///< the optimizer sees attn.c_attn as q, k, v (optimizer_tensors)
   Index layers = 4, heads = 4, width = 128, block = 64, batch = 12;
   long steps = 2000;
   long decay_steps = 0;  ///< where the cosine reaches min_lr; 0: = steps

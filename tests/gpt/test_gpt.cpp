@@ -3,6 +3,7 @@
 // checkpoint, and the bad-input sentences.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -421,4 +422,69 @@ TEST_CASE("gpt: only a recipe with a full path takes one") {
   CHECK_THROWS_WITH_AS(adamw->set_full_path("h.0.attn.o_proj"),
                        doctest::Contains("has no full path"), slimgrad::Error);
   CHECK(slimgrad::tools::make_optimizer("compact", {})->has_full_path());
+}
+
+TEST_CASE("gpt: --split-qkv steps q, k and v of attn.c_attn as three tensors") {
+  Config c = tiny();
+  Model<float> m(c);
+  const std::vector<gpt::TensorInfo> whole = gpt::optimizer_tensors(m, false);
+  const std::vector<gpt::TensorInfo> split = gpt::optimizer_tensors(m, true);
+  REQUIRE(whole.size() == m.tensors().size());
+  REQUIRE(split.size() == whole.size() + 2 * static_cast<std::size_t>(c.layers));
+  std::size_t covered = 0;  // the parts tile the flat buffer exactly as the tensors do
+  for (const gpt::TensorInfo& t : split) {
+    CHECK(t.offset == covered);
+    covered += static_cast<std::size_t>(t.size());
+  }
+  CHECK(covered == m.num_params());
+  const auto q = std::find_if(split.begin(), split.end(), [](const gpt::TensorInfo& t) {
+    return t.name == "h.1.attn.c_attn.q";
+  });
+  REQUIRE(q != split.end());
+  CHECK(q->rows == c.width);
+  CHECK(q->cols == c.width);
+  CHECK(q->compressible);
+  CHECK((q + 1)->name == "h.1.attn.c_attn.k");
+  CHECK((q + 2)->name == "h.1.attn.c_attn.v");
+  CHECK((q + 2)->offset == q->offset + 2 * static_cast<std::size_t>(c.width * c.width));
+
+  TempDir tmp;
+  const std::string data = tmp.file("text.txt", text());
+  std::ostringstream sink;
+  // Adam is element-wise: the split changes nothing but the tensor names.
+  gpt::Options o = small(data);
+  const gpt::Result adam = gpt::train(o, sink);
+  o.split_qkv = true;
+  const gpt::Result adam_split = gpt::train(o, sink);
+  CHECK(adam.parameters == adam_split.parameters);
+  // APOLLO-Mini's tensor-wise scale and limiter are per tensor: the split changes the steps, and
+  // each of the two extra tensors per layer holds a step count, Philox seed and epoch, its 1×C
+  // projection and a limiter norm.
+  o = small(data);
+  o.optimizer = "apollo-mini";
+  o.sets = {"scale_front=true"};
+  const gpt::Result mini = gpt::train(o, sink);
+  o.split_qkv = true;
+  const gpt::Result mini_split = gpt::train(o, sink);
+  CHECK(mini.parameters != mini_split.parameters);
+  CHECK(mini_split.optimizer_state_bytes ==
+        mini.optimizer_state_bytes +
+            2 * static_cast<std::size_t>(o.layers) * (8 + 16 + 4 * o.width + 4));
+  // Resume is bit-exact with the split, and a checkpoint must be resumed the way it was trained.
+  gpt::Options first = o;
+  first.steps = 3;
+  first.decay_steps = o.steps;
+  first.save = (tmp.dir / "split.safetensors").string();
+  gpt::train(first, sink);
+  gpt::Options second = o;
+  second.resume = first.save;
+  CHECK(gpt::train(second, sink).parameters == mini_split.parameters);
+  second.split_qkv = false;
+  CHECK(error_of(second).find("was trained with --split-qkv") != std::string::npos);
+  // CompAct's weight gradients are m×r: they cannot be cut into q, k and v.
+  gpt::Options compact = small(data);
+  compact.optimizer = "compact";
+  compact.activations = "compact";
+  compact.split_qkv = true;
+  CHECK(error_of(compact).find("--split-qkv needs full weight gradients") != std::string::npos);
 }
