@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(cmake g++ make clang-14 clang-format-14 libomp-14-dev libclang-rt-14-dev
-          libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev
+          libeigen3-dev libopenblas-openmp-dev doctest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev
           python3 python3-numpy python3-pywt bible-kjv gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
