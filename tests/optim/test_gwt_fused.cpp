@@ -1,5 +1,5 @@
 // The fused kernels are bit-identical to the generic engine path: GWT (backend/cpu/gwt_fused.hpp)
-// and 8-bit Adam (backend/cpu/adam8bit_fused.hpp).
+// 8-bit Adam (backend/cpu/adam8bit_fused.hpp) and fp32 Adam (backend/cpu/adam_avx512.hpp).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -118,5 +118,51 @@ TEST_CASE("fused 8-bit Adam equals the generic path bit for bit (weights, codes,
     INFO("convention " << static_cast<int>(convention));
     CHECK(wf == wg);
     CHECK(io::serialize(fused.to_checkpoint()) == io::serialize(generic.to_checkpoint()));
+  }
+}
+
+TEST_CASE("fused fp32 Adam equals the generic path bit for bit") {
+  if (!cpu::avx512::supported()) MESSAGE("no AVX-512 here: both runs take the generic path");
+  for (auto convention :
+       {optim::AdamConvention::torch, optim::AdamConvention::hf, optim::AdamConvention::bnb}) {
+    auto o = recipes::adamw_options();
+    o.rule.convention = convention;
+    o.rule.weight_decay = 0.1;
+    recipes::AdamW<> fused(o), generic([&] {
+      auto g = o;
+      g.fused = false;
+      return g;
+    }());
+    // 37×300: a partial last vector; 40×1000: several parallel chunks (prefetch up to the end);
+    // 1×5: a partial vector alone.
+    const Shape shapes[] = {{37, 300}, {40, 1000}, {1, 5}};
+    const char* const names[] = {"p0", "p1", "p2"};
+    std::vector<std::vector<float>> wf, wg, g;
+    for (const Shape& s : shapes) {
+      wf.emplace_back(static_cast<std::size_t>(s.size()));
+      random::fill_gaussian(host_view(wf.back().data(), s.rows, s.cols), {7, 1, 0}, 0.1);
+      wg.push_back(wf.back());
+      g.emplace_back(wf.back().size());
+    }
+    const auto w0 = wf;
+    for (std::uint32_t k = 0; k < 4; ++k) {
+      std::vector<Param> pf, pg;
+      for (std::size_t i = 0; i < 3; ++i) {
+        const Shape s = shapes[i];
+        random::fill_gaussian(host_view(g[i].data(), s.rows, s.cols), {8, i, k}, 1e-3 * (k + 1));
+        if (k == 1) g[i][3] = 0.0f;
+        const char* name = names[i];
+        pf.push_back({name, host_view(wf[i].data(), s.rows, s.cols),
+                      host_view<const float>(g[i].data(), s.rows, s.cols)});
+        pg.push_back({name, host_view(wg[i].data(), s.rows, s.cols),
+                      host_view<const float>(g[i].data(), s.rows, s.cols)});
+      }
+      fused.step(pf);
+      generic.step(pg);
+    }
+    INFO("convention " << static_cast<int>(convention));
+    CHECK(wf == wg);
+    CHECK(io::serialize(fused.to_checkpoint()) == io::serialize(generic.to_checkpoint()));
+    CHECK(wf != w0);  // the weights moved
   }
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "../../optim/adam.hpp"
+#include "adam_avx512.hpp"
 #include "common.hpp"
 #include "elementwise.hpp"
 #include "stores.hpp"
@@ -40,38 +41,17 @@ inline constexpr int block_of<impl<state::Q8Block<B>, backend::cpu>> = B;
 SLIMGRAD_Q8_TARGET("avx512f")
 inline void adam_block_avx512(const float* g, float* w, float* m, float* v, index_t n,
                               const optim::AdamStep& s, float alpha, float& am, float& av) {
-  const __m512 b1 = _mm512_set1_ps(s.beta1), b2 = _mm512_set1_ps(s.beta2);
-  const __m512 a1 = _mm512_set1_ps(s.one_minus_beta1), a2 = _mm512_set1_ps(s.one_minus_beta2);
-  const __m512 div = _mm512_set1_ps(s.denom_divisor), eps = _mm512_set1_ps(s.eps);
-  const optim::WeightUpdate& p = s.weight;
-  const __m512 step = _mm512_set1_ps(-p.step_size), al = _mm512_set1_ps(alpha);
-  const __m512 mult = _mm512_set1_ps(p.decay_multiplier), dal = _mm512_set1_ps(p.decay_alpha);
-  const bool mult_before = p.decay_before && p.decay_multiplier != 1.0f;
-  const bool alpha_before = p.decay_before && p.decay_alpha != 0.0f;
-  const bool mult_after = !p.decay_before && p.decay_multiplier != 1.0f;
-  const bool alpha_after = !p.decay_before && p.decay_alpha != 0.0f;
-  const bool divide = s.denom_divisor != 1.0f;
+  const avx512::Moments c = avx512::moments_of(s);
+  const avx512::WeightStep p = avx512::weight_step_of(s.weight, alpha);
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   __m512 accm = _mm512_setzero_ps(), accv = _mm512_setzero_ps();
   for (index_t i = 0; i < n; i += 16) {
     const __mmask16 k =
         n - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 gi = _mm512_maskz_loadu_ps(k, g + i);
     __m512 mi = _mm512_maskz_loadu_ps(k, m + i);
     __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
     __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
-    mi = _mm512_add_ps(_mm512_mul_ps(mi, b1), _mm512_mul_ps(a1, gi));
-    vi = _mm512_add_ps(_mm512_mul_ps(vi, b2), _mm512_mul_ps(_mm512_mul_ps(a2, gi), gi));
-    const __m512 root = _mm512_maskz_sqrt_ps(0xFFFF, vi);  // masked: GCC 12 warns on the other
-    // x / 1.0f is x exactly: the hf and bnb conventions skip that division.
-    const __m512 scaled = divide ? _mm512_div_ps(root, div) : root;
-    __m512 u = _mm512_div_ps(mi, _mm512_add_ps(scaled, eps));
-    if (alpha != 1.0f) u = _mm512_mul_ps(al, u);
-    if (mult_before) wi = _mm512_mul_ps(wi, mult);
-    if (alpha_before) wi = _mm512_add_ps(wi, _mm512_mul_ps(dal, wi));
-    wi = _mm512_add_ps(wi, _mm512_mul_ps(step, u));
-    if (mult_after) wi = _mm512_mul_ps(wi, mult);
-    if (alpha_after) wi = _mm512_add_ps(wi, _mm512_mul_ps(dal, wi));
+    avx512::adam(c, p, _mm512_maskz_loadu_ps(k, g + i), mi, vi, wi);
     _mm512_mask_storeu_ps(m + i, k, mi);
     _mm512_mask_storeu_ps(v + i, k, vi);
     _mm512_mask_storeu_ps(w + i, k, wi);

@@ -21,6 +21,7 @@
 
 #include "../../optim/adam.hpp"
 #include "../../transforms/dwt.hpp"
+#include "adam_avx512.hpp"
 #include "common.hpp"
 #include "dwt.hpp"
 
@@ -111,29 +112,6 @@ SLIMGRAD_GWT_TARGET inline void inverse_level(const float* a, const float* d, in
   }
 }
 
-// The would-be (pass 1) or new (pass 2) moments of 16 coefficients and their denominator
-// sqrt(v)[/divisor]: optim::adam_moments and sqrt_n, operation for operation.
-struct Consts {
-  __m512 b1, b2, a1, a2, div, eps;
-  bool divide;
-};
-SLIMGRAD_GWT_TARGET inline Consts consts(const optim::AdamStep& s) {
-  return {_mm512_set1_ps(s.beta1),
-          _mm512_set1_ps(s.beta2),
-          _mm512_set1_ps(s.one_minus_beta1),
-          _mm512_set1_ps(s.one_minus_beta2),
-          _mm512_set1_ps(s.denom_divisor),
-          _mm512_set1_ps(s.eps),
-          s.denom_divisor != 1.0f};
-}
-SLIMGRAD_GWT_TARGET inline void moments(const Consts& c, __m512 g, __m512& m, __m512& v,
-                                        __m512& root) {
-  m = _mm512_add_ps(_mm512_mul_ps(m, c.b1), _mm512_mul_ps(c.a1, g));
-  v = _mm512_add_ps(_mm512_mul_ps(v, c.b2), _mm512_mul_ps(_mm512_mul_ps(c.a2, g), g));
-  root = _mm512_maskz_sqrt_ps(0xFFFF, v);  // masked: GCC 12 warns on the unmasked form
-  if (c.divide) root = _mm512_div_ps(root, c.div);
-}
-
 /// The next row of each stream, prefetched while this row runs: the row loops touch one stream
 /// at a time, in bursts too short for the hardware prefetcher to run ahead (the last row passes
 /// its own rows).
@@ -169,14 +147,15 @@ SLIMGRAD_GWT_TARGET inline bool pass1(const float* g, index_t n, const float* m,
     len /= 2;
   }
   const index_t na = len;
-  const Consts c = consts(s);
+  const avx512::Moments c = avx512::moments_of(s);
   __m512d acc = _mm512_setzero_pd();
   for (index_t j = 0; j < na; j += 16) {
     prefetch(next.m + j);
     prefetch(next.v + j);
     const __mmask16 k = lanes(na - j);
     __m512 mt = _mm512_maskz_loadu_ps(k, m + j), vt = _mm512_maskz_loadu_ps(k, v + j), root;
-    moments(c, _mm512_maskz_loadu_ps(k, coef + j), mt, vt, root);
+    // The would-be moments: ‖N‖ needs them before the step.
+    avx512::moments(c, _mm512_maskz_loadu_ps(k, coef + j), mt, vt, root);
     // Lanes past na: 0/(0 + ε) would be NaN for ε = 0, so the division is masked to 0.
     const __m512 nj = _mm512_maskz_div_ps(k, mt, _mm512_add_ps(root, c.eps));
     const __m512d nd = _mm512_castps_pd(nj);
@@ -212,7 +191,7 @@ SLIMGRAD_GWT_TARGET inline void pass2(const float* g, index_t n, float* m, float
     len = h;
   }
   const index_t na = len;
-  const Consts c = consts(s);
+  const avx512::Moments c = avx512::moments_of(s);
   const __m512 r = _mm512_set1_ps(rho);
   const bool scale_rho = rho != 1.0f;
   for (index_t j = 0; j < na; j += 16) {
@@ -220,7 +199,7 @@ SLIMGRAD_GWT_TARGET inline void pass2(const float* g, index_t n, float* m, float
     prefetch(next.v + j);
     const __mmask16 k = lanes(na - j);
     __m512 mj = _mm512_maskz_loadu_ps(k, m + j), vj = _mm512_maskz_loadu_ps(k, v + j), root;
-    moments(c, _mm512_maskz_loadu_ps(k, coef + j), mj, vj, root);
+    avx512::moments(c, _mm512_maskz_loadu_ps(k, coef + j), mj, vj, root);
     _mm512_mask_storeu_ps(m + j, k, mj);
     _mm512_mask_storeu_ps(v + j, k, vj);
     const __m512 dj = _mm512_add_ps(root, c.eps);
@@ -254,26 +233,13 @@ SLIMGRAD_GWT_TARGET inline void pass2(const float* g, index_t n, float* m, float
     a = dst;
   }
   // w: the convention's decay and the step (apply_row), u scaled by α first.
-  const optim::WeightUpdate& p = s.weight;
-  const __m512 step = _mm512_set1_ps(-p.step_size), al = _mm512_set1_ps(alpha);
-  const __m512 mult = _mm512_set1_ps(p.decay_multiplier), dal = _mm512_set1_ps(p.decay_alpha);
-  const bool mult_before = p.decay_before && p.decay_multiplier != 1.0f;
-  const bool alpha_before = p.decay_before && p.decay_alpha != 0.0f;
-  const bool mult_after = !p.decay_before && p.decay_multiplier != 1.0f;
-  const bool alpha_after = !p.decay_before && p.decay_alpha != 0.0f;
-  const bool scale = alpha != 1.0f;
+  const avx512::WeightStep p = avx512::weight_step_of(s.weight, alpha);
   for (index_t j = 0; j < n; j += 16) {
     prefetch(next.w + j);
     prefetch(next.g + j);
     const __mmask16 k = lanes(n - j);
-    __m512 uj = _mm512_maskz_loadu_ps(k, u + j), wj = _mm512_maskz_loadu_ps(k, w + j);
-    if (scale) uj = _mm512_mul_ps(uj, al);
-    if (mult_before) wj = _mm512_mul_ps(wj, mult);
-    if (alpha_before) wj = _mm512_add_ps(wj, _mm512_mul_ps(dal, wj));
-    wj = _mm512_add_ps(wj, _mm512_mul_ps(step, uj));
-    if (mult_after) wj = _mm512_mul_ps(wj, mult);
-    if (alpha_after) wj = _mm512_add_ps(wj, _mm512_mul_ps(dal, wj));
-    _mm512_mask_storeu_ps(w + j, k, wj);
+    const __m512 wj = _mm512_maskz_loadu_ps(k, w + j);
+    _mm512_mask_storeu_ps(w + j, k, avx512::apply(p, wj, _mm512_maskz_loadu_ps(k, u + j)));
   }
 }
 
