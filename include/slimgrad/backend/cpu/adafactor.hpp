@@ -12,6 +12,7 @@
 #include "../../state/stores.hpp"
 #include "common.hpp"
 #include "elementwise.hpp"
+#include "factored_moment.hpp"
 #include "stores.hpp"
 
 namespace slimgrad {
@@ -57,65 +58,25 @@ struct impl<optim::Adafactor, backend::cpu> {
     const double rms_w = cpu::frobenius(weight) / std::sqrt(static_cast<double>(weight.size()));
     const double rho = Rule::step_size(options, t, rms_w);
     FactoredImpl f = factored();
-    f.accumulate(st.v, c, Rule::beta2_hat(options, t));  // double: α = 1 − β̂ rounds once, as torch
-    // u = X / sqrt(v̂), as HF's _approx_sq_grad(...).mul_(grad) or exp_avg_sq.rsqrt().mul_(grad).
-    if (st.v.factored) {
-      std::vector<float> rf(static_cast<std::size_t>(c.rows)), cf(static_cast<std::size_t>(c.cols));
-      f.inverse_sqrt_factors(st.v, rf.data(), cf.data());
-      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-        float* x = c.row(i);
-        const float r = rf[static_cast<std::size_t>(i)];
-        for (index_t j = 0; j < c.cols; ++j)
-          x[j] = (r * cf[static_cast<std::size_t>(j)]) * x[j];
-      });
-    } else {
-      const float* v = st.v.full.data();
-      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-        float* x = c.row(i);
-        for (index_t j = 0; j < c.cols; ++j)
-          x[j] = (1.0f / std::sqrt(v[i * c.cols + j])) * x[j];
-      });
-    }
-    // Clipping: u ← u / max(RMS(u)/d, 1); then u ← ρ·u.
-    const double rms_u = cpu::frobenius(c) / std::sqrt(static_cast<double>(c.size()));
-    const float divisor = static_cast<float>(std::max(rms_u / options.clip_threshold, 1.0));
-    const float rho_f = static_cast<float>(rho);
-    cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-      float* x = c.row(i);
-      for (index_t j = 0; j < c.cols; ++j)
-        x[j] = (x[j] / divisor) * rho_f;
-    });
+    cpu::factored::precondition(f, st.v, c, Rule::beta2_hat(options, t));
+    const float divisor = cpu::factored::clip_and_scale(c, options.clip_threshold, rho);
     if (st.m) momentum(store, *st.m, c, key);
-    optim::RuleOutput out;
-    out.weight.step_size = 1.0f;
-    out.weight.decay_alpha = static_cast<float>(-options.weight_decay * rho);
-    out.weight.decay_before = true;
-    out.detail_divisor = divisor;
-    return out;
+    return cpu::factored::output(options.weight_decay, rho, divisor);
   }
 
-  /// The plain path: g is copied (the rule needs a whole-tensor pass before the weights move).
+  /// The plain path (cpu::factored::plain_step).
   template <class Store>
   void update_apply(const Store& store, State<Store>& st, HostView<const float> g,
                     HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
-    scratch_.resize(static_cast<std::size_t>(g.size()));
-    HostView<float> c(scratch_.data(), g.rows, g.cols, g.cols);
-    cpu::as_eigen(c) = cpu::as_eigen(g);
-    const optim::RuleOutput out = update(store, st, c, t, {}, key, w);
-    cpu::parallel_for(w.rows, w.cols, [&](index_t i) {
-      float* wr = w.row(i);
-      const float* u = c.row(i);
-      for (index_t j = 0; j < w.cols; ++j)
-        wr[j] = optim::apply_update(wr[j], alpha == 1.0f ? u[j] : alpha * u[j], out.weight);
+    cpu::factored::plain_step(scratch_, g, w, alpha, [&](HostView<float> c) {
+      return update(store, st, c, t, {}, key, w);
     });
   }
 
  private:
   mutable std::vector<float> scratch_;
 
-  FactoredImpl factored() const {
-    return FactoredImpl(state::Factored::Options{static_cast<float>(options.eps1)});
-  }
+  FactoredImpl factored() const { return cpu::factored::store(options.eps1); }
 
   // m ← β1·m + (1−β1)·u; u ← m (HF: exp_avg.mul_(β1).add_(update, alpha=1−β1)).
   template <class Store>

@@ -1,11 +1,11 @@
 // slimgrad/backend/cpu/flora.hpp — the Flora rule (optim/flora.hpp) on the CPU backend. The
-// second moment lives in a Factored store as Adafactor's does; the momentum (compressed r×n or
-// m×r, or whole for tensors that are not compressed) in the optimizer's Store, fp32 in the
-// recipe. The projection P is a function of its Philox key (seed, tensor id, epoch), so state is
-// m + n + r·max(m, n) floats per compressed matrix and checkpoints keep the seed. The current
-// epoch's P of each tensor is cached (it changes every κ steps; drawing it costs r·min(m, n)
-// Gaussians per tensor per step): that cache is workspace, not state — r·min(m, n) floats per
-// compressed matrix, reported by workspace_bytes() and never saved.
+// second moment lives in a Factored store and takes Adafactor's code (factored_moment.hpp); the
+// momentum (compressed r×n or m×r, or whole for tensors that are not compressed) in the optimizer's
+// Store, fp32 in the recipe. The projection P is a function of its Philox key (seed, tensor id,
+// epoch), so state is m + n + r·max(m, n) floats per compressed matrix and checkpoints keep the
+// seed. The current epoch's P of each tensor is cached (it changes every κ steps; drawing it costs
+// r·min(m, n) Gaussians per tensor per step): that cache is workspace, not state — r·min(m, n)
+// floats per compressed matrix, reported by workspace_bytes() and never saved.
 #pragma once
 
 #include <cmath>
@@ -19,6 +19,7 @@
 #include "../../optim/flora.hpp"
 #include "../../state/stores.hpp"
 #include "common.hpp"
+#include "factored_moment.hpp"
 #include "stores.hpp"
 
 namespace slimgrad {
@@ -67,58 +68,20 @@ struct impl<optim::Flora, backend::cpu> {
     const double rms_w = cpu::frobenius(weight) / std::sqrt(static_cast<double>(weight.size()));
     const double lr = optim::Adafactor::step_size(af, t, rms_w);
     FactoredImpl f = factored();
-    f.accumulate(st.v, c, optim::Adafactor::beta2_hat(af, t));
-    // U = G / sqrt(v̂), as the official `_approx_sq_grad(row, col).mul_(grad)` or
-    // `exp_avg_sq.rsqrt().mul_(grad)`.
-    if (st.v.factored) {
-      std::vector<float> rf(static_cast<std::size_t>(c.rows)), cf(static_cast<std::size_t>(c.cols));
-      f.inverse_sqrt_factors(st.v, rf.data(), cf.data());
-      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-        float* x = c.row(i);
-        const float r = rf[static_cast<std::size_t>(i)];
-        for (index_t j = 0; j < c.cols; ++j)
-          x[j] = (r * cf[static_cast<std::size_t>(j)]) * x[j];
-      });
-    } else {
-      const float* v = st.v.full.data();
-      cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-        float* x = c.row(i);
-        for (index_t j = 0; j < c.cols; ++j)
-          x[j] = (1.0f / std::sqrt(v[i * c.cols + j])) * x[j];
-      });
-    }
+    cpu::factored::precondition(f, st.v, c, optim::Adafactor::beta2_hat(af, t));
     if (st.m) momentum(store, *st.m, c, t, key);
     // Clipping, then the step size: out ← (out / max(RMS(out)/d, 1))·lr.
-    const double rms_u = cpu::frobenius(c) / std::sqrt(static_cast<double>(c.size()));
-    const float divisor = static_cast<float>(std::max(rms_u / options.clip_threshold, 1.0));
-    const float lr_f = static_cast<float>(lr);
-    cpu::parallel_for(c.rows, c.cols, [&](index_t i) {
-      float* x = c.row(i);
-      for (index_t j = 0; j < c.cols; ++j)
-        x[j] = (x[j] / divisor) * lr_f;
-    });
-    optim::RuleOutput out;
-    out.weight.step_size = 1.0f;
-    out.weight.decay_alpha = static_cast<float>(-options.weight_decay * lr);
-    out.weight.decay_before = true;
-    out.detail_divisor = divisor;
-    return out;
+    const float divisor = cpu::factored::clip_and_scale(c, options.clip_threshold, lr);
+    return cpu::factored::output(options.weight_decay, lr, divisor);
   }
 
-  /// The plain path: g is copied (the rule needs whole-tensor passes before the weights move).
+  /// The plain path (cpu::factored::plain_step).
   template <class Store>
   void update_apply(const Store& store, State<Store>& st, HostView<const float> g,
                     HostView<float> w, std::int64_t t, float alpha, const random::Key& key) const {
     thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<std::size_t>(g.size()));
-    HostView<float> c(scratch.data(), g.rows, g.cols, g.cols);
-    cpu::as_eigen(c) = cpu::as_eigen(g);
-    const optim::RuleOutput out = update(store, st, c, t, {}, key, w);
-    cpu::parallel_for(w.rows, w.cols, [&](index_t i) {
-      float* wr = w.row(i);
-      const float* u = c.row(i);
-      for (index_t j = 0; j < w.cols; ++j)
-        wr[j] = optim::apply_update(wr[j], alpha == 1.0f ? u[j] : alpha * u[j], out.weight);
+    cpu::factored::plain_step(scratch, g, w, alpha, [&](HostView<float> c) {
+      return update(store, st, c, t, {}, key, w);
     });
   }
 
@@ -162,9 +125,7 @@ struct impl<optim::Flora, backend::cpu> {
     return c.p;
   }
 
-  FactoredImpl factored() const {
-    return FactoredImpl(state::Factored::Options{static_cast<float>(options.eps1)});
-  }
+  FactoredImpl factored() const { return cpu::factored::store(options.eps1); }
 
   Shape momentum_shape(Shape shape) const {
     return Rule::compressed(options, shape) ? Rule::compressed_shape(options, shape) : shape;
