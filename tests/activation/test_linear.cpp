@@ -69,6 +69,18 @@ cpu::RowMatrix count_sketch_matrix(std::string_view name, index_t n, index_t r, 
   return p;
 }
 
+// G Pᵀ in double (m×r) for G (m×n, row-major) and P (r×n).
+std::vector<double> times_transpose(const std::vector<double>& g, const cpu::RowMatrix& p) {
+  const index_t r = p.rows(), n = p.cols(), m = static_cast<index_t>(g.size()) / n;
+  std::vector<double> out(static_cast<std::size_t>(m * r), 0.0);
+  for (index_t i = 0; i < m; ++i)
+    for (index_t k = 0; k < r; ++k)
+      for (index_t j = 0; j < n; ++j)
+        out[static_cast<std::size_t>(i * r + k)] +=
+            g[static_cast<std::size_t>(i * n + j)] * double(p(k, j));
+  return out;
+}
+
 template <class Codec>
 void check_exact_parts(const typename Codec::Options& o) {
   const index_t tokens = 12, n = 16, m = 10;
@@ -260,14 +272,7 @@ TEST_CASE("compact: dW is G Pᵀ for RandomProjection's P of the same (seed, nam
     CHECK(layer.saved_bytes() == static_cast<std::size_t>(tokens * r) * sizeof(float));
     layer.backward(dy.cview(), w.cview(), {}, dw.view(), {});
     const cpu::RowMatrix p = random_projection_matrix(name, {m, n}, r, gap, 42, step);
-    const std::vector<double> g = exact_grad(dy, x);
-    std::vector<double> ref(static_cast<std::size_t>(m * r), 0.0);
-    for (index_t i = 0; i < m; ++i)
-      for (index_t k = 0; k < r; ++k)
-        for (index_t j = 0; j < n; ++j)
-          ref[static_cast<std::size_t>(i * r + k)] +=
-              g[static_cast<std::size_t>(i * n + j)] * double(p(k, j));
-    CHECK(rel_err(dw, ref) < 1e-5);
+    CHECK(rel_err(dw, times_transpose(exact_grad(dy, x), p)) < 1e-5);
   }
   // The same seed gives the same P on every call; another seed or name another one.
   Linear<CompAct> same(name, n, m, {.rank = r, .update_gap = gap, .seed = 42});
@@ -558,14 +563,7 @@ TEST_CASE("compact count sketch: one ±1 per column from Philox; Z, Ĝ and N P a
     layer.forward(x.cview(), w.cview(), {}, y.view());
     CHECK(layer.saved_bytes() == static_cast<std::size_t>(tokens * r) * sizeof(float));
     layer.backward(dy.cview(), w.cview(), {}, dw.view(), {});
-    const std::vector<double> g = exact_grad(dy, x);
-    std::vector<double> ref(static_cast<std::size_t>(m * r), 0.0);
-    for (index_t i = 0; i < m; ++i)
-      for (index_t k = 0; k < r; ++k)
-        for (index_t j = 0; j < n; ++j)
-          ref[static_cast<std::size_t>(i * r + k)] +=
-              g[static_cast<std::size_t>(i * n + j)] * double(p(k, j));
-    CHECK(rel_err(dw, ref) < 1e-5);
+    CHECK(rel_err(dw, times_transpose(exact_grad(dy, x), p)) < 1e-5);
   }
   // The optimizer's side: N P is a signed gather (exact), G Pᵀ a scatter-add in column order.
   Projection proj({.rank = r, .update_gap = gap, .seed = 42, .sketch = transforms::Sketch::count});
@@ -586,12 +584,7 @@ TEST_CASE("compact count sketch: one ±1 per column from Philox; Z, Ĝ and N P a
       exact = exact && back(i, j) == want;
     }
   CHECK(exact);
-  std::vector<double> ref(static_cast<std::size_t>(m * r), 0.0);
-  for (index_t i = 0; i < m; ++i)
-    for (index_t k = 0; k < r; ++k)
-      for (index_t j = 0; j < n; ++j)
-        ref[static_cast<std::size_t>(i * r + k)] += double(g(i, j)) * double(p(k, j));
-  CHECK(rel_err(forward, ref) < 1e-6);
+  CHECK(rel_err(forward, times_transpose(std::vector<double>(g.v.begin(), g.v.end()), p)) < 1e-6);
   CHECK(proj.state_bytes({m, n}) == 16);  // the seed and the epoch: P is never held
   CHECK(proj.workspace_bytes() ==
         static_cast<std::size_t>(n) * sizeof(transforms::CompactProjection::CountEntry));
