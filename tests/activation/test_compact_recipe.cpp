@@ -107,8 +107,11 @@ TEST_CASE("compact recipe: the m×r gradient against Algorithm 3 in double, acro
   o.transform.seed = 9;
   o.fallback.min_size = 0;  // small test shapes
   using transforms::Sketch;
-  for (auto [keep, sketch] : {std::pair{false, Sketch::gaussian}, std::pair{true, Sketch::gaussian},
+  // (Plain variables, not structured bindings: clang 14's CAPTURE lambdas cannot name those.)
+  for (const auto& variant : {std::pair{false, Sketch::gaussian}, std::pair{true, Sketch::gaussian},
                               std::pair{false, Sketch::count}}) {
+    const bool keep = variant.first;
+    const Sketch sketch = variant.second;
     CAPTURE(keep);
     CAPTURE(static_cast<int>(sketch));
     o.transform.keep_matrix = keep;
