@@ -468,8 +468,8 @@ TEST_CASE("gpt: --split-qkv steps q, k and v of attn.c_attn as three tensors") {
   const gpt::Result mini_split = gpt::train(o, sink);
   CHECK(mini.parameters != mini_split.parameters);
   CHECK(mini_split.optimizer_state_bytes ==
-        mini.optimizer_state_bytes +
-            2 * static_cast<std::size_t>(o.layers) * (8 + 16 + 4 * o.width + 4));
+        mini.optimizer_state_bytes + 2 * static_cast<std::size_t>(o.layers) *
+                                         static_cast<std::size_t>(8 + 16 + 4 * o.width + 4));
   // Resume is bit-exact with the split, and a checkpoint must be resumed the way it was trained.
   gpt::Options first = o;
   first.steps = 3;
