@@ -97,35 +97,74 @@ struct Q8Divisor {
   }
 };
 
-/// state::q8::quantize with the division above and the shared cell-table search
-/// (state::q8::nearest_code: one table load and one comparison), the map staged in shared
-/// memory. The sign of code[c] is read from the index: the signed map is negative below index
-/// 127 and +0 or positive from there (the GPU test compares every code with the CPU's).
-__device__ inline std::uint8_t q8_quantize(const state::q8::CodeMap& map, bool is_signed,
-                                           float value, float absmax, const Q8Divisor& d) {
+/// A code map as the kernels read it: the values, and the cell table (state::q8::nearest_code)
+/// split in its halves of positive and negative values, each indexed by
+/// state::q8::cell_index of the magnitude.
+struct Q8Map {
+  const float* code;
+  const std::uint32_t* pos;
+  const std::uint32_t* neg;
+};
+
+inline constexpr int q8_cells = state::q8::cells_per_sign;
+
+/// Dynamic shared memory of the maps (36.5 KiB): the signed map's values and both halves of its
+/// cells, the unsigned map's values and its positive half only (a second moment
+/// is never negative; a negative value, were one to reach the quantiser, reads the global
+/// table). The midpoints are not staged: the cells replace them. Against the whole CodeMap of
+/// both maps (50 KiB) this left more of each multiprocessor's 256 KiB to L1, and the 8-bit step
+/// ran 5% faster (BENCHMARKS.md).
+inline constexpr std::size_t q8_smem_bytes = (2 * state::q8::map_size + 3 * q8_cells) * 4;
+
+/// Copies the maps into `smem` (the whole block) and returns them in maps[0] (signed) and
+/// maps[1] (unsigned).
+__device__ inline void q8_stage_maps(unsigned char* smem, Q8Map (&maps)[2]) {
+  constexpr int n = state::q8::map_size;
+  auto* dst = reinterpret_cast<std::uint32_t*>(smem);
+  const state::q8::CodeMap& sm = state::q8::signed_code_map();
+  const state::q8::CodeMap& um = state::q8::unsigned_code_map();
+  const auto* sc = reinterpret_cast<const std::uint32_t*>(sm.code);
+  const auto* uc = reinterpret_cast<const std::uint32_t*>(um.code);
+  // [signed values][signed cells, both halves][unsigned values][unsigned cells, positive half]
+  constexpr int s_cells = n, u_code = n + 2 * q8_cells, u_cells = u_code + n;
+  for (int j = static_cast<int>(threadIdx.x); j < n; j += blockDim.x) {
+    dst[j] = sc[j];
+    dst[u_code + j] = uc[j];
+  }
+  for (int j = static_cast<int>(threadIdx.x); j < 2 * q8_cells; j += blockDim.x) {
+    dst[s_cells + j] = sm.cell[j];
+    if (j < q8_cells) dst[u_cells + j] = um.cell[j];
+  }
+  __syncthreads();
+  maps[0] = Q8Map{reinterpret_cast<const float*>(dst), dst + s_cells, dst + s_cells + q8_cells};
+  maps[1] = Q8Map{reinterpret_cast<const float*>(dst + u_code), dst + u_cells, um.cell + q8_cells};
+}
+
+/// state::q8::nearest_code(map, x) over a Q8Map: the same steps, the cell entry read from the
+/// half of x's sign.
+__device__ inline std::uint8_t q8_nearest(const Q8Map& map, float x) {
+  const std::uint32_t bits = numeric::float_bits(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0;
+  std::uint32_t clamped = 0;
+  const std::uint32_t i = state::q8::cell_index(bits & 0x7FFFFFFFu, clamped);
+  const bool negative = (bits >> 31) != 0;
+  const std::uint32_t entry = negative ? map.neg[i] : map.pos[i];
+  const std::uint32_t key =
+      (clamped & state::q8::cell_low_mask) ^ (negative ? state::q8::cell_low_mask : 0u);
+  return static_cast<std::uint8_t>((entry & 0xFFu) + (key >= (entry >> 8) ? 1u : 0u));
+}
+
+/// state::q8::quantize with the division above and the shared cell-table search (one table
+/// load and one comparison). The sign of code[c] is read from the index: the signed map is
+/// negative below index 127 and +0 or positive from there (the GPU test compares every code
+/// with the CPU's).
+__device__ inline std::uint8_t q8_quantize(const Q8Map& map, bool is_signed, float value,
+                                           float absmax, const Q8Divisor& d) {
   const float normalised = absmax > 0.0f ? d.divide(value) : 0.0f;
-  std::uint8_t c = state::q8::nearest_code(map, normalised);
+  std::uint8_t c = q8_nearest(map, normalised);
   if (is_signed && (c < 127) != ((numeric::float_bits(value) >> 31) != 0))
     c = static_cast<std::uint8_t>(value > 0.0f ? c + 1 : c - 1);
   return c;
-}
-
-/// Both code maps in dynamic shared memory (2 × 25 KiB: above the 48 KiB of static shared
-/// memory, so the launch raises the limit), copied by the whole block.
-inline constexpr std::size_t q8_smem_bytes = 2 * sizeof(state::q8::CodeMap);
-
-__device__ inline state::q8::CodeMap* q8_stage_maps(unsigned char* smem) {
-  auto* maps = reinterpret_cast<state::q8::CodeMap*>(smem);
-  constexpr int words = sizeof(state::q8::CodeMap) / 4;
-  const auto* sm = reinterpret_cast<const std::uint32_t*>(&state::q8::signed_code_map());
-  const auto* um = reinterpret_cast<const std::uint32_t*>(&state::q8::unsigned_code_map());
-  auto* dst = reinterpret_cast<std::uint32_t*>(maps);
-  for (int j = static_cast<int>(threadIdx.x); j < words; j += blockDim.x) {
-    dst[j] = sm[j];
-    dst[words + j] = um[j];
-  }
-  __syncthreads();
-  return maps;
 }
 
 // 4 blocks of 256 threads per multiprocessor (at most 64 registers): the 8-bit step is bound
@@ -146,13 +185,17 @@ __global__ void __launch_bounds__(256, 4)
   using PG = typename Params<P>::G;
   constexpr bool q8 = is_q8<Store>::value;
   extern __shared__ __align__(16) unsigned char smem[];
-  state::q8::CodeMap* maps = nullptr;
-  if constexpr (q8) maps = q8_stage_maps(smem);
+  Q8Map maps[2];
+  if constexpr (q8) q8_stage_maps(smem, maps);
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const index_t nwarps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
-  for (index_t u = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < units;
-       u += nwarps) {
-    const int k = find_tensor(unit_begin, ntensors, u);
+  index_t u = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (u >= units) return;
+  // A warp's units ascend, so its tensor is searched for only when the unit leaves the tensor
+  // (a search per unit, eight dependent loads before the unit's own, cost the 8-bit step 5%).
+  int k = find_tensor(unit_begin, ntensors, u);
+  for (; u < units; u += nwarps) {
+    if (u >= unit_begin[k + 1]) k = find_tensor(unit_begin, ntensors, u);
     std::int32_t mode = 0;
     if constexpr (Check) {
       mode = tensors[k].mode;
@@ -209,8 +252,8 @@ __global__ void __launch_bounds__(256, 4)
             const bool in = Full || at[h] + l < e.count;
             const auto c_m = static_cast<std::uint8_t>(wm >> (8 * l));
             const auto c_v = static_cast<std::uint8_t>(wv >> (8 * l));
-            m[h][l] = in ? state::q8::dequantize(maps[0], c_m, am) : 0.0f;
-            v[h][l] = in ? state::q8::dequantize(maps[1], c_v, av) : 0.0f;
+            m[h][l] = in ? maps[0].code[c_m] * am : 0.0f;  // state::q8::dequantize
+            v[h][l] = in ? maps[1].code[c_v] * av : 0.0f;
           }
         }
       } else {
@@ -244,11 +287,10 @@ __global__ void __launch_bounds__(256, 4)
               nm = state::q8::absmax_update(nm, m[h][l]);
               nv = state::q8::absmax_update(nv, v[h][l]);
             }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-          nm = state::q8::absmax_update(nm, __shfl_xor_sync(0xFFFFFFFFu, nm, off));
-          nv = state::q8::absmax_update(nv, __shfl_xor_sync(0xFFFFFFFFu, nv, off));
-        }
+        // Across the warp: the lanes' values are >= +0 and not NaN, so their bits order as
+        // they do, and one redux.sync.max per moment replaces five shuffles and compares.
+        nm = numeric::float_from_bits(__reduce_max_sync(0xFFFFFFFFu, numeric::float_bits(nm)));
+        nv = numeric::float_from_bits(__reduce_max_sync(0xFFFFFFFFu, numeric::float_bits(nv)));
         if (lane == 0) {
           e.m_absmax[base / adam_unit] = nm;
           e.v_absmax[base / adam_unit] = nv;
@@ -544,20 +586,6 @@ MultiTensorAdam<Store>::MultiTensorAdam(std::span<const Tensor> tensors, const O
                                     stream),
                     "cudaMemsetAsync");
   }
-  if constexpr (detail::is_q8<Store>::value) {
-    // The code maps live in dynamic shared memory beyond the default 48 KiB: raise the limit.
-    auto allow = [](auto kernel) {
-      detail::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(detail::q8_smem_bytes)),
-                    "cudaFuncSetAttribute");
-    };
-    allow(detail::adam_kernel<Store, Precision::fp32, false>);
-    allow(detail::adam_kernel<Store, Precision::bf16, false>);
-    allow(detail::adam_kernel<Store, Precision::fp32_master, false>);
-    allow(detail::adam_kernel<Store, Precision::fp32, true>);
-    allow(detail::adam_kernel<Store, Precision::bf16, true>);
-    allow(detail::adam_kernel<Store, Precision::fp32_master, true>);
-  }
   // Synchronous copies from pageable memory: construction is setup, not a step.
   detail::check(cudaMemcpyAsync(entries, host.data(), host.size() * sizeof(detail::AdamEntry),
                                 cudaMemcpyHostToDevice, stream),
@@ -763,8 +791,9 @@ template <class T>
 __global__ void q8_quantize_kernel(const T* x, const T* absmax, std::uint8_t* codes, index_t n,
                                    bool is_signed) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const state::q8::CodeMap* maps = q8_stage_maps(smem);
-  const state::q8::CodeMap& map = maps[is_signed ? 0 : 1];
+  Q8Map maps[2];
+  q8_stage_maps(smem, maps);
+  const Q8Map& map = maps[is_signed ? 0 : 1];
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
     codes[i] = q8_quantize(map, is_signed, x[i], absmax[i], Q8Divisor(absmax[i]));
@@ -777,10 +806,6 @@ void q8_quantize_codes(const T* x, const T* absmax, std::uint8_t* codes, index_t
   static_assert(std::is_same_v<T, float>, "slimgrad cuda: q8_quantize_codes reads floats");
   if (n <= 0) return;
   const index_t blocks = (n + 255) / 256;
-  detail::check(cudaFuncSetAttribute(detail::q8_quantize_kernel<T>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(detail::q8_smem_bytes)),
-                "cudaFuncSetAttribute");
   detail::q8_quantize_kernel<T>
       <<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, detail::q8_smem_bytes,
          stream>>>(x, absmax, codes, n, kind == state::Moment::first);
