@@ -48,6 +48,16 @@ if(SLIMGRAD_BLAS)
     set(SLIMGRAD_HAS_BLAS ON)
     target_compile_definitions(slimgrad_blas INTERFACE EIGEN_USE_BLAS)
     target_link_libraries(slimgrad_blas INTERFACE BLAS::BLAS)
+    # Debian chooses the flavour behind libopenblas.so by alternatives: the pthreads one would
+    # spawn its own threads (OPENBLAS_NUM_THREADS) beside OpenMP's, and oversubscribe the cores.
+    foreach(lib IN LISTS BLAS_LIBRARIES)
+      file(REAL_PATH "${lib}" real)
+      if(real MATCHES "openblas" AND NOT real MATCHES "openmp")
+        message(WARNING "slimgrad: ${lib} is ${real}, not the OpenMP flavour of OpenBLAS: its "
+                        "threads follow OPENBLAS_NUM_THREADS, not OMP_NUM_THREADS "
+                        "(install libopenblas-openmp-dev, or configure with -DSLIMGRAD_BLAS=OFF)")
+      endif()
+    endforeach()
   else()
     message(STATUS "slimgrad: no OpenBLAS found; Eigen's own matrix products are used")
   endif()
