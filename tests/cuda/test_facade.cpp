@@ -1,8 +1,8 @@
 // Optimizer<…, backend::cuda> (backend/cuda/optimizer.hpp) against the CPU optimizer on what
-// the CPU offers beyond the plain step: the non-finite gradient skip on the plain Adam path
-// (weights, moments and the tensor's own count untouched; its later steps take its own bias
-// corrections), per-parameter overrides, and bf16 / fp32-master parameters, whose CPU reference
-// steps the bf16-rounded values. Same bits as the CPU unless a case says otherwise.
+// the CPU offers beyond the plain step: the non-finite gradient skip on the plain Adam path and
+// in GWT's engine (weights, moments and the tensor's own count untouched; its later steps take
+// its own bias corrections), per-parameter overrides, and bf16 / fp32-master parameters, whose CPU
+// reference steps the bf16-rounded values. Same bits as the CPU unless a case says otherwise.
 #include <slimgrad/backend/cuda/optimizer.hpp>
 
 #include <algorithm>
@@ -229,10 +229,11 @@ void poison(int step, std::vector<std::vector<float>>& g) {
 }
 
 template <template <class> class Recipe>
-void skip_case(const typename Recipe<backend::cpu>::Options& o) {
+void skip_case(const typename Recipe<backend::cpu>::Options& o, double ulps_per_step = 0) {
+  const auto fp32 = cuda::Precision::fp32;
   Recipe<backend::cpu> cpu(o);
   Recipe<backend::cuda> gpu(o);
-  compare(gpu, cpu, run(6, poison));
+  compare(gpu, cpu, run(6, poison, fp32, ulps_per_step));
   CHECK(cpu.step_count("a") == 5);
   CHECK(cpu.step_count("c") == 4);
   // Resume from the GPU's checkpoint (counts that differ between parameters) on a fresh GPU
@@ -242,9 +243,13 @@ void skip_case(const typename Recipe<backend::cpu>::Options& o) {
   CHECK(resumed.step_count("c") == 4);
   Recipe<backend::cpu> cpu2(o);
   cpu2.from_checkpoint(cpu.to_checkpoint());
-  compare(resumed, cpu2, run(2, [](int step, std::vector<std::vector<float>>& g) {
-            if (step == 0) g[1][0] = std::numeric_limits<float>::quiet_NaN();
-          }));
+  compare(resumed, cpu2,
+          run(
+              2,
+              [](int step, std::vector<std::vector<float>>& g) {
+                if (step == 0) g[1][0] = std::numeric_limits<float>::quiet_NaN();
+              },
+              fp32, ulps_per_step));
 }
 
 }  // namespace
@@ -257,6 +262,15 @@ TEST_CASE("cuda facade: a non-finite gradient skips its tensor on the plain path
     auto o = recipes::adam8bit_options();
     o.store.min_8bit_size = 1024;
     skip_case<recipes::Adam8bit>(o);
+  }
+  // GWT's engine: a and c compressed, each with its own count after its skips.
+  SUBCASE("gwt without the limiter (finite check, then one pass)") {
+    auto o = recipes::gwt_options();
+    o.residual.limiter_gamma = 0.0;
+    skip_case<recipes::Gwt>(o);
+  }
+  SUBCASE("gwt with the limiter (two passes; ‖N‖ summed in another order: to rounding)") {
+    skip_case<recipes::Gwt>(recipes::gwt_options(), 4);
   }
   SUBCASE("adamw, bf16 moments with stochastic rounding (the lagging tensor's own epoch)") {
     using Opt = Optimizer<optim::Adam, transforms::Identity, state::Bf16>;

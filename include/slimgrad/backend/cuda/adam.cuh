@@ -288,7 +288,8 @@ __global__ void __launch_bounds__(256, 4)
               nv = state::q8::absmax_update(nv, v[h][l]);
             }
         // Across the warp: the lanes' values are >= +0 and not NaN, so their bits order as
-        // they do, and one redux.sync.max per moment replaces five shuffles and compares.
+        // they do, and one redux.sync.max per moment (sm_80+) replaces five shuffles and
+        // compares.
         nm = numeric::float_from_bits(__reduce_max_sync(0xFFFFFFFFu, numeric::float_bits(nm)));
         nv = numeric::float_from_bits(__reduce_max_sync(0xFFFFFFFFu, numeric::float_bits(nv)));
         if (lane == 0) {

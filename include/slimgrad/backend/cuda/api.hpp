@@ -205,7 +205,10 @@ class MultiTensorAdam {
 /// and reads again only a tensor the limiter scales (pass B: W += c·f·(1 − 1/ρ)·u, u
 /// recomputed): an unlimited tensor's weights are the CPU's bits, a limited one's differ from
 /// the CPU's by rounding (tests/cuda/test_gwt.cpp states the bound). Without the limiter, the
-/// finite check alone reads G before the step. Haar only.
+/// finite check alone reads G before the step. A tensor the finite check skips keeps its own
+/// step count (tensor_steps): its later steps take the bias corrections of that count, as on the
+/// CPU (a kernel of one thread per tensor computes them on the device before the step). Haar
+/// only.
 template <class Wavelet, int Levels>
 class MultiTensorGwt {
  public:
@@ -231,7 +234,8 @@ class MultiTensorGwt {
 
   void step(stream_t stream);
   /// For CUDA graphs: the kernels read Adam's scalars from `device_scalars` (see
-  /// MultiTensorAdam::step(stream, device_scalars); the epoch is not used).
+  /// MultiTensorAdam::step(stream, device_scalars); with check_finite, a tensor that lags takes
+  /// its own scalars from the epoch and lr there).
   void step(stream_t stream, const StepScalars* device_scalars);
   StepScalars scalars(std::int64_t t) const;
   void set_lr(double lr);
@@ -253,8 +257,15 @@ class MultiTensorGwt {
   /// (negative or NaN: unset), with synchronous copies (not for the steady-state step).
   void read_state(index_t tensor, float* m, float* v, float& limiter) const;
   void write_state(index_t tensor, const float* m, const float* v, float limiter);
-  /// The number of steps taken so far (the next step() is t + 1).
+  /// The number of steps taken so far (the next step() is t + 1). Tensors that lag keep their
+  /// lag (steps() − tensor_steps()): set it with set_tensor_steps() after this.
   void set_steps(std::int64_t t);
+  /// Steps tensor k has taken: steps() minus its skips (check_finite; synchronises). A skipped
+  /// tensor's later steps take the bias corrections of its own count, as on the CPU.
+  std::int64_t tensor_steps(index_t tensor) const;
+  /// Sets tensor k's own count (0 <= steps <= steps(); below steps() only with check_finite),
+  /// synchronously.
+  void set_tensor_steps(index_t tensor, std::int64_t steps);
 
  private:
   Options options_;
@@ -265,7 +276,9 @@ class MultiTensorGwt {
   float* rho_ = nullptr;
   std::int32_t* skipped_ = nullptr;
   float* limiter_ = nullptr;
-  std::uint32_t* unit_tensor_ = nullptr;  // the tensor of each unit (a load instead of a search)
+  std::uint32_t* unit_tensor_ = nullptr;   // the tensor of each unit (a load instead of a search)
+  std::int32_t* skips_ = nullptr;          // per tensor: steps skipped (check_finite)
+  detail::AdamTensorStep* own_ = nullptr;  // per tensor: the scalars of its own step
   index_t units_ = 0;
   int limit_grid_ = 1;  // blocks of pass B
   std::int64_t t_ = 0;

@@ -283,12 +283,14 @@ __global__ void __launch_bounds__(gwt_threads)
     gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
                     double* partial, std::int32_t* bad,
-                    const StepScalars* __restrict__ device_scalars) {
+                    const StepScalars* __restrict__ device_scalars,
+                    const AdamTensorStep* __restrict__ own) {
   if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
-  const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
+  const auto k = static_cast<int>(unit_tensor[u]);          // one load, not a search: short blocks
+  if (own != nullptr && own[k].mode == 2) s = own[k].adam;  // the tensor lags: its own step
   const GwtEntry<L>& e = entries[k];
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
@@ -342,6 +344,30 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+/// check_finite, one thread per tensor before the step: a tensor that skipped earlier steps
+/// (skips[k] > 0) takes the scalars of its own step t − skips[k] (mode 2, optim::Adam's
+/// step_scalars on the device, as adam_tensor_kernel); the others the kernels' arguments
+/// (mode 0). device_scalars (graph replays): t = epoch + 1 and lr from there.
+__global__ void gwt_tensor_kernel(const std::int32_t* __restrict__ skips,
+                                  AdamTensorStep* __restrict__ out, int ntensors,
+                                  optim::Adam::Options rule, long long t,
+                                  const StepScalars* __restrict__ device_scalars) {
+  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (k >= ntensors) return;
+  if (device_scalars != nullptr) {
+    t = static_cast<long long>(device_scalars->epoch) + 1;
+    rule.lr = device_scalars->lr;
+  }
+  if (skips[k] == 0) {
+    out[k].mode = 0;
+    return;
+  }
+  const long long own = t - skips[k];
+  out[k].mode = 2;
+  out[k].adam = optim::Adam::step_scalars(rule, own);
+  out[k].epoch = static_cast<std::uint32_t>(own - 1);
+}
+
 /// One group's update from its forward transform (x[0] = the approximation coefficient, d the
 /// details) and the group's new moments: x ← u = α·IDWT(N/ρ, details/(D·ρ)) with N = M/D (nj).
 /// The two-pass step's operations; with ρ = 1 the same bits in pass A and pass B.
@@ -375,7 +401,8 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
                     float alpha, const float* __restrict__ rho_of,
                     const std::int32_t* __restrict__ skipped, double* partial,
-                    const StepScalars* __restrict__ device_scalars) {
+                    const StepScalars* __restrict__ device_scalars,
+                    const AdamTensorStep* __restrict__ own, std::int32_t* __restrict__ skips) {
   if (device_scalars != nullptr) s = device_scalars->adam;  // a graph's replay
   using PW = typename Params<P>::W;
   using PG = typename Params<P>::G;
@@ -383,7 +410,11 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
   const index_t u = blockIdx.x;
   const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
   const GwtEntry<L>& e = entries[k];
-  if (skipped != nullptr && skipped[k] != 0) return;  // the whole block: one tensor
+  if (skipped != nullptr && skipped[k] != 0) {  // the whole block: one tensor
+    if (skips != nullptr && threadIdx.x == 0 && u == unit_begin[k]) ++skips[k];  // its count
+    return;
+  }
+  if (own != nullptr && own[k].mode == 2) s = own[k].adam;  // the tensor lags: its own step
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
   if (gi < e.rows * e.na) {
@@ -542,6 +573,8 @@ std::size_t MultiTensorGwt<Wavelet, Levels>::workspace_bytes(std::span<const Ten
   c.take<std::int32_t>(tensors.size());
   c.take<float>(tensors.size());
   c.take<std::uint32_t>(static_cast<std::size_t>(units));
+  c.take<std::int32_t>(tensors.size());
+  c.take<detail::AdamTensorStep>(tensors.size());
   return c.bytes();
 }
 
@@ -608,6 +641,8 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
   skipped_ = c.take<std::int32_t>(tensors.size());
   limiter_ = c.take<float>(tensors.size());
   unit_tensor_ = c.take<std::uint32_t>(static_cast<std::size_t>(units_));
+  skips_ = c.take<std::int32_t>(tensors.size());
+  own_ = c.take<detail::AdamTensorStep>(tensors.size());
   std::vector<std::uint32_t> host_unit_tensor(static_cast<std::size_t>(units_));
   for (std::size_t k = 0; k < tensors.size(); ++k)
     for (index_t u = host_begin[k]; u < host_begin[k + 1]; ++u)
@@ -618,6 +653,7 @@ MultiTensorGwt<Wavelet, Levels>::MultiTensorGwt(std::span<const Tensor> tensors,
                   "cudaMemsetAsync");  // NaN: unset
     detail::check(cudaMemsetAsync(skipped_, 0, n * sizeof(std::int32_t), stream),
                   "cudaMemsetAsync");
+    detail::check(cudaMemsetAsync(skips_, 0, n * sizeof(std::int32_t), stream), "cudaMemsetAsync");
     detail::check(cudaMemsetAsync(rho_, 0, n * sizeof(float), stream), "cudaMemsetAsync");
   }
   detail::check(
@@ -695,6 +731,31 @@ void MultiTensorGwt<Wavelet, Levels>::set_steps(std::int64_t t) {
 }
 
 template <class Wavelet, int Levels>
+std::int64_t MultiTensorGwt<Wavelet, Levels>::tensor_steps(index_t tensor) const {
+  (void)moments(tensor);  // range check
+  std::int32_t skips = 0;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(&skips, skips_ + tensor, sizeof(std::int32_t), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+  return t_ - skips;
+}
+
+template <class Wavelet, int Levels>
+void MultiTensorGwt<Wavelet, Levels>::set_tensor_steps(index_t tensor, std::int64_t steps) {
+  (void)moments(tensor);
+  require(steps >= 0 && steps <= t_,
+          "cuda::MultiTensorGwt::set_tensor_steps: a tensor's count must be in [0, steps()]");
+  require(t_ - steps <= 0x7fffffff, "cuda::MultiTensorGwt::set_tensor_steps: lag too large");
+  require(steps == t_ || options_.check_finite,
+          "cuda::MultiTensorGwt::set_tensor_steps: without check_finite every tensor has "
+          "steps() steps");
+  const auto skips = static_cast<std::int32_t>(t_ - steps);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(skips_ + tensor, &skips, sizeof(std::int32_t), cudaMemcpyHostToDevice),
+                "cudaMemcpy");
+}
+
+template <class Wavelet, int Levels>
 void MultiTensorGwt<Wavelet, Levels>::set_lr(double lr) {
   require(std::isfinite(lr) && lr >= 0, "cuda::MultiTensorGwt::set_lr: lr must be finite and >= 0");
   options_.rule.lr = lr;
@@ -703,7 +764,8 @@ void MultiTensorGwt<Wavelet, Levels>::set_lr(double lr) {
 template <class Wavelet, int Levels>
 StepScalars MultiTensorGwt<Wavelet, Levels>::scalars(std::int64_t t) const {
   require(t >= 1, "cuda::MultiTensorGwt::scalars: steps count from 1");
-  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1)};
+  return {optim::Adam::step_scalars(options_.rule, t), static_cast<std::uint32_t>(t - 1),
+          options_.rule.lr};
 }
 
 template <class Wavelet, int Levels>
@@ -733,19 +795,28 @@ void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars&
   const bool check = options_.check_finite;
   const auto alpha = static_cast<float>(options_.residual.scale);
   const auto blocks = static_cast<unsigned>(units_);
+  // check_finite: each tensor's own step (skips_ counts its skips; the step kernel's first block
+  // of a skipped tensor adds one), computed before anything reads the scalars.
+  detail::AdamTensorStep* own = check ? own_ : nullptr;
+  std::int32_t* skips = check ? skips_ : nullptr;
+  if (check) {
+    detail::gwt_tensor_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+        skips_, own_, n, options_.rule, static_cast<long long>(t_), device_scalars);
+    detail::check_launch("MultiTensorGwt::step (tensor scalars)");
+  }
   auto run = [&](auto norm_kernel, auto finite_kernel, auto step_kernel, auto pass_a_kernel,
                  auto limit_kernel) {
     if (gamma > 0 && !options_.optimistic_limiter) {
       // Two passes; the finite check shares the first one's read of G.
       norm_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
-          entries, begin, unit_tensor_, s, periodic, partial_, bad_, device_scalars);
+          entries, begin, unit_tensor_, s, periodic, partial_, bad_, device_scalars, own);
       detail::check_launch("MultiTensorGwt::step (norm)");
       detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
           begin, partial_, check ? bad_ : nullptr, gamma, limiter_, rho_, skipped_);
       detail::check_launch("MultiTensorGwt::step (limiter)");
       step_kernel<<<blocks, detail::gwt_threads, 0, stream>>>(
           entries, begin, unit_tensor_, s, periodic, alpha, rho_, check ? skipped_ : nullptr,
-          nullptr, device_scalars);
+          nullptr, device_scalars, own, skips);
       detail::check_launch("MultiTensorGwt::step");
       return;
     }
@@ -762,7 +833,7 @@ void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars&
     // for the tensors the limiter scales.
     (gamma > 0 ? pass_a_kernel : step_kernel)<<<blocks, detail::gwt_threads, 0, stream>>>(
         entries, begin, unit_tensor_, s, periodic, alpha, nullptr, check ? skipped_ : nullptr,
-        partial_, device_scalars);
+        partial_, device_scalars, own, skips);
     detail::check_launch("MultiTensorGwt::step");
     if (gamma > 0) {
       detail::gwt_limiter_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(

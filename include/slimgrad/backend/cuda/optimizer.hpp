@@ -30,19 +30,16 @@
 // buffers (a trainer's persistent parameter and gradient buffers). Work is enqueued on the
 // stream given at construction.
 // Non-finite gradients (DeviceOptions::check_finite, on by default): a tensor whose gradient
-// holds NaN or Inf is skipped — weights and moments untouched, and on the plain path and in the
-// low-rank engine its own step count too (its later steps take their own bias corrections, as
-// on the CPU). The flags stay on the device; step() waits for them to name the skipped tensors
-// in its report (DeviceOptions::report_skips; off, step() never synchronises and last_skipped()
-// reads them on request). The plain path's check is a pass of its own over the gradients (4
-// more bytes per fp32 parameter: see MultiTensorAdam). Deviation: GWT's engine skips the tensor
-// but keeps one step count for all, so a tensor's steps after its skip take the bias
-// corrections of the shared count, where the CPU takes its own.
+// holds NaN or Inf is skipped — weights and moments untouched, and its own step count too (its
+// later steps take their own bias corrections, as on the CPU). The flags stay on the device; step()
+// waits for them to name the skipped tensors in its report (DeviceOptions::report_skips; off,
+// step() never synchronises and last_skipped() reads them on request). The plain path's check is a
+// pass of its own over the gradients (4 more bytes per fp32 parameter: see MultiTensorAdam).
 // Checkpoints go through a CPU optimizer of the same composition and overrides, which takes the
 // GPU's state (transfer.hpp's copies, the low-rank bases, the per-tensor counts) and writes or
-// reads the file, so both backends share one loader and its checks. The compressed parameters
-// step together, so a file whose compressed parameters have different step counts is refused;
-// plain ones may lag (check_finite).
+// reads the file, so both backends share one loader and its checks. The low-rank engine's
+// parameters step together, so a file whose low-rank parameters have different step counts is
+// refused; plain and GWT ones may lag (check_finite).
 #pragma once
 
 #include <algorithm>
@@ -269,7 +266,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
     return out;
   }
 
-  /// Steps a parameter has taken (a skipped step does not count on the plain path and the
+  /// Steps a parameter has taken (a skipped step does not count on the plain path, GWT and the
   /// low-rank engine; synchronises for those); 0 for an unknown parameter.
   std::int64_t step_count(std::string_view name) const {
     if (pending_) return pending_shapes_.count(name) ? pending_->step_count(name) : 0;
@@ -338,9 +335,9 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   /// Replaces the whole state with the checkpoint's: every check of the CPU loader (format,
   /// version, composition, structural options, shapes, checksum, values), then the parameters
   /// must be this optimizer's (or, before the first step, become the first step's). The
-  /// engines step every compressed parameter together, so those share one count, the largest;
-  /// a plain parameter may lag behind it (skipped steps) when check_finite is on. On any error
-  /// nothing changes.
+  /// low-rank engine steps its parameters together, so those share one count, the largest; a
+  /// plain or GWT parameter may lag behind it (skipped steps) when check_finite is on. On any
+  /// error nothing changes.
   void from_checkpoint(const io::TensorFile& f) {
     auto holder = make_cpu();
     holder->from_checkpoint(f);  // throws, with nothing changed here, on any defect of the file
@@ -356,7 +353,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
     }
     for (const auto& [name, shape] : shapes) {
       const std::int64_t s = holder->step_count(name);
-      require(s == count || (!holder->is_compressed(name) && device_.check_finite),
+      require(s == count || ((!holder->is_compressed(name) || wavelet) && device_.check_finite),
               "cuda optimizer: the checkpoint's parameters have different step counts ('" + name +
                   "' " + std::to_string(s) + ", another " + std::to_string(count) +
                   "); the CUDA engines step their parameters together (a plain one may lag "
@@ -511,7 +508,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   }
   std::int64_t tensor_steps(const Entry& e) const {
     if (!e.compressed) return plain_[e.group].engine->tensor_steps(e.index);
-    if constexpr (lowrank) return engines_[e.group].engine->tensor_steps(e.index);
+    if constexpr (lowrank || wavelet) return engines_[e.group].engine->tensor_steps(e.index);
     return steps_;
   }
 
@@ -654,6 +651,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
       } else if constexpr (wavelet) {
         engines_[e.group].engine->write_state(e.index, rs.m.data.data(), rs.v.data.data(),
                                               holder.limiter_state(e.name));
+        engines_[e.group].engine->set_tensor_steps(e.index, holder.step_count(e.name));
       } else if constexpr (lowrank) {
         auto& engine = *engines_[e.group].engine;
         engine.write_moments(e.index, rs.m.data.data(), rs.v.data.data());

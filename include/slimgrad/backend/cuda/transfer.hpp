@@ -147,7 +147,7 @@ void check_gwt(const CpuGwt<Wavelet, Levels>& cpu, const MomentBuffers& mb,
 }  // namespace detail
 
 /// GPU → CPU for GWT: moments (m × N_L), the limiter's memory (unset: −1, the CPU's own value)
-/// and the step count.
+/// and each tensor's own step count (a skipped step does not count).
 template <class Wavelet, int Levels>
 void copy_state(const MultiTensorGwt<Wavelet, Levels>& from, std::span<const Tensor> tensors,
                 std::span<const std::string> names, CpuGwt<Wavelet, Levels>& to) {
@@ -163,7 +163,7 @@ void copy_state(const MultiTensorGwt<Wavelet, Levels>& from, std::span<const Ten
     float limiter = -1.0f;
     from.read_state(static_cast<index_t>(k), rs.m.data.data(), rs.v.data.data(), limiter);
     to.set_limiter_state(names[k], limiter >= 0.0f ? limiter : -1.0f);
-    to.set_step_count(names[k], from.steps());
+    to.set_step_count(names[k], from.tensor_steps(static_cast<index_t>(k)));
   }
 }
 
