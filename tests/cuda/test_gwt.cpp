@@ -124,6 +124,7 @@ GwtResult run_gwt(const GwtCase& c, int steps, std::int64_t tolerance) {
   std::vector<std::vector<float>> w_cpu, w_max;  // w_max: the largest |w| seen per element
   std::vector<typename Rule::template State<CpuStore>> st;
   std::vector<float> limiter(dims.size(), -1.0f);
+  std::vector<std::int64_t> own(dims.size(), 0);  // each tensor's own count (skips not counted)
   typename Dwt::Options dwt_options;
   for (std::size_t k = 0; k < dims.size(); ++k) {
     const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
@@ -184,8 +185,10 @@ GwtResult run_gwt(const GwtCase& c, int steps, std::int64_t tolerance) {
       const auto taken = cpu::gwt_adam_fused_step<transforms::Haar, L>(
           rule, store, st[k], dwt_options,
           host_view<const float>(g.data(), dims[k].rows, dims[k].cols),
-          host_view(w_cpu[k].data(), dims[k].rows, dims[k].cols), step, scale, c.gamma, limiter[k]);
+          host_view(w_cpu[k].data(), dims[k].rows, dims[k].cols), own[k] + 1, scale, c.gamma,
+          limiter[k]);
       REQUIRE(taken.has_value());
+      if (*taken) ++own[k];
       if (w_half)
         for (float& x : w_cpu[k])
           x = numeric::round_to_bf16(x);
@@ -229,6 +232,7 @@ GwtResult run_gwt(const GwtCase& c, int steps, std::int64_t tolerance) {
       const float mem_gpu = test::download<float>(gpu.limiter_state() + k, 1)[0];
       CHECK(std::fabs(mem_gpu - mem_cpu) <= 1e-6f * std::fabs(mem_cpu));
     }
+    CHECK(gpu.tensor_steps(static_cast<index_t>(k)) == own[k]);
     const cuda::MomentBuffers mb = gpu.moments(static_cast<index_t>(k));
     CHECK(test::max_ulp(test::download<float>(mb.m, static_cast<std::size_t>(mb.count)),
                         st[k].m.data) == 0);
