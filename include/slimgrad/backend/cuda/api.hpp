@@ -319,12 +319,20 @@ class MultiTensorGwt {
 ///     eigenvector of BᵀB by ten normalised squarings and three power steps on cuBLAS (no
 ///     host sync), u = −Bv/‖Bv‖, θ = ησ, rank-1 geodesic update), then Cholesky-QR (R with a
 ///     positive diagonal: the CPU's Householder Q) every reorth_every-th tracking step (counted
-///     whether or not the step turned the basis).
+///     whether or not the step turned the basis). A tensor whose first SVD failed (the identity
+///     basis, RefreshStatus::identity_basis) runs the SVD again at the next tracking step instead,
+///     as the CPU (the flags are read then: one host sync after a refresh that may have failed);
+///     with projection_aware, a retry that installs its basis rotates the moments with
+///     C = S_newᵀ I, as the CPU's refresh reports it.
 /// SubTrack++'s recovery scaling with its limiter: Options::recovery_scaling (per tensor after
 /// the update GEMM: Λ from one more GEMM, φ from C and N, ‖Λ‖ and ρ on the device, W += −c·Λ/ρ)
 /// and its projection-aware moments: Options::projection_aware (Grassmann; on the tracking lane
 /// after a step that turned the basis, C = S_newᵀS_old and the CPU's rotate_moments on cuBLAS).
-/// Not on the GPU yet: bf16 parameters.
+/// Parameters in bf16 or fp32 master weights with bf16 gradients (Options::precision, as
+/// MultiTensorAdam): the step widens the bf16 gradients (and, in bf16 mode, the weights) into fp32
+/// copies in the workspace, runs the fp32 step on them, and rounds the weights back once to nearest
+/// even (fp32_master: the master weight into Tensor::weight_bf16). Costs 4 bytes of workspace per
+/// parameter for the gradients, 4 more in bf16 mode for the weights, and two passes over them.
 template <class Transform>
 class MultiTensorLowRank {
  public:
@@ -342,6 +350,7 @@ class MultiTensorLowRank {
     /// ℓ×ℓ; the eigensolver's workspace, about 5ℓ² floats) is part of the workspace, so this
     /// trades memory for refresh time (the call's time is mostly per call).
     int refresh_batch = 64;
+    Precision precision = Precision::fp32;  ///< parameters and gradients (see above)
     /// SubTrack++ / Fira recovery scaling (residual::Recovery, algorithms.md §2.3(b)): the
     /// update adds Λ = (G − Expand(C)) ⊙ φ, φ = ‖N‖/(‖C‖ + 1e-8) per channel of the
     /// non-projected side, divided by the norm-growth limiter's ρ: U = α·Expand(N) + NL(Λ).
@@ -409,6 +418,9 @@ class MultiTensorLowRank {
   std::vector<index_t> last_skipped() const;
   /// Steps tensor `tensor` has taken (steps() minus its skips).
   std::int64_t tensor_steps(index_t tensor) const;
+  /// Sets tensor k's own count (0 <= steps <= steps(); a checkpoint's count after set_steps),
+  /// synchronously: its later steps take the bias corrections of that count.
+  void set_tensor_steps(index_t tensor, std::int64_t steps);
   /// The last refresh's outcome for `tensor`, as the CPU's state keeps it: a failed refresh
   /// (Cholesky or eigensolver breakdown, a non-finite result) keeps the previous basis
   /// (kept_previous) or, with none yet, installs the first r coordinate vectors

@@ -247,10 +247,13 @@ enum : int { install_candidate = 0, keep_basis = 1, install_identity = 2 };
 /// reported a breakdown; info[3] ≠ 0: an intermediate was non-finite (as a non-finite candidate).
 /// skip: the gradient is non-finite, so the step skips the tensor (a tensor with a basis keeps it
 /// and its status; one without gets the identity basis, as the CPU's refresh of a non-finite
-/// gradient). One block.
+/// gradient). provisional (BasisState::provisional): 1 while the basis is the identity of a failed
+/// first refresh (Grassmann then retries the SVD instead of tracking), 0 once a candidate is
+/// installed; a kept basis keeps it. One block.
 __global__ void __launch_bounds__(256)
     verdict_kernel(const float* __restrict__ cand, index_t n, int* __restrict__ info,
-                   const int* __restrict__ skip, bool ready, int* __restrict__ status) {
+                   const int* __restrict__ skip, bool ready, int* __restrict__ status,
+                   int* __restrict__ provisional) {
   bool bad = false;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
     bad = bad || !isfinite(cand[i]);
@@ -274,6 +277,7 @@ __global__ void __launch_bounds__(256)
   }
   info[2] = decision;
   if (*skip && ready) return;  // the CPU skips the tensor before its refresh
+  if (decision != keep_basis) *provisional = decision == install_identity ? 1 : 0;
   status[0] = static_cast<int>(st);
   status[1] = static_cast<int>(fail);
 }
@@ -583,16 +587,56 @@ __global__ void __launch_bounds__(256)
 
 /// M ← rotated M, V ← |rotated D + (rotated M)²|, only where the tracking step installed a
 /// basis that turned (the verdict's decision and θ ≠ 0: the CPU rotates only when refresh()
-/// reports a change, so a kept or unturned basis leaves the moments bit for bit).
+/// reports a change, so a kept or unturned basis leaves the moments bit for bit). A retried SVD
+/// passes no θ: its decision alone says whether the new basis was installed.
 __global__ void __launch_bounds__(256)
     rotate_finish_kernel(float* __restrict__ m, float* __restrict__ v, const float* __restrict__ rm,
                          const float* __restrict__ rd, index_t n, const int* __restrict__ decision,
                          const double* __restrict__ theta) {
-  if (*decision != install_candidate || *theta == 0.0) return;
+  if (*decision != install_candidate || (theta != nullptr && *theta == 0.0)) return;
   for (index_t q = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
        q += static_cast<index_t>(gridDim.x) * blockDim.x) {
     m[q] = rm[q];
     v[q] = transforms::Grassmann::rotated_second_moment(rd[q], rm[q], 1.0f, 1.0f);
+  }
+}
+
+// ---- bf16 and fp32-master parameters (Options::precision) ------------------------------------
+
+/// One conversion of a tensor's n values from src to dst (bf16 bits ↔ fp32); vec: both pointers
+/// allow common.cuh's 4-wide accesses.
+struct ConvertEntry {
+  const void* src;
+  void* dst;
+  index_t n;
+  int vec;
+};
+
+/// dst ← src for table[blockIdx.y], with common.cuh's loads and stores: S = bf16 widens exactly,
+/// D = bf16 rounds once to nearest even (as MultiTensorAdam and MultiTensorGwt store weights).
+template <class S, class D>
+__global__ void __launch_bounds__(256) convert_kernel(const ConvertEntry* __restrict__ table) {
+  const ConvertEntry c = table[blockIdx.y];
+  const auto* src = static_cast<const S*>(c.src);
+  auto* dst = static_cast<D*>(c.dst);
+  for (index_t i = 4 * (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x); i < c.n;
+       i += 4 * static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const bool vec = c.vec != 0 && i + 4 <= c.n;
+    float x[4];
+    load4(src, i, c.n, vec, x);
+    store4(dst, i, c.n, vec, x);
+  }
+}
+
+/// C (r×r col-major) ← S_newᵀ S_old with S_old the identity basis (the first r coordinate
+/// vectors, what a failed first refresh installs): the top r×r block of the stored S_new,
+/// transposed. One block.
+__global__ void __launch_bounds__(256)
+    identity_overlap_kernel(const float* __restrict__ basis, index_t dim0, index_t r, bool left,
+                            float* __restrict__ c) {
+  for (index_t q = threadIdx.x; q < r * r; q += blockDim.x) {
+    const index_t i = q % r, j = q / r;  // C[i][j] = S_new[j][i]
+    c[q] = left ? basis[j * r + i] : basis[i * dim0 + j];
   }
 }
 
@@ -681,6 +725,8 @@ struct MultiTensorLowRank<Transform>::State {
   int* skip = nullptr;
   int* skips = nullptr;
   int* status = nullptr;
+  int* provisional = nullptr;      // per tensor: the identity basis of a failed first refresh
+  bool maybe_provisional = false;  // host: an SVD refresh ran since the flags were last read
   detail::TensorScalars* tscal = nullptr;
   index_t* offsets_d = nullptr;  // tensors + 1
   const float** coeff_ptrs = nullptr;
@@ -699,8 +745,14 @@ struct MultiTensorLowRank<Transform>::State {
   double* lam_norm = nullptr;
   float* lam_coef = nullptr;
   float* limiter = nullptr;
-  float* upd = nullptr;   // {α', β} of the update GEMM (graph replays)
-  float* sink = nullptr;  // max rows×cols floats when weight decay is on (β ≠ 1), else null
+  // bf16 / fp32_master: the conversions around a step (device tables) into and out of the fp32
+  // copies that the entries' Tensor pointers name.
+  detail::ConvertEntry* widen = nullptr;   // bf16 gradients (and bf16 weights) → fp32 copies
+  detail::ConvertEntry* narrow = nullptr;  // fp32 weights → bf16 weights or model copies
+  std::vector<detail::ConvertEntry> h_widen, h_narrow;
+  index_t convert_max = 0;  // the largest tensor
+  float* upd = nullptr;     // {α', β} of the update GEMM (graph replays)
+  float* sink = nullptr;    // max rows×cols floats when weight decay is on (β ≠ 1), else null
   // Host copies of the tables, uploaded at construction.
   std::vector<index_t> h_offsets, h_coeff_counts, h_grad_counts;
   std::vector<int> h_left;
@@ -900,6 +952,7 @@ struct MultiTensorLowRank<Transform>::State {
     int* skip = c.take<int>(nt);
     int* skips = c.take<int>(nt);
     int* status = c.take<int>(2 * nt);
+    int* provisional = c.take<int>(nt);
     auto* tscal = c.take<detail::TensorScalars>(nt);
     auto* offsets_d = c.take<index_t>(nt + 1);
     auto* coeff_ptrs = c.take<const float*>(nt);
@@ -926,12 +979,46 @@ struct MultiTensorLowRank<Transform>::State {
       lam_coef = c.take<float>(1);
       limiter = c.take<float>(nt);
     }
+    // bf16 / fp32_master: fp32 copies of the gradients (and of bf16 weights), which the
+    // entries' pointers name, and the conversion tables.
+    const Precision prec = options.precision;
+    std::vector<float*> gstage(nt, nullptr), wstage(nt, nullptr);
+    std::vector<detail::ConvertEntry> h_widen, h_narrow;
+    detail::ConvertEntry *widen = nullptr, *narrow = nullptr;
+    if (prec != Precision::fp32) {
+      auto aligned = [](const void* p, std::size_t a) {
+        return reinterpret_cast<std::uintptr_t>(p) % a == 0;
+      };
+      for (std::size_t k = 0; k < nt; ++k) {
+        const Tensor& tn = tensors[k];
+        const auto n = static_cast<std::size_t>(tn.size());
+        gstage[k] = c.take<float>(n);
+        if (prec == Precision::bf16) wstage[k] = c.take<float>(n);
+        h_widen.push_back({tn.grad, gstage[k], tn.size(), aligned(tn.grad, 8) ? 1 : 0});
+        if (prec == Precision::bf16) {
+          h_widen.push_back({tn.weight, wstage[k], tn.size(), aligned(tn.weight, 8) ? 1 : 0});
+          h_narrow.push_back({wstage[k], tn.weight, tn.size(), aligned(tn.weight, 8) ? 1 : 0});
+        } else if (tn.weight_bf16 != nullptr) {
+          h_narrow.push_back({tn.weight, tn.weight_bf16, tn.size(),
+                              aligned(tn.weight, 16) && aligned(tn.weight_bf16, 8) ? 1 : 0});
+        }
+      }
+      widen = c.take<detail::ConvertEntry>(h_widen.size());
+      narrow = c.take<detail::ConvertEntry>(h_narrow.size());
+    }
     if (self == nullptr) return c.bytes();
 
     State& s = *self;
+    s.widen = widen;
+    s.narrow = narrow;
+    s.h_widen = std::move(h_widen);
+    s.h_narrow = std::move(h_narrow);
+    for (const Tensor& tn : tensors)
+      s.convert_max = std::max(s.convert_max, tn.size());
     s.skip = skip;
     s.skips = skips;
     s.status = status;
+    s.provisional = provisional;
     s.tscal = tscal;
     s.offsets_d = offsets_d;
     s.coeff_ptrs = coeff_ptrs;
@@ -960,6 +1047,9 @@ struct MultiTensorLowRank<Transform>::State {
     for (std::size_t k = 0; k < tensors.size(); ++k) {
       Entry& e = s.entries[k];
       e.t = tensors[k];
+      if (gstage[k]) e.t.grad = gstage[k];  // the step reads and writes the fp32 copies
+      if (wstage[k]) e.t.weight = wstage[k];
+      e.t.weight_bf16 = nullptr;
       shapes_of(e.t, o, e.side, e.dim0, e.dim1, e.ell);
       e.basis = bases[k];
       e.coeff = coeff + offsets[k];
@@ -1079,7 +1169,7 @@ struct MultiTensorLowRank<Transform>::State {
   void verdict(cudaStream_t st, int* info, const Entry& e, std::size_t i, const float* cand,
                index_t width) const {
     detail::verdict_kernel<<<1, 256, 0, st>>>(cand, e.dim0 * width, info, skip + i, e.ready,
-                                              status + 2 * i);
+                                              status + 2 * i, provisional + i);
     detail::check_launch("verdict_kernel");
   }
 
@@ -1360,34 +1450,33 @@ struct MultiTensorLowRank<Transform>::State {
     detail::store_tracked_kernel<<<64, 256, 0, l.stream>>>(l.s, d0, r, e.side == Side::left,
                                                            l.info + 2, e.basis);
     detail::check_launch("store_tracked_kernel");
-    if (options.projection_aware) rotate_moments(l, e, k, c);
+    if (options.projection_aware)
+      rotate_moments(l.stream, l.blas, l.sq, l.z, l.rot, e, c, l.info + 2, track_info + 2 * k + 1);
   }
 
   /// SubTrack++'s projection-aware moments after tensor k's tracking step (cpu::rotate_moments
   /// with b1 = b2 = 1, fp32 GEMMs): left (M, V r×n row-major = Mc n×r) M ← C M is
   /// Mc ← Mc Cᵀ; right (m×r = Mc r×m) M ← M Cᵀ is Mc ← C Mc. V likewise with C⊙C on V − M².
-  /// rotate_finish_kernel writes back only when the basis turned.
-  void rotate_moments(const detail::Lane& l, Entry& e, std::size_t k, const float* c) {
+  /// rotate_finish_kernel writes back only when the basis turned (decision, θ). Scratch: cc
+  /// (r×r), d (r·dim1), rot (2·r·dim1).
+  void rotate_moments(cudaStream_t st, cublasHandle_t h, float* cc, float* d, float* rot, Entry& e,
+                      const float* c, const int* decision, const double* theta) {
     const index_t r = rank, d1 = e.dim1, n = e.count;
-    float* cc = l.sq;
-    float* d = l.z;  // V − M² (r·dim1 floats)
-    float* rm = l.rot;
-    float* rd = l.rot + n;
+    float* rm = rot;
+    float* rd = rot + n;
     const auto blocks = static_cast<unsigned>(std::min<index_t>((n + 255) / 256, 1024));
-    detail::square_kernel<<<static_cast<unsigned>((r * r + 255) / 256), 256, 0, l.stream>>>(c, cc,
-                                                                                            r * r);
+    detail::square_kernel<<<static_cast<unsigned>((r * r + 255) / 256), 256, 0, st>>>(c, cc, r * r);
     detail::check_launch("square_kernel");
-    detail::variance_term_kernel<<<blocks, 256, 0, l.stream>>>(e.m, e.v, d, n);
+    detail::variance_term_kernel<<<blocks, 256, 0, st>>>(e.m, e.v, d, n);
     detail::check_launch("variance_term_kernel");
     if (e.side == Side::left) {
-      detail::gemm(l.blas, false, true, d1, r, r, 1.0f, e.m, d1, c, r, 0.0f, rm, d1, false);
-      detail::gemm(l.blas, false, true, d1, r, r, 1.0f, d, d1, cc, r, 0.0f, rd, d1, false);
+      detail::gemm(h, false, true, d1, r, r, 1.0f, e.m, d1, c, r, 0.0f, rm, d1, false);
+      detail::gemm(h, false, true, d1, r, r, 1.0f, d, d1, cc, r, 0.0f, rd, d1, false);
     } else {
-      detail::gemm(l.blas, false, false, r, d1, r, 1.0f, c, r, e.m, r, 0.0f, rm, r, false);
-      detail::gemm(l.blas, false, false, r, d1, r, 1.0f, cc, r, d, r, 0.0f, rd, r, false);
+      detail::gemm(h, false, false, r, d1, r, 1.0f, c, r, e.m, r, 0.0f, rm, r, false);
+      detail::gemm(h, false, false, r, d1, r, 1.0f, cc, r, d, r, 0.0f, rd, r, false);
     }
-    detail::rotate_finish_kernel<<<blocks, 256, 0, l.stream>>>(e.m, e.v, rm, rd, n, l.info + 2,
-                                                               track_info + 2 * k + 1);
+    detail::rotate_finish_kernel<<<blocks, 256, 0, st>>>(e.m, e.v, rm, rd, n, decision, theta);
     detail::check_launch("rotate_finish_kernel");
   }
 
@@ -1426,12 +1515,28 @@ struct MultiTensorLowRank<Transform>::State {
       const index_t every = reorth_every;
       reorth = every > 0 && tracking_steps % every == 0;
     }
+    // A tensor whose basis is still the identity of a failed first SVD runs the SVD again
+    // instead of tracking, as the CPU's Grassmann (the flags are read only at a tracking step
+    // after an SVD refresh: one synchronisation).
+    std::vector<int> prov(entries.size(), 0);
+    if (any_track && maybe_provisional) {
+      detail::check(cudaMemcpyAsync(prov.data(), provisional, prov.size() * sizeof(int),
+                                    cudaMemcpyDeviceToHost, stream),
+                    "cudaMemcpyAsync");
+      detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
     // The randomized refreshes run batched on the caller's stream; the tracking steps and
     // exact refreshes on the lanes, forked from it and joined back.
-    std::vector<std::size_t> batched, laned;
+    std::vector<std::size_t> batched, laned, retried;
+    std::vector<char> tracks(entries.size(), 0);
+    maybe_provisional = !any_track;
     for (std::size_t i = 0; i < entries.size(); ++i) {
-      const bool tracks = any_track && entries[i].ready;
-      if (!tracks && svd.method == transforms::SvdMethod::randomized)
+      tracks[i] = any_track && entries[i].ready && prov[i] == 0;
+      if (any_track && prov[i] != 0) {
+        retried.push_back(i);
+        maybe_provisional = true;  // the retry may fail again
+      }
+      if (!tracks[i] && svd.method == transforms::SvdMethod::randomized)
         batched.push_back(i);
       else
         laned.push_back(i);
@@ -1459,7 +1564,7 @@ struct MultiTensorLowRank<Transform>::State {
           for (std::size_t j = li; j < laned.size(); j += nl) {
             const std::size_t i = laned[j];
             Entry& e = entries[i];
-            if (any_track && e.ready)
+            if (tracks[i])
               track(l, e, i, reorth);
             else
               exact_refresh(l, e, i);
@@ -1484,6 +1589,43 @@ struct MultiTensorLowRank<Transform>::State {
       detail::check(cudaEventRecord(l.done, l.stream), "cudaEventRecord");
       detail::check(cudaStreamWaitEvent(stream, l.done, 0), "cudaStreamWaitEvent");
     }
+    if (options.projection_aware && !retried.empty()) rotate_retried(stream, retried);
+  }
+
+  /// SubTrack++'s projection-aware moments after a retried SVD that installed its candidate
+  /// (the CPU's refresh_now reports a change and C = S_newᵀ S_old, S_old the identity basis):
+  /// on the caller's stream after the join, in lane 0's scratch.
+  void rotate_retried(cudaStream_t stream, const std::vector<std::size_t>& retried) {
+    const detail::Lane& l = lanes.front();
+    detail::check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
+    detail::check_cublas(cublasSetWorkspace(blas, blas_ws, blas_workspace), "cublasSetWorkspace");
+    for (const std::size_t i : retried) {
+      Entry& e = entries[i];
+      detail::identity_overlap_kernel<<<1, 256, 0, stream>>>(e.basis, e.dim0, rank,
+                                                             e.side == Side::left, l.h);
+      detail::check_launch("identity_overlap_kernel");
+      // provisional[i] is 0 (install_candidate) exactly when the retry installed its basis.
+      rotate_moments(stream, blas, l.sq, l.z, l.rot, e, l.h, provisional + i, nullptr);
+    }
+  }
+
+  // ---- bf16 and fp32-master parameters ----------------------------------------------------
+  /// Before a step: the bf16 gradients (and bf16 weights) widened into the fp32 copies.
+  void widen_params(cudaStream_t stream) const {
+    convert<std::uint16_t, float>(stream, widen, h_widen);
+  }
+  /// After a step: the fp32 weights rounded once into the bf16 weights or model copies.
+  void narrow_params(cudaStream_t stream) const {
+    convert<float, std::uint16_t>(stream, narrow, h_narrow);
+  }
+  template <class S, class D>
+  void convert(cudaStream_t stream, const detail::ConvertEntry* table,
+               const std::vector<detail::ConvertEntry>& host) const {
+    if (host.empty()) return;
+    const auto blocks = static_cast<unsigned>(std::min<index_t>((convert_max + 1023) / 1024, 64));
+    detail::convert_kernel<S, D>
+        <<<dim3(blocks, static_cast<unsigned>(host.size())), 256, 0, stream>>>(table);
+    detail::check_launch("convert_kernel");
   }
 
   // ---- the steady step ---------------------------------------------------------------------
@@ -1694,7 +1836,7 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
             std::string(who) + ": eta must be finite and >= 0, reorth_every >= 0");
   for (std::size_t k = 0; k < tensors.size(); ++k) {
     const Tensor& t = tensors[k];
-    detail::check_tensor(t, Precision::fp32, k, who);
+    detail::check_tensor(t, options.precision, k, who);
     require(t.rows > 0 && t.cols > 0 && o.rank <= std::min(t.rows, t.cols),
             std::string(who) + ": tensor " + std::to_string(k) + " (" + std::to_string(t.rows) +
                 "x" + std::to_string(t.cols) + ") is empty or smaller than the rank " +
@@ -1750,6 +1892,7 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   detail::check(cudaMemsetAsync(s.skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
   detail::check(cudaMemsetAsync(s.skips, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
   detail::check(cudaMemsetAsync(s.status, 0, 2 * nt * sizeof(int), stream), "cudaMemsetAsync");
+  detail::check(cudaMemsetAsync(s.provisional, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
   if (s.limiter)  // all bits set: NaN, the limiter's "unset"
     detail::check(cudaMemsetAsync(s.limiter, 0xFF, nt * sizeof(float), stream), "cudaMemsetAsync");
   auto upload = [&](void* dst, const auto& host) {
@@ -1765,6 +1908,8 @@ MultiTensorLowRank<Transform>::MultiTensorLowRank(std::span<const Tensor> tensor
   upload(s.grad_counts, s.h_grad_counts);
   upload(s.slots, s.h_slots);
   upload(s.weights, s.h_weights);
+  if (!s.h_widen.empty()) upload(s.widen, s.h_widen);
+  if (!s.h_narrow.empty()) upload(s.narrow, s.h_narrow);
   std::size_t off = 0;
   for (const auto& g : s.groups) {
     const std::size_t n = 6 * static_cast<std::size_t>(g.count);
@@ -1783,8 +1928,10 @@ template <class Transform>
 void MultiTensorLowRank<Transform>::step(stream_t stream) {
   State& s = *s_;
   const bool refreshed = s.due(s.t);
+  s.widen_params(stream);
   if (refreshed) s.refresh_all(stream, s.t);
   s.project_adam_update(stream, refreshed, nullptr);
+  s.narrow_params(stream);
   ++s.t;
 }
 
@@ -1794,7 +1941,9 @@ void MultiTensorLowRank<Transform>::step(stream_t stream, const StepScalars* dev
   require(device_scalars != nullptr, "cuda::MultiTensorLowRank::step: null device scalars");
   require(!s.due(s.t),
           "cuda::MultiTensorLowRank::step: a refresh is due (step(stream) runs refresh steps)");
+  s.widen_params(stream);
   s.project_adam_update(stream, false, device_scalars);
+  s.narrow_params(stream);
   ++s.t;
 }
 
@@ -1815,6 +1964,7 @@ void MultiTensorLowRank<Transform>::set_lr(double lr) {
 
 template <class Transform>
 void MultiTensorLowRank<Transform>::refresh(stream_t stream) {
+  s_->widen_params(stream);
   s_->refresh_all(stream, s_->t);
 }
 
@@ -1879,6 +2029,8 @@ void MultiTensorLowRank<Transform>::write_basis(index_t tensor, const float* hos
   detail::check(cudaMemcpy(e.basis, host, static_cast<std::size_t>(s_->rank * e.dim0) * 4,
                            cudaMemcpyHostToDevice),
                 "cudaMemcpy");
+  // As the CPU's loaded state: not provisional (its checkpoint does not keep the flag).
+  detail::check(cudaMemset(s_->provisional + tensor, 0, sizeof(int)), "cudaMemset");
   e.ready = true;
 }
 template <class Transform>
@@ -1938,6 +2090,16 @@ std::int64_t MultiTensorLowRank<Transform>::tensor_steps(index_t tensor) const {
   detail::check(cudaMemcpy(&skips, s_->skips + tensor, sizeof(int), cudaMemcpyDeviceToHost),
                 "cudaMemcpy");
   return s_->t - skips;
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::set_tensor_steps(index_t tensor, std::int64_t steps) {
+  (void)detail::lowrank_entry(*s_, tensor);
+  require(steps >= 0 && steps <= s_->t,
+          "cuda::MultiTensorLowRank: a tensor's step count must lie in [0, steps()]");
+  const int skips = static_cast<int>(s_->t - steps);
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(s_->skips + tensor, &skips, sizeof(int), cudaMemcpyHostToDevice),
+                "cudaMemcpy");
 }
 template <class Transform>
 std::pair<transforms::RefreshStatus, transforms::RefreshFailure>

@@ -18,8 +18,7 @@
 // take MultiTensorAdam<Store>; the others the composition's engine:
 //   Identity                        → MultiTensorAdam<Store> (torch, hf, bnb; Fp32, Bf16, Q8Block)
 //   Dwt<Haar, L> + WaveletDetails   → MultiTensorGwt<Haar, L> (Fp32 state)
-//   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter,
-//                                      fp32 parameters)
+//   SvdProjection / Grassmann + Drop → MultiTensorLowRank<Transform> (Fp32 state, no limiter)
 //   SvdProjection / Grassmann + Recovery → the same, with recovery scaling and its limiter
 //                                   (Fira; SubTrack++ with Grassmann, its projection-aware
 //                                   moments included; SvdProjection refuses projection_aware)
@@ -35,11 +34,15 @@
 // waits for them to name the skipped tensors in its report (DeviceOptions::report_skips; off,
 // step() never synchronises and last_skipped() reads them on request). The plain path's check is a
 // pass of its own over the gradients (4 more bytes per fp32 parameter: see MultiTensorAdam).
+// bf16 and fp32-master parameters: every engine steps in fp32 from the widened values and rounds
+// the weight once (the plain and GWT kernels in registers; the low-rank engine through fp32
+// copies in its workspace: 4 bytes per parameter for the gradients, 4 more for bf16 weights).
 // Checkpoints go through a CPU optimizer of the same composition and overrides, which takes the
 // GPU's state (transfer.hpp's copies, the low-rank bases, the per-tensor counts) and writes or
-// reads the file, so both backends share one loader and its checks. The low-rank engine's
-// parameters step together, so a file whose low-rank parameters have different step counts is
-// refused; plain and GWT ones may lag (check_finite).
+// reads the file, so both backends share one loader and its checks. Per-tensor step counts that
+// differ (skips) load into every engine: the plain and GWT ones with check_finite, the low-rank
+// one always (it always checks). DeviceOptions::refresh_batch sizes the low-rank engine's
+// batched randomized refresh.
 #pragma once
 
 #include <algorithm>
@@ -94,6 +97,9 @@ struct DeviceOptions {
   bool tf32 = true;     ///< MultiTensorLowRank: TF32 tensor cores for the large GEMMs
   int lanes = 8;        ///< MultiTensorLowRank: refresh lanes
   bool batched = true;  ///< MultiTensorLowRank: one batched GEMM per shape group
+  /// MultiTensorLowRank: the most tensors per batched eigensolver call of the randomized
+  /// refresh (>= 1); its scratch grows with it (BENCHMARKS.md gives GaLore's trade-off).
+  int refresh_batch = 64;
   /// Skip a tensor whose gradient holds NaN or Inf, as the CPU does (plain path and GWT; the
   /// low-rank engine always checks). Off saves the plain path's check pass (one more read of
   /// the gradients) for a trainer that checks its gradients itself.
@@ -197,6 +203,9 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   explicit Optimizer(const Options& o = {}, cuda::stream_t stream = nullptr,
                      const cuda::DeviceOptions& device = {})
       : options_(o), stream_(stream), device_(device), accounting_(o) {
+    require(device.refresh_batch >= 1,
+            "cuda optimizer: DeviceOptions::refresh_batch must be at least 1, got " +
+                std::to_string(device.refresh_batch));
     check_engine(o.transform, o.residual);
   }
 
@@ -335,9 +344,9 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   /// Replaces the whole state with the checkpoint's: every check of the CPU loader (format,
   /// version, composition, structural options, shapes, checksum, values), then the parameters
   /// must be this optimizer's (or, before the first step, become the first step's). The
-  /// low-rank engine steps its parameters together, so those share one count, the largest; a
-  /// plain or GWT parameter may lag behind it (skipped steps) when check_finite is on. On any
-  /// error nothing changes.
+  /// engines' count is the largest; a parameter may lag behind it (skipped steps) in the
+  /// low-rank engine, and on the plain and GWT paths when check_finite is on. On any error
+  /// nothing changes.
   void from_checkpoint(const io::TensorFile& f) {
     auto holder = make_cpu();
     holder->from_checkpoint(f);  // throws, with nothing changed here, on any defect of the file
@@ -353,11 +362,13 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
     }
     for (const auto& [name, shape] : shapes) {
       const std::int64_t s = holder->step_count(name);
-      require(s == count || ((!holder->is_compressed(name) || wavelet) && device_.check_finite),
+      const bool may_lag = (holder->is_compressed(name) && lowrank) ||
+                           ((!holder->is_compressed(name) || wavelet) && device_.check_finite);
+      require(s == count || may_lag,
               "cuda optimizer: the checkpoint's parameters have different step counts ('" + name +
                   "' " + std::to_string(s) + ", another " + std::to_string(count) +
-                  "); the CUDA engines step their parameters together (a plain one may lag "
-                  "with check_finite)");
+                  "); without check_finite the plain and GWT engines step their parameters "
+                  "together");
     }
     if (bound()) {
       require(shapes.size() == entries_.size(),
@@ -541,9 +552,6 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
   }
 
   void bind(const std::vector<const cuda::detail::RawParam*>& sorted, cuda::Precision precision) {
-    if constexpr (lowrank)
-      require(precision == cuda::Precision::fp32,
-              "cuda optimizer: the low-rank engine takes fp32 parameters and gradients");
     std::vector<Entry> entries;
     std::vector<Group<Plain>> plain;
     std::vector<Group<Compressed>> compressed;
@@ -601,6 +609,8 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
             c.tf32 = device_.tf32;
             c.lanes = device_.lanes;
             c.batched = device_.batched;
+            c.refresh_batch = device_.refresh_batch;
+            c.precision = precision;
             g.update_gap = effective.transform.update_gap;
             if constexpr (recovery) {
               c.recovery_scaling = effective.residual.recovery_scaling;
@@ -655,6 +665,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
       } else if constexpr (lowrank) {
         auto& engine = *engines_[e.group].engine;
         engine.write_moments(e.index, rs.m.data.data(), rs.v.data.data());
+        engine.set_tensor_steps(e.index, holder.step_count(e.name));
         const auto& ts = holder.transform_state(e.name);
         if (ts.basis.size() > 0) engine.write_basis(e.index, ts.basis.data());
         if constexpr (recovery) engine.write_limiter(e.index, holder.limiter_state(e.name));
