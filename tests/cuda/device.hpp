@@ -1,4 +1,5 @@
-// Helpers of the GPU tests: device buffers, copies, float comparison in ulps.
+// Helpers of the GPU tests: device buffers, copies, float comparison in ulps, and the set-up of
+// an engine test (fp32 tensors on the device, an engine with a workspace of its own).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,7 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
+#include <slimgrad/backend/cuda/api.hpp>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -79,5 +83,37 @@ inline std::vector<float> random_floats(std::size_t n, std::uint32_t seed, float
     x = dist(gen);
   return v;
 }
+
+/// fp32 tensors on the device: owned weight and gradient buffers and their cuda::Tensor list
+/// (what an engine's constructor takes).
+struct DeviceTensors {
+  std::vector<std::unique_ptr<DeviceBuffer>> w, g;
+  std::vector<cuda::Tensor> tensors;
+
+  /// A rows×cols tensor named `id`, its weights uploaded (left as allocated when empty).
+  void add(index_t rows, index_t cols, const std::vector<float>& weights = {},
+           std::uint64_t id = 0) {
+    const auto n = static_cast<std::size_t>(rows * cols);
+    w.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    g.push_back(std::make_unique<DeviceBuffer>(n * 4));
+    if (!weights.empty()) upload(w.back()->ptr, weights);
+    tensors.push_back({w.back()->ptr, g.back()->ptr, nullptr, rows, cols, id});
+  }
+  void set_grad(std::size_t k, const std::vector<float>& grad) const { upload(g[k]->ptr, grad); }
+  std::vector<float> weights(std::size_t k) const {
+    return download<float>(w[k]->ptr, static_cast<std::size_t>(tensors[k].size()));
+  }
+};
+
+/// An engine (MultiTensorAdam, MultiTensorGwt, MultiTensorLowRank) over `tensors` with a
+/// workspace of its own, of the size it asks for.
+template <class Engine>
+struct WithWorkspace {
+  DeviceBuffer ws;
+  Engine engine;
+  WithWorkspace(std::span<const cuda::Tensor> tensors, const typename Engine::Options& o,
+                cuda::stream_t stream = nullptr)
+      : ws(Engine::workspace_bytes(tensors, o)), engine(tensors, o, ws.ptr, ws.bytes, stream) {}
+};
 
 }  // namespace slimgrad::test

@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <slimgrad/backend/cuda/api.hpp>
 #include <slimgrad/slimgrad.hpp>
 #include <string>
@@ -85,25 +84,11 @@ void compare_with_cpu(typename CpuOpt::Options co,
   REQUIRE(cpu_step(grads(0)).skipped.empty());
 
   // The GPU optimizer over the same tensors, from the CPU's state after step 1.
-  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
-  std::vector<cuda::Tensor> tensors;
-  for (std::size_t k = 0; k < dims.size(); ++k) {
-    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
-    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    test::upload(wd.back()->ptr, w[k]);
-    cuda::Tensor t;
-    t.weight = wd.back()->ptr;
-    t.grad = gd.back()->ptr;
-    t.rows = dims[k].rows;
-    t.cols = dims[k].cols;
-    t.id = tensor_id(names[k]);
-    tensors.push_back(t);
-  }
-  using Gpu = cuda::MultiTensorLowRank<Transform>;
-  const std::size_t bytes = Gpu::workspace_bytes(tensors, go);
-  DeviceBuffer ws(bytes);
-  Gpu gpu(tensors, go, ws.ptr, bytes, nullptr);
+  test::DeviceTensors dev;
+  for (std::size_t k = 0; k < dims.size(); ++k)
+    dev.add(dims[k].rows, dims[k].cols, w[k], tensor_id(names[k]));
+  test::WithWorkspace<cuda::MultiTensorLowRank<Transform>> engine(dev.tensors, go);
+  auto& gpu = engine.engine;
   {
     const io::TensorFile f = cpu.to_checkpoint();
     for (std::size_t k = 0; k < dims.size(); ++k) {
@@ -128,7 +113,7 @@ void compare_with_cpu(typename CpuOpt::Options co,
       g[1][20] = -std::numeric_limits<float>::infinity();
     }
     for (std::size_t k = 0; k < dims.size(); ++k)
-      test::upload(gd[k]->ptr, g[k]);
+      dev.set_grad(k, g[k]);
     const StepReport rep = cpu_step(g);
     gpu.step(nullptr);
     test::cuda_check(cudaDeviceSynchronize(), "step");
@@ -145,8 +130,7 @@ void compare_with_cpu(typename CpuOpt::Options co,
       const auto ki = static_cast<index_t>(k);
       CAPTURE(k);
       CAPTURE(s);
-      const auto wg = test::download<float>(wd[k]->ptr, w[k].size());
-      CHECK(max_abs_diff(wg, w[k]) <= w_tol);
+      CHECK(max_abs_diff(dev.weights(k), w[k]) <= w_tol);
       const std::vector<float> mc = field(f, names[k] + "/m"), vc = field(f, names[k] + "/v");
       std::vector<float> mg(mc.size()), vg(vc.size());
       gpu.read_moments(ki, mg.data(), vg.data());
@@ -319,17 +303,11 @@ TEST_CASE("cuda subtrack++: projection-aware moments rotate into the tracked bas
   using Galore = cuda::MultiTensorLowRank<transforms::SvdProjection>;
   Galore::Options gg;
   gg.transform.rank = 8;
-  DeviceBuffer wd(16 * 16 * 4), gd(16 * 16 * 4);
-  cuda::Tensor t;
-  t.weight = wd.ptr;
-  t.grad = gd.ptr;
-  t.rows = t.cols = 16;
-  const std::vector<cuda::Tensor> one{t};
-  const std::size_t bytes = Galore::workspace_bytes(one, gg);
-  DeviceBuffer ws(bytes);
-  CHECK_NOTHROW(Galore(one, gg, ws.ptr, bytes, nullptr));
+  test::DeviceTensors one;
+  one.add(16, 16);
+  CHECK_NOTHROW(test::WithWorkspace<Galore>(one.tensors, gg));
   gg.projection_aware = true;
-  CHECK_THROWS_AS(Galore(one, gg, ws.ptr, bytes, nullptr), Error);
+  CHECK_THROWS_AS(test::WithWorkspace<Galore>(one.tensors, gg), Error);
 }
 
 TEST_CASE("cuda subtrack: the geodesic tracking step and the steps around it match the CPU") {
@@ -386,14 +364,10 @@ TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's te
     const cpu::RowMatrix g = u * s.asDiagonal() * v.transpose();
     const std::vector<float> gv(g.data(), g.data() + g.size());
 
-    DeviceBuffer wd(gv.size() * 4), gd(gv.size() * 4);
-    test::upload(gd.ptr, gv);
-    cuda::Tensor t;
-    t.weight = wd.ptr;
-    t.grad = gd.ptr;
-    t.rows = d.rows;
-    t.cols = d.cols;
-    t.id = 77;
+    test::DeviceTensors dev;
+    dev.add(d.rows, d.cols, {}, 77);
+    dev.set_grad(0, gv);
+    const cuda::Tensor t = dev.tensors[0];
     const Side side = side_for({d.rows, d.cols});
     const index_t dim0 = projected_dim({d.rows, d.cols}, side);
     cpu::ColMatrix ucpu;
@@ -417,10 +391,8 @@ TEST_CASE("cuda galore refresh: the subspace of the CPU's exact SVD, Philox's te
         std::vector<cuda::Tensor> ts{t, t, t};
         ts[1].id = 78;
         ts[2].id = 79;
-        using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
-        const std::size_t bytes = Gpu::workspace_bytes(ts, o);
-        DeviceBuffer ws(bytes);
-        Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+        test::WithWorkspace<cuda::MultiTensorLowRank<transforms::SvdProjection>> engine(ts, o);
+        auto& gpu = engine.engine;
         REQUIRE(gpu.refresh_due());
         gpu.refresh(nullptr);
         for (index_t q = 0; q < 3; ++q) {
@@ -482,21 +454,12 @@ void refresh_failure_case(typename cuda::MultiTensorLowRank<Transform>::Options 
                           const std::vector<float>& bad, index_t rows, index_t cols,
                           transforms::RefreshStatus want_status,
                           transforms::RefreshFailure want_failure) {
-  using Gpu = cuda::MultiTensorLowRank<Transform>;
   const auto n = static_cast<std::size_t>(rows * cols);
-  DeviceBuffer wd(n * 4), gd(n * 4);
-  test::upload(wd.ptr, test::random_floats(n, 3));
-  test::upload(gd.ptr, test::random_floats(n, 4));
-  cuda::Tensor t;
-  t.weight = wd.ptr;
-  t.grad = gd.ptr;
-  t.rows = rows;
-  t.cols = cols;
-  t.id = 9;
-  const std::vector<cuda::Tensor> ts{t};
-  const std::size_t bytes = Gpu::workspace_bytes(ts, o);
-  DeviceBuffer ws(bytes);
-  Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+  test::DeviceTensors dev;
+  dev.add(rows, cols, test::random_floats(n, 3), 9);
+  dev.set_grad(0, test::random_floats(n, 4));
+  test::WithWorkspace<cuda::MultiTensorLowRank<Transform>> engine(dev.tensors, o);
+  auto& gpu = engine.engine;
   gpu.step(nullptr);  // k = 0: the first refresh
   CHECK(gpu.refresh_status(0).first == transforms::RefreshStatus::ok);
   const Shape bs = gpu.basis_shape(0);
@@ -504,7 +467,7 @@ void refresh_failure_case(typename cuda::MultiTensorLowRank<Transform>::Options 
   gpu.read_basis(0, before.data());
   while (!gpu.refresh_due())
     gpu.step(nullptr);
-  test::upload(gd.ptr, bad);
+  dev.set_grad(0, bad);
   gpu.step(nullptr);
   const auto [st, fail] = gpu.refresh_status(0);
   CHECK(st == want_status);
@@ -541,19 +504,12 @@ TEST_CASE("cuda galore/subtrack: a failed refresh keeps the basis, a first one g
     refresh_failure_case<transforms::SvdProjection>(o, nan_grad, rows, cols, RefreshStatus::ok,
                                                     RefreshFailure::none);
     {
-      using Gpu = cuda::MultiTensorLowRank<transforms::SvdProjection>;
-      DeviceBuffer wd(n * 4), gd(n * 4);
-      test::upload(wd.ptr, test::random_floats(n, 3));
-      test::upload(gd.ptr, huge);
-      cuda::Tensor t;
-      t.weight = wd.ptr;
-      t.grad = gd.ptr;
-      t.rows = rows;
-      t.cols = cols;
-      const std::vector<cuda::Tensor> ts{t};
-      const std::size_t bytes = Gpu::workspace_bytes(ts, o);
-      DeviceBuffer ws(bytes);
-      Gpu gpu(ts, o, ws.ptr, bytes, nullptr);
+      using Gpu = test::WithWorkspace<cuda::MultiTensorLowRank<transforms::SvdProjection>>;
+      test::DeviceTensors dev;
+      dev.add(rows, cols, test::random_floats(n, 3));
+      dev.set_grad(0, huge);
+      Gpu engine(dev.tensors, o);
+      auto& gpu = engine.engine;
       gpu.refresh(nullptr);  // no basis yet: the identity, never a non-finite one
       const auto [st, fail] = gpu.refresh_status(0);
       CHECK(st == RefreshStatus::identity_basis);
@@ -567,14 +523,15 @@ TEST_CASE("cuda galore/subtrack: a failed refresh keeps the basis, a first one g
           CHECK(b[static_cast<std::size_t>(side == Side::left ? i * r + j : j * dim0 + i)] ==
                 (i == j ? 1.0f : 0.0f));
       // The same with a NaN: the reason is the gradient.
-      test::upload(gd.ptr, nan_grad);
-      Gpu fresh(ts, o, ws.ptr, bytes, nullptr);
+      dev.set_grad(0, nan_grad);
+      Gpu fresh_engine(dev.tensors, o);
+      auto& fresh = fresh_engine.engine;
       fresh.step(nullptr);
       CHECK(fresh.refresh_status(0) ==
             std::pair{RefreshStatus::identity_basis, RefreshFailure::non_finite_gradient});
       CHECK(fresh.last_skipped() == std::vector<index_t>{0});
       CHECK(fresh.tensor_steps(0) == 0);
-      CHECK(test::download<float>(wd.ptr, n) == test::random_floats(n, 3));
+      CHECK(dev.weights(0) == test::random_floats(n, 3));
     }
     refresh_failure_case<transforms::SvdProjection>(
         o, huge, rows, cols, RefreshStatus::kept_previous, RefreshFailure::non_finite_result);
@@ -612,26 +569,22 @@ TEST_CASE("cuda galore: the steady step captured in a CUDA graph replays as dire
     o.tf32 = false;
     std::vector<std::vector<float>> result[2];
     for (const bool graph : {false, true}) {
-      std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
-      std::vector<cuda::Tensor> ts;
-      for (std::size_t k = 0; k < ds.size(); ++k) {
-        const auto n = static_cast<std::size_t>(ds[k].rows * ds[k].cols);
-        wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-        gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-        test::upload(wd.back()->ptr, test::random_floats(n, static_cast<std::uint32_t>(k + 1)));
-        ts.push_back({wd.back()->ptr, gd.back()->ptr, nullptr, ds[k].rows, ds[k].cols, 50 + k});
-      }
+      test::DeviceTensors dev;
+      for (std::size_t k = 0; k < ds.size(); ++k)
+        dev.add(ds[k].rows, ds[k].cols,
+                test::random_floats(static_cast<std::size_t>(ds[k].rows * ds[k].cols),
+                                    static_cast<std::uint32_t>(k + 1)),
+                50 + k);
       auto set_grads = [&](int step) {
         for (std::size_t k = 0; k < ds.size(); ++k) {
           const auto n = static_cast<std::size_t>(ds[k].rows * ds[k].cols);
           auto g = test::random_floats(n, static_cast<std::uint32_t>(100 * step + k), 0.1f);
           if (step == nan_step && k == 1) g[3] = std::numeric_limits<float>::infinity();
-          test::upload(gd[k]->ptr, g);
+          dev.set_grad(k, g);
         }
       };
-      const std::size_t bytes = Gpu::workspace_bytes(ts, o);
-      DeviceBuffer ws(bytes);
-      Gpu gpu(ts, o, ws.ptr, bytes, stream);
+      test::WithWorkspace<Gpu> engine(dev.tensors, o, stream);
+      auto& gpu = engine.engine;
       gpu.set_lr(lrs[0]);
       set_grads(0);
       gpu.step(stream);  // the refresh step, outside any graph
@@ -667,8 +620,7 @@ TEST_CASE("cuda galore: the steady step captured in a CUDA graph replays as dire
       }
       CHECK(gpu.tensor_steps(1) == static_cast<std::int64_t>(lrs.size()) - 1);
       for (std::size_t k = 0; k < ds.size(); ++k)
-        result[graph].push_back(
-            test::download<float>(wd[k]->ptr, static_cast<std::size_t>(ds[k].rows * ds[k].cols)));
+        result[graph].push_back(dev.weights(k));
     }
     // The replay's update GEMM reads α', β from device memory (CUBLAS_POINTER_MODE_DEVICE),
     // where cuBLAS may pick another kernel than for host scalars: a few ulps, while stale

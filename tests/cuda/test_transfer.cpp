@@ -7,14 +7,12 @@
 #include <slimgrad/backend/cuda/transfer.hpp>
 
 #include <filesystem>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "device.hpp"
 
 using namespace slimgrad;
-using test::DeviceBuffer;
 
 namespace {
 
@@ -66,32 +64,25 @@ void roundtrip(const typename cuda::CpuAdam<Store>::Options& o, cuda::Precision 
   // File → CPU optimizer → GPU.
   cuda::CpuAdam<Store> loaded(o);
   loaded.load(file1);
-  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
-  std::vector<cuda::Tensor> tensors;
-  for (std::size_t k = 0; k < dims.size(); ++k) {
-    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
-    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    test::upload(wd[k]->ptr, ref.w[k]);
-    tensors.push_back(
-        {wd[k]->ptr, gd[k]->ptr, nullptr, dims[k].rows, dims[k].cols, tensor_id(names[k])});
-  }
+  test::DeviceTensors dev;
+  for (std::size_t k = 0; k < dims.size(); ++k)
+    dev.add(dims[k].rows, dims[k].cols, ref.w[k], tensor_id(names[k]));
+  const std::vector<cuda::Tensor>& tensors = dev.tensors;
   typename cuda::MultiTensorAdam<Store>::Options go{
       .rule = o.rule, .store = o.store, .precision = precision, .seed = o.seed};
-  const std::size_t bytes = cuda::MultiTensorAdam<Store>::workspace_bytes(tensors, go);
-  DeviceBuffer ws(bytes);
-  cuda::MultiTensorAdam<Store> gpu(tensors, go, ws.ptr, bytes, nullptr);
+  test::WithWorkspace<cuda::MultiTensorAdam<Store>> engine(tensors, go);
+  auto& gpu = engine.engine;
   cuda::copy_state(loaded, names, gpu);
   CHECK(gpu.steps() == 3);
   for (int t = 4; t <= 5; ++t) {
     ref.step(t);
     for (std::size_t k = 0; k < dims.size(); ++k)
-      test::upload(gd[k]->ptr, grad(t, k));
+      dev.set_grad(k, grad(t, k));
     gpu.step(nullptr);
   }
   for (std::size_t k = 0; k < dims.size(); ++k) {
     CAPTURE(k);
-    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, ref.w[k].size()), ref.w[k]) == 0);
+    CHECK(test::max_ulp(dev.weights(k), ref.w[k]) == 0);
   }
 
   // GPU → CPU optimizer → file → a fresh CPU optimizer, which takes step 6.
@@ -101,7 +92,7 @@ void roundtrip(const typename cuda::CpuAdam<Store>::Options& o, cuda::Precision 
   Host<cuda::CpuAdam<Store>> resumed(o);
   resumed.opt.load(file2);
   for (std::size_t k = 0; k < dims.size(); ++k) {
-    resumed.w[k] = test::download<float>(wd[k]->ptr, ref.w[k].size());
+    resumed.w[k] = dev.weights(k);
     CHECK(resumed.opt.step_count(names[k]) == 5);
   }
   ref.step(6);
@@ -173,34 +164,27 @@ void gwt_roundtrip(double gamma) {
   Cpu loaded(o);
   loaded.load(file);
 
-  std::vector<std::unique_ptr<DeviceBuffer>> wd, gd;
-  std::vector<cuda::Tensor> tensors;
-  for (std::size_t k = 0; k < 3; ++k) {
-    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
-    wd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    gd.push_back(std::make_unique<DeviceBuffer>(n * 4));
-    test::upload(wd[k]->ptr, w[k]);
-    tensors.push_back(
-        {wd[k]->ptr, gd[k]->ptr, nullptr, dims[k].rows, dims[k].cols, tensor_id(gnames[k])});
-  }
+  test::DeviceTensors dev;
+  for (std::size_t k = 0; k < 3; ++k)
+    dev.add(dims[k].rows, dims[k].cols, w[k], tensor_id(gnames[k]));
+  const std::vector<cuda::Tensor>& tensors = dev.tensors;
   Gpu::Options go;
   go.rule = o.rule;
   go.residual = o.residual;
-  const std::size_t bytes = Gpu::workspace_bytes(tensors, go);
-  DeviceBuffer ws(bytes);
-  Gpu gpu(tensors, go, ws.ptr, bytes, nullptr);
+  test::WithWorkspace<Gpu> engine(tensors, go);
+  auto& gpu = engine.engine;
   cuda::copy_state(loaded, gnames, gpu);
   CHECK(gpu.steps() == 3);
   const std::int64_t ulps = gamma > 0 ? 4 : 0;
   for (int t = 4; t <= 5; ++t) {
     cpu_step(ref, w, t);
     for (std::size_t k = 0; k < 3; ++k)
-      test::upload(gd[k]->ptr, grad(t, k));
+      dev.set_grad(k, grad(t, k));
     gpu.step(nullptr);
   }
   for (std::size_t k = 0; k < 3; ++k) {
     CAPTURE(k);
-    CHECK(test::max_ulp(test::download<float>(wd[k]->ptr, w[k].size()), w[k]) <= ulps);
+    CHECK(test::max_ulp(dev.weights(k), w[k]) <= ulps);
   }
   Cpu out(o);
   cuda::copy_state(gpu, tensors, gnames, out);
@@ -209,7 +193,7 @@ void gwt_roundtrip(double gamma) {
   resumed.load(file);
   std::vector<std::vector<float>> w2;
   for (std::size_t k = 0; k < 3; ++k) {
-    w2.push_back(test::download<float>(wd[k]->ptr, w[k].size()));
+    w2.push_back(dev.weights(k));
     CHECK(resumed.step_count(gnames[k]) == 5);
     const float a = resumed.limiter_state(gnames[k]), b = ref.limiter_state(gnames[k]);
     if (gamma > 0)
@@ -227,14 +211,11 @@ void gwt_roundtrip(double gamma) {
   std::filesystem::remove(file);
 
   // A tensor the CPU keeps plain cannot come from the GPU's GWT.
-  std::vector<cuda::Tensor> four = tensors;
-  DeviceBuffer small_w(15 * 4), small_g(15 * 4);
-  four.push_back({small_w.ptr, small_g.ptr, nullptr, 3, 5, tensor_id("norm")});
-  const std::size_t bytes4 = Gpu::workspace_bytes(four, go);
-  DeviceBuffer ws4(bytes4);
-  Gpu gpu4(four, go, ws4.ptr, bytes4, nullptr);
+  dev.add(3, 5, {}, tensor_id("norm"));  // dev.tensors: the three and "norm"
+  const std::vector<cuda::Tensor>& four = dev.tensors;
+  test::WithWorkspace<Gpu> engine4(four, go);
   Cpu none(o);
-  CHECK_THROWS_WITH_AS(cuda::copy_state(gpu4, four, names, none),
+  CHECK_THROWS_WITH_AS(cuda::copy_state(engine4.engine, four, names, none),
                        doctest::Contains("plain rule on the CPU"), Error);
   CHECK(none.size() == 0);
 }
@@ -251,19 +232,12 @@ TEST_CASE("cuda checkpoints: GWT state crosses backends through files") {
 }
 
 TEST_CASE("cuda checkpoints: mismatched lists are refused with nothing changed") {
-  std::vector<std::unique_ptr<DeviceBuffer>> bufs;
-  std::vector<cuda::Tensor> tensors;
-  for (std::size_t k = 0; k < dims.size(); ++k) {
-    const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols) * 4;
-    bufs.push_back(std::make_unique<DeviceBuffer>(n));
-    bufs.push_back(std::make_unique<DeviceBuffer>(n));
-    tensors.push_back({bufs[2 * k]->ptr, bufs[2 * k + 1]->ptr, nullptr, dims[k].rows, dims[k].cols,
-                       tensor_id(names[k])});
-  }
-  cuda::MultiTensorAdam<state::Fp32>::Options go;
-  const std::size_t bytes = cuda::MultiTensorAdam<state::Fp32>::workspace_bytes(tensors, go);
-  DeviceBuffer ws(bytes);
-  cuda::MultiTensorAdam<state::Fp32> gpu(tensors, go, ws.ptr, bytes, nullptr);
+  test::DeviceTensors dev;
+  for (std::size_t k = 0; k < dims.size(); ++k)
+    dev.add(dims[k].rows, dims[k].cols, {}, tensor_id(names[k]));
+  const std::vector<cuda::Tensor>& tensors = dev.tensors;
+  test::WithWorkspace<cuda::MultiTensorAdam<state::Fp32>> engine(tensors, {});
+  auto& gpu = engine.engine;
   cuda::CpuAdam<state::Fp32> cpu;
   const std::vector<std::string> three(names.begin(), names.end() - 1);
   CHECK_THROWS_WITH_AS(cuda::copy_state(gpu, tensors, three, cpu),
