@@ -4,10 +4,11 @@
 //     iterations with shifted Cholesky-QR, Cholesky-QR2, B = QᵀĜ, BBᵀ, syevd, U = QV), on one
 //     stream, with a CUDA event after every call, summed per phase (median of 5);
 //   * the eigensolver on an (r+p)×(r+p) BBᵀ: syevd, syevj, XsyevBatched;
-//   * potrf single against potrfBatched; trsm against a GEMM with R⁻¹.
+//   * potrf single against potrfBatched; trsm against a GEMM with R⁻¹;
+//   * with --engine (instead): MultiTensorLowRank's refresh of the whole LLaMA-1B set for
+//     several Options::refresh_batch, with the workspace each takes.
 // Shapes: the LLaMA-1B set's two (2048×2048, and 5461×2048 on the 2048 side), r = 512, p = 10.
-#include <cublas_v2.h>
-#include <cusolverDn.h>
+#include <slimgrad/cuda.cuh>
 
 #include <algorithm>
 #include <cstdio>
@@ -16,11 +17,12 @@
 #include <string>
 #include <vector>
 
-#include "timing.cuh"
+#include "llama_set.cuh"
 
 namespace {
 
 using slimgrad::bench::check;
+using slimgrad::bench::fill;
 using slimgrad::bench::median_ms;
 
 void cb(cublasStatus_t s, const char* w) {
@@ -36,44 +38,10 @@ void cs(cusolverStatus_t s, const char* w) {
   }
 }
 
-__global__ void fill_kernel(float* x, long n, unsigned seed) {
-  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long>(gridDim.x) * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed * 2246822519u;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    h *= 3266489917u;
-    h ^= h >> 16;
-    x[i] = static_cast<float>(h) * (1.0f / 4294967296.0f) - 0.5f;
-  }
-}
-void fill(float* x, long n, unsigned seed, cudaStream_t s = nullptr) {
-  fill_kernel<<<1024, 256, 0, s>>>(x, n, seed);
-  check(cudaGetLastError());
-}
-__global__ void shift_kernel(float* h, int n, float f) {
-  __shared__ float part[256];
-  float s = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    s += h[i * n + i];
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int k = blockDim.x / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
-    __syncthreads();
-  }
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    h[i * n + i] += f * part[0];
-}
-
+// lowrank.cuh's dispatch of an fp32 GEMM (TF32 or not), with α = 1, β = 0.
 void gemm(cublasHandle_t h, bool ta, bool tb, int m, int n, int k, const float* a, int lda,
           const float* b, int ldb, float* c, int ldc, bool tf32) {
-  const float one = 1.0f, zero = 0.0f;
-  cb(cublasGemmEx(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &one,
-                  a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, &zero, c, CUDA_R_32F, ldc,
-                  tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-     "gemm");
+  slimgrad::cuda::detail::gemm(h, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc, tf32);
 }
 
 struct Ctx {
@@ -128,7 +96,7 @@ void profiled_refresh(Ctx& c, Profiler& p, int rows, int cols, int ell, int r) {
   auto cqr = [&](float* x, int n, float shift) {
     gemm(c.blas, true, false, ell, ell, n, x, n, x, n, c.h, ell, false);
     p.mark("gram (fp32 GEMM)");
-    shift_kernel<<<1, 256, 0, c.st>>>(c.h, ell, shift);
+    slimgrad::cuda::detail::shift_diagonal_kernel<<<1, 256, 0, c.st>>>(c.h, ell, shift);
     p.mark("small kernels");
     cs(cusolverDnSpotrf(c.sol, CUBLAS_FILL_MODE_UPPER, ell, c.h, ell, c.work, c.lwork, c.info),
        "potrf");
@@ -140,7 +108,7 @@ void profiled_refresh(Ctx& c, Profiler& p, int rows, int cols, int ell, int r) {
     p.mark("trsm");
   };
   p.begin();
-  fill(c.z, static_cast<long>(d1) * ell, 7, c.st);
+  fill(c.z, static_cast<long>(d1) * ell, 7, 1.0f, c.st);
   p.mark("sketch");
   gemm(c.blas, false, false, d0, ell, d1, c.g, d0, c.z, d1, c.y, d0, true);
   p.mark("range GEMMs (tf32)");
@@ -167,9 +135,43 @@ void profiled_refresh(Ctx& c, Profiler& p, int rows, int cols, int ell, int r) {
   p.end();
 }
 
+// The engine's randomized refresh of the whole LLaMA-1B set (GaLore, rank 512, TF32, the
+// side-by-side options) for each refresh_batch: the eigensolver's scratch against its calls.
+void engine_refresh() {
+  using Engine = slimgrad::cuda::MultiTensorLowRank<slimgrad::transforms::SvdProjection>;
+  const slimgrad::bench::LlamaSet set;
+  std::printf(
+      "== GaLore's refresh of the LLaMA-1B set (168 tensors) by refresh_batch, median of 3\n");
+  for (int batch : {4, 8, 16, 32, 64, 168}) {
+    Engine::Options o;
+    o.rule.lr = 1e-2;
+    o.rule.eps = 1e-6;
+    o.rule.convention = slimgrad::optim::AdamConvention::hf;
+    o.transform.rank = 512;
+    o.transform.update_gap = 200;
+    o.transform.method = slimgrad::transforms::SvdMethod::randomized;  // p 10, q 2
+    o.scale = 0.25;
+    o.refresh_batch = batch;
+    const std::size_t bytes = Engine::workspace_bytes(set.t, o);
+    void* ws = nullptr;
+    check(cudaMalloc(&ws, bytes));
+    {
+      Engine e(set.t, o, ws, bytes, nullptr);
+      const float ms = median_ms([&] { e.refresh(nullptr); }, 1, 3);
+      std::printf("  refresh_batch %3d  refresh %7.1f ms  workspace %.2f GB\n", batch, ms,
+                  static_cast<double>(bytes) / 1e9);
+    }
+    check(cudaFree(ws));
+  }
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--engine") {
+    engine_refresh();
+    return 0;
+  }
   const int r = 512, ell = 522;
   Ctx c;
   check(cudaStreamCreateWithFlags(&c.st, cudaStreamNonBlocking));
@@ -217,7 +219,7 @@ int main() {
   check(cudaMalloc(&hw, static_cast<std::size_t>(nb) * ell * ell * 4));
   check(cudaMalloc(&ws, static_cast<std::size_t>(nb) * ell * 4));
   for (int k = 0; k < nb; ++k) {
-    fill(bb, static_cast<long>(ell) * 2048, 100 + k, c.st);
+    fill(bb, static_cast<long>(ell) * 2048, 100 + k, 1.0f, c.st);
     gemm(c.blas, false, true, ell, ell, 2048, bb, ell, bb, ell,
          hs + static_cast<long>(k) * ell * ell, ell, false);
   }

@@ -14,36 +14,17 @@
 #include <cstdio>
 #include <vector>
 
-#include "timing.cuh"
+#include "llama_set.cuh"
 
 namespace sg = slimgrad;
 using sg::index_t;
 using sg::bench::check;
+using sg::bench::fill;
 using sg::bench::median_ms;
 
 namespace {
 
-__global__ void fill_kernel(float* x, long n, unsigned seed, float scale) {
-  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long>(gridDim.x) * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed * 2246822519u;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    h *= 3266489917u;
-    h ^= h >> 16;
-    x[i] = (static_cast<float>(h) * (1.0f / 4294967296.0f) - 0.5f) * scale;
-  }
-}
-
-struct Set {
-  std::vector<sg::cuda::Tensor> t;
-  std::vector<float*> buffers;
-  ~Set() {
-    for (float* b : buffers)
-      cudaFree(b);
-  }
-};
+using Set = sg::bench::LlamaSet;
 
 using Engine = sg::cuda::MultiTensorLowRank<sg::transforms::Grassmann>;
 
@@ -107,9 +88,9 @@ void recovery_split(const Set& s) {
   check(cudaMalloc(&norm, 8));
   check(cudaMalloc(&skip, 4));
   check(cudaMalloc(&ts, sizeof(d::TensorScalars)));
-  fill_kernel<<<1024, 256>>>(c, static_cast<long>(coeffs), 5, 1.0f);
-  fill_kernel<<<1024, 256>>>(x, static_cast<long>(coeffs), 6, 1.0f);
-  fill_kernel<<<1024, 256>>>(basis, static_cast<long>(coeffs), 7, 0.02f);
+  fill(c, static_cast<long>(coeffs), 5);
+  fill(x, static_cast<long>(coeffs), 6);
+  fill(basis, static_cast<long>(coeffs), 7, 0.02f);
   check(cudaMemset(skip, 0, 4));
   check(cudaMemset(norm, 0, 8));
   const d::TensorScalars one_ts{1.0f, 1e-6f, 1.0f};
@@ -176,30 +157,7 @@ void recovery_split(const Set& s) {
 }  // namespace
 
 int main() {
-  const std::vector<std::pair<index_t, index_t>> layer = {{2048, 2048}, {2048, 2048}, {2048, 2048},
-                                                          {2048, 2048}, {5461, 2048}, {5461, 2048},
-                                                          {2048, 5461}};
-  Set s;
-  unsigned seed = 1;
-  for (int l = 0; l < 24; ++l)
-    for (const auto& [rows, cols] : layer) {
-      float *w, *g;
-      const auto n = static_cast<std::size_t>(rows * cols);
-      check(cudaMalloc(&w, n * 4));
-      check(cudaMalloc(&g, n * 4));
-      s.buffers.push_back(w);
-      s.buffers.push_back(g);
-      fill_kernel<<<1024, 256>>>(w, static_cast<long>(n), seed++, 0.04f);
-      fill_kernel<<<1024, 256>>>(g, static_cast<long>(n), seed++, 2e-3f);
-      sg::cuda::Tensor t;
-      t.weight = w;
-      t.grad = g;
-      t.rows = rows;
-      t.cols = cols;
-      t.id = static_cast<std::uint64_t>(s.t.size());
-      s.t.push_back(t);
-    }
-  check(cudaDeviceSynchronize());
+  const Set s;
   engine_run(s, false);
   engine_run(s, true);
   recovery_split(s);
