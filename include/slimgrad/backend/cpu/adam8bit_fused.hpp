@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "../../core/numeric.hpp"
 #include "../../optim/adam.hpp"
 #include "adam_avx512.hpp"
 #include "common.hpp"
@@ -36,48 +37,160 @@ inline constexpr int block_of<impl<state::Q8Block<B>, backend::cpu>> = B;
 
 #if SLIMGRAD_Q8_X86
 
-// One block: m, v (fp32, dequantised) and w take the step with gradient g; returns the absmax
-// of the new m and v in am, av. n ≤ B; lanes past n are masked.
+// Adam on 16 elements (lanes outside k are zero and not stored); the largest magnitude bits of
+// the new m and v folded into accm and accv (as unsigned integers: the order of non-negative
+// floats, with NaN above ∞, so a NaN shows), and v's bits OR-ed into signs (its sign bit tells
+// whether some v is negative: never, v = β2·v + ((1−β2)·g)·g from v ≥ 0, but the quantiser
+// below relies on it, so it is checked rather than assumed).
 SLIMGRAD_Q8_TARGET("avx512f")
-inline void adam_block_avx512(const float* g, float* w, float* m, float* v, index_t n,
-                              const optim::AdamStep& s, float alpha, float& am, float& av) {
+__attribute__((always_inline)) inline void adam16(const avx512::Moments& c,
+                                                  const avx512::WeightStep& p, const float* g,
+                                                  float* w, float* m, float* v, __mmask16 k,
+                                                  __m512i& accm, __m512i& accv, __m512i& signs) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 mi = _mm512_maskz_loadu_ps(k, m);
+  __m512 vi = _mm512_maskz_loadu_ps(k, v);
+  __m512 wi = _mm512_maskz_loadu_ps(k, w);
+  avx512::adam(c, p, _mm512_maskz_loadu_ps(k, g), mi, vi, wi);
+  _mm512_mask_storeu_ps(m, k, mi);
+  _mm512_mask_storeu_ps(v, k, vi);
+  _mm512_mask_storeu_ps(w, k, wi);
+  accm = _mm512_mask_max_epu32(accm, k, _mm512_and_si512(_mm512_castps_si512(mi), magnitude), accm);
+  accv = _mm512_mask_max_epu32(accv, k, _mm512_and_si512(_mm512_castps_si512(vi), magnitude), accv);
+  signs = _mm512_or_si512(signs, _mm512_castps_si512(vi));
+}
+
+// The absmax of a block from the largest magnitude bits of its values: exact when no value is
+// NaN (returns true); with a NaN, the store's NaN-skipping absmax (returns false).
+SLIMGRAD_Q8_TARGET("avx512f")
+inline bool absmax_of(__m512i acc, Isa isa, const float* x, index_t n, float& absmax) {
+  alignas(64) std::uint32_t lanes[16];
+  _mm512_store_si512(lanes, acc);
+  std::uint32_t top = 0;
+  for (std::uint32_t b : lanes)
+    top = b > top ? b : top;
+  if (top <= 0x7F800000u) {
+    absmax = numeric::float_from_bits(top);
+    return true;
+  }
+  absmax = q8::absmax(isa, x, n);
+  return false;
+}
+
+// One block: m, v (fp32, dequantised) and w take the step with gradient g; am and av receive
+// the absmax of the new m and v. Returns whether the block quantiser may take both moments
+// (no NaN in m or v, no v with its sign bit set); n ≤ B, lanes past n are masked.
+SLIMGRAD_Q8_TARGET("avx512f")
+inline void adam_block_avx512(Isa isa, const float* g, float* w, float* m, float* v, index_t n,
+                              const optim::AdamStep& s, float alpha, float& am, float& av,
+                              bool& plain_m, bool& plain_v) {
   const avx512::Moments c = avx512::moments_of(s);
   const avx512::WeightStep p = avx512::weight_step_of(s.weight, alpha);
+  __m512i accm = _mm512_setzero_si512(), accv = _mm512_setzero_si512();
+  __m512i signs = _mm512_setzero_si512();
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    adam16(c, p, g + i, w + i, m + i, v + i, 0xFFFF, accm, accv, signs);
+  if (i < n)
+    adam16(c, p, g + i, w + i, m + i, v + i, static_cast<__mmask16>((1u << (n - i)) - 1u), accm,
+           accv, signs);
+  plain_m = absmax_of(accm, isa, m, n, am);
+  plain_v =
+      absmax_of(accv, isa, v, n, av) && _mm512_cmplt_epi32_mask(signs, _mm512_setzero_si512()) == 0;
+}
+
+// The codes of 16 normalised values x (|x| ≤ 1 + 8 ulp, no NaN; second moments ≥ +0) by the
+// piece formulas of PieceTables, with the lanes whose code could differ from that of any float
+// within 4 ulp of x flagged in `ambiguous` (the same margin as pieces_avx512, whose clamp of |x|
+// to 1 and NaN test are not needed here). Fewer instructions than pieces_avx512: the binade by a
+// saturating 16-bit subtraction, rounding and the distance to it by vcvtps2dq and vreduceps
+// (AVX512DQ), the mirror of negative values by a saturating byte subtraction (AVX512BW).
+template <bool Signed>
+SLIMGRAD_Q8_TARGET("avx512f,avx512dq,avx512bw")
+__attribute__((always_inline)) inline __m512i
+    block_codes_avx512(const PieceRegs& p, __m512 x, __mmask16& ambiguous) {
+  const __mmask16 all = 0xFFFF;  // masked forms: GCC 12 warns about the unmasked ones
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  __m512 accm = _mm512_setzero_ps(), accv = _mm512_setzero_ps();
-  for (index_t i = 0; i < n; i += 16) {
-    const __mmask16 k =
-        n - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    __m512 mi = _mm512_maskz_loadu_ps(k, m + i);
-    __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
-    __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
-    avx512::adam(c, p, _mm512_maskz_loadu_ps(k, g + i), mi, vi, wi);
-    _mm512_mask_storeu_ps(m + i, k, mi);
-    _mm512_mask_storeu_ps(v + i, k, vi);
-    _mm512_mask_storeu_ps(w + i, k, wi);
-    // As absmax_avx512: max(|x|, acc) keeps acc for a NaN x; masked-off lanes stay 0.
-    const __m512 absm = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mi), magnitude));
-    const __m512 absv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(vi), magnitude));
-    accm = _mm512_mask_max_ps(accm, k, absm, accm);
-    accv = _mm512_mask_max_ps(accv, k, absv, accv);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512 ax =
+      Signed ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)) : x;
+  // Binade: the exponent minus that of 2^-23, 0 below (exponents are in the low 16 bits).
+  const __m512i binade =
+      _mm512_subs_epu16(_mm512_maskz_srli_epi32(all, _mm512_castps_si512(ax), 23),
+                        _mm512_set1_epi32(127 - PieceTables::binades + 1));
+  __m512i piece = _mm512_permutex2var_epi32(p.first[0], binade, p.first[1]);
+  const __m512 b0 = _mm512_permutex2var_ps(p.bound0[0], binade, p.bound0[1]);
+  const __m512 b1 = _mm512_permutex2var_ps(p.bound1[0], binade, p.bound1[1]);
+  piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(ax, b0, _CMP_GT_OQ), piece, one);
+  piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(ax, b1, _CMP_GT_OQ), piece, one);
+  const __m512 s = _mm512_maskz_permutexvar_ps(all, piece, p.slope);
+  const __m512 t = _mm512_maskz_permutexvar_ps(all, piece, p.offset);
+  const __m512 lo = _mm512_maskz_permutexvar_ps(all, piece, p.lo);
+  const __m512 hi = _mm512_maskz_permutexvar_ps(all, piece, p.hi);
+  const __m512 z =
+      _mm512_maskz_min_ps(all, _mm512_maskz_max_ps(all, _mm512_fmadd_ps(ax, s, t), lo), hi);
+  __m512i c = _mm512_maskz_cvt_roundps_epi32(all, z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 dist = _mm512_castsi512_ps(_mm512_and_si512(
+      _mm512_castps_si512(_mm512_reduce_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+      magnitude));
+  ambiguous = _mm512_cmp_ps_mask(dist, p.margin, _CMP_GT_OQ);
+  if constexpr (Signed) {
+    // Below −y there are 254 − count(y) midpoints, 0 when y is above mid[254] (count 255): a
+    // saturating subtraction; the sign rule moves code 127 (+0) of a negative value to 126.
+    c = _mm512_mask_min_epi32(c, _mm512_movepi32_mask(_mm512_castps_si512(x)),
+                              _mm512_subs_epu8(_mm512_set1_epi32(254), c), _mm512_set1_epi32(126));
   }
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, accm);
-  am = 0.0f;
-  for (float x : lanes)
-    am = state::q8::absmax_update(am, x);
-  _mm512_store_ps(lanes, accv);
-  av = 0.0f;
-  for (float x : lanes)
-    av = state::q8::absmax_update(av, x);
+  return c;
+}
+
+/// The piece tables of block_codes_avx512: bounds kept away from midpoints (build_piece_tables).
+inline const PieceTables& block_piece_tables(const state::q8::CodeMap& map) {
+  static const PieceTables signed_tables = build_piece_tables(state::q8::signed_code_map(), true);
+  static const PieceTables unsigned_tables =
+      build_piece_tables(state::q8::unsigned_code_map(), true);
+  return &map == &state::q8::signed_code_map() ? signed_tables : unsigned_tables;
+}
+
+/// Where quantize_block_avx512 applies: a block absmax in [2^-125, 2^125], so that 1/absmax is
+/// a normal float (finite, full precision).
+inline bool block_quantizable(float absmax) {
+  return absmax >= 0x1p-125f && absmax <= 0x1p125f;
+}
+
+// The quantiser of a block inside the fused step, where more is known than in the store's
+// quantize_avx512: the absmax was taken over these very values, none of them NaN, and
+// block_quantizable(absmax); second moments are ≥ +0 (both checked by the caller). So no division
+// is needed: x' = value · (1/absmax) is within 4 ulp of x = value / absmax (two roundings of
+// relative error 2^-24 each, and x's own), and block_codes_avx512 flags every lane where a float
+// within 4 ulp of x' could have another code (checked on every float x' with |x'| ≤ 1 + 8 ulp
+// for both maps, offline; a sampled form is in tests/optim/test_gwt_fused.cpp). A flagged vector
+// takes the exact path on x = value / absmax. Same codes as q8::quantize() for every block.
+template <bool Signed>
+SLIMGRAD_Q8_TARGET("avx512f,avx512dq,avx512bw")
+inline void quantize_block_avx512(const state::q8::CodeMap& map, const PieceRegs& regs,
+                                  const float* value, index_t n, float absmax, std::uint8_t* out) {
+  const PieceRegs p = regs;  // a local copy: the byte stores cannot alias it
+  const __m512 a = _mm512_set1_ps(absmax);
+  const __m512 r = _mm512_set1_ps(1.0f / absmax);
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(value + i);
+    __mmask16 ambiguous = 0;
+    __m512i c = block_codes_avx512<Signed>(p, _mm512_mul_ps(v, r), ambiguous);
+    if (ambiguous) c = exact_codes_avx512<Signed>(map, v, _mm512_div_ps(v, a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_maskz_cvtepi32_epi8(0xFFFF, c));
+  }
+  quantize_portable(map, Signed, value + i, n - i, absmax, out + i);
 }
 
 #endif  // SLIMGRAD_Q8_X86
 
-/// True when the fused kernel runs on this processor (AVX-512F).
+/// True when the fused kernel runs on this processor (AVX-512F, DQ and BW).
 inline bool adam_fused_supported() {
 #if SLIMGRAD_Q8_X86
-  return best_isa() == Isa::avx512 || best_isa() == Isa::avx512vbmi;
+  static const bool yes = (best_isa() == Isa::avx512 || best_isa() == Isa::avx512vbmi) &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return yes;
 #else
   return false;
 #endif
@@ -92,6 +205,10 @@ void adam_step_fused(Buffer& bm, Buffer& bv, const float* g, float* w, index_t c
   const Isa isa = best_isa();
   const state::q8::CodeMap& sm = state::q8::signed_code_map();
   const state::q8::CodeMap& um = state::q8::unsigned_code_map();
+  const PieceTables& st = block_piece_tables(sm);
+  const PieceTables& ut = block_piece_tables(um);
+  const bool pieces = st.usable && ut.usable;
+  const PieceRegs sr = piece_regs(st), ur = piece_regs(ut);
   // Work items of whole blocks, about 4096 elements (the generic path's thread split).
   constexpr index_t item = B >= 4096 ? B : (4096 / B) * B;
   for_each_chunk(count, B, item, [&](index_t begin, index_t end) {
@@ -116,11 +233,20 @@ void adam_step_fused(Buffer& bm, Buffer& bv, const float* g, float* w, index_t c
       dequantize(isa, sm, bm.codes.data() + blk, n, bm.absmax[q], m);
       dequantize(isa, um, bv.codes.data() + blk, n, bv.absmax[q], v);
       float am = 0.0f, av = 0.0f;
-      adam_block_avx512(g + blk, w + blk, m, v, n, s, alpha, am, av);
+      bool plain_m = false, plain_v = false;
+      adam_block_avx512(isa, g + blk, w + blk, m, v, n, s, alpha, am, av, plain_m, plain_v);
       bm.absmax[q] = am;
       bv.absmax[q] = av;
-      quantize(isa, sm, true, m, n, am, bm.codes.data() + blk);
-      quantize(isa, um, false, v, n, av, bv.codes.data() + blk);
+      // The block quantiser where its conditions hold (always, unless a moment overflowed),
+      // else the store's.
+      if (pieces && plain_m && block_quantizable(am))
+        quantize_block_avx512<true>(sm, sr, m, n, am, bm.codes.data() + blk);
+      else
+        quantize(isa, sm, true, m, n, am, bm.codes.data() + blk);
+      if (pieces && plain_v && block_quantizable(av))
+        quantize_block_avx512<false>(um, ur, v, n, av, bv.codes.data() + blk);
+      else
+        quantize(isa, um, false, v, n, av, bv.codes.data() + blk);
     }
   });
 #else

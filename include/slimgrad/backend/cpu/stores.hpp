@@ -208,7 +208,7 @@ struct PieceTables {
   bool usable = false;
 };
 
-inline PieceTables build_piece_tables(const state::q8::CodeMap& m) {
+inline PieceTables build_piece_tables(const state::q8::CodeMap& m, bool keep_away = false) {
   constexpr int last = state::q8::map_size - 2;  // index of the last midpoint
   PieceTables p{};
   int j0 = 0;  // first positive midpoint
@@ -233,12 +233,17 @@ inline PieceTables build_piece_tables(const state::q8::CodeMap& m) {
   }
   if (runs.size() > 16) return p;
   // Boundaries between runs: a power of two in the gap if there is one (then the binade says
-  // which side), else the gap's middle.
+  // which side), else the gap's middle. With keep_away, a power of two within 64 ulp of a
+  // midpoint is not taken (signed mid[160] and unsigned mid[66] are 2^-6 exactly): the clamp to
+  // the piece's range would hide that midpoint from a value a few ulp off (the fused Adam
+  // kernel's quantiser, adam8bit_fused.hpp, sees such values).
   std::vector<float> bounds;
   for (std::size_t k = 0; k + 1 < runs.size(); ++k) {
     const float below = m.mid[runs[k].b], above = m.mid[runs[k + 1].a];
     const float power = std::ldexp(1.0f, std::ilogb(above));
-    bounds.push_back(power > below ? power : 0.5f * (below + above));
+    const float room = 0x1p-17f * power;  // 64 ulp of power
+    const bool away = power - room > below && power + room < above;
+    bounds.push_back(power > below && (away || !keep_away) ? power : 0.5f * (below + above));
   }
   for (int b = 0; b < 32; ++b) {
     const float smallest = b == 0 ? 0.0f : std::ldexp(1.0f, b - PieceTables::binades + 1);
@@ -508,6 +513,26 @@ inline __m512i pieces_avx512(const PieceRegs& p, bool is_signed, __m512 x, __mma
   return _mm512_mask_min_epi32(c, negative, _mm512_sub_epi32(mirror, c), _mm512_set1_epi32(126));
 }
 
+// q8::quantize() of 16 values v with normalised values x = v / absmax (or 0): the nearest code
+// from the cell table, NaN → 0, the sign rule on the value's sign.
+template <bool Signed>
+SLIMGRAD_Q8_TARGET("avx512f")
+inline __m512i exact_codes_avx512(const state::q8::CodeMap& map, __m512 v, __m512 x) {
+  __m512i c = nearest_cells_avx512(map.cell, x);
+  c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), c);  // NaN → 0
+  if constexpr (Signed) {
+    // Codes 0..126 are negative, 127..255 not (+0 at 127).
+    const __mmask16 code_negative = _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(127));
+    const __mmask16 value_negative =
+        _mm512_cmplt_epi32_mask(_mm512_castps_si512(v), _mm512_setzero_si512());
+    const __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512i step = _mm512_mask_blend_epi32(up, _mm512_set1_epi32(-1), _mm512_set1_epi32(1));
+    c = _mm512_and_si512(_mm512_mask_add_epi32(c, code_negative ^ value_negative, c, step),
+                         _mm512_set1_epi32(0xFF));
+  }
+  return c;
+}
+
 // quantize() of the whole vectors among n values: the division, then the piece formulas or, for
 // a vector with an ambiguous lane (and without Pieces), the exact path: the nearest code from the
 // cell table, NaN → 0, the sign rule on the value's sign. Returns the number of values done.
@@ -518,7 +543,6 @@ inline index_t
                             const float* value, index_t n, float absmax, std::uint8_t* out) {
   const bool divide = absmax > 0.0f;  // always with Pieces
   const __m512 a = _mm512_set1_ps(absmax);
-  const __m512i zero = _mm512_setzero_si512();
   index_t i = 0;
   for (const index_t whole = n - n % 16; i < whole; i += 16) {
     const __m512 v = _mm512_loadu_ps(value + i);
@@ -526,20 +550,7 @@ inline index_t
     __mmask16 ambiguous = 0xFFFF;
     __m512i c = _mm512_setzero_si512();
     if constexpr (Pieces) c = pieces_avx512(regs, Signed, x, ambiguous);
-    if (ambiguous) {
-      c = nearest_cells_avx512(map.cell, x);
-      c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), c);  // NaN → 0
-      if constexpr (Signed) {
-        // Codes 0..126 are negative, 127..255 not (+0 at 127).
-        const __mmask16 code_negative = _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(127));
-        const __mmask16 value_negative = _mm512_cmplt_epi32_mask(_mm512_castps_si512(v), zero);
-        const __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
-        const __m512i step =
-            _mm512_mask_blend_epi32(up, _mm512_set1_epi32(-1), _mm512_set1_epi32(1));
-        c = _mm512_and_si512(_mm512_mask_add_epi32(c, code_negative ^ value_negative, c, step),
-                             _mm512_set1_epi32(0xFF));
-      }
-    }
+    if (ambiguous) c = exact_codes_avx512<Signed>(map, v, x);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_maskz_cvtepi32_epi8(0xFFFF, c));
   }
   return i;
