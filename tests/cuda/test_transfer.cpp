@@ -7,6 +7,7 @@
 #include <slimgrad/backend/cuda/transfer.hpp>
 
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -228,6 +229,89 @@ TEST_CASE("cuda checkpoints: GWT state crosses backends through files") {
   }
   SUBCASE("limiter 1.01: its memory travels too") {
     gwt_roundtrip(1.01);
+  }
+}
+
+namespace {
+
+// Per-tensor step counts: on the CPU, tensor 1's gradient holds a NaN at step 2, so it has taken
+// one step fewer. The GPU engine (check_finite) takes each tensor's own count from the CPU and
+// gives it back; steps 4–5 on both backends stay bit-identical only if tensor 1's bias
+// corrections come from its own count. An engine without check_finite refuses the lagging state
+// before anything changes.
+template <class Cpu, class Gpu>
+void lagging_counts(const typename Cpu::Options& o, typename Gpu::Options go, std::size_t n) {
+  const std::vector<std::string> pnames(names.begin(), names.begin() + static_cast<long>(n));
+  Cpu cpu(o);
+  std::vector<std::vector<float>> w;
+  for (std::size_t k = 0; k < n; ++k)
+    w.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+                                    static_cast<std::uint32_t>(7 + k)));
+  auto cpu_step = [&](int t) {
+    std::vector<std::vector<float>> g;
+    std::vector<Param> params;
+    for (std::size_t k = 0; k < n; ++k) {
+      g.push_back(grad(t, k));
+      if (t == 2 && k == 1) g[k][5] = std::numeric_limits<float>::quiet_NaN();
+      params.push_back(
+          {pnames[k], host_view(w[k].data(), dims[k].rows, dims[k].cols),
+           HostView<const float>(g[k].data(), dims[k].rows, dims[k].cols, dims[k].cols)});
+    }
+    const StepReport r = cpu.step(params);
+    REQUIRE(r.skipped.size() == (t == 2 ? 1u : 0u));
+  };
+  for (int t = 1; t <= 3; ++t)
+    cpu_step(t);
+  REQUIRE(cpu.step_count(pnames[1]) == 2);
+
+  test::DeviceTensors dev;
+  for (std::size_t k = 0; k < n; ++k)
+    dev.add(dims[k].rows, dims[k].cols, w[k], tensor_id(pnames[k]));
+  const std::vector<cuda::Tensor>& tensors = dev.tensors;
+  {  // Without check_finite every tensor must have the engine's count.
+    go.check_finite = false;
+    test::WithWorkspace<Gpu> strict(tensors, go);
+    CHECK_THROWS_WITH_AS(cuda::copy_state(cpu, pnames, strict.engine),
+                         doctest::Contains("without check_finite"), Error);
+    CHECK(strict.engine.steps() == 0);
+  }
+  go.check_finite = true;
+  test::WithWorkspace<Gpu> engine(tensors, go);
+  auto& gpu = engine.engine;
+  cuda::copy_state(cpu, pnames, gpu);
+  CHECK(gpu.steps() == 3);
+  for (std::size_t k = 0; k < n; ++k)
+    CHECK(gpu.tensor_steps(static_cast<index_t>(k)) == (k == 1 ? 2 : 3));
+  for (int t = 4; t <= 5; ++t) {
+    cpu_step(t);
+    for (std::size_t k = 0; k < n; ++k)
+      dev.set_grad(k, grad(t, k));
+    gpu.step(nullptr);
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    CAPTURE(k);
+    CHECK(test::max_ulp(dev.weights(k), w[k]) == 0);
+  }
+  Cpu back(o);
+  cuda::copy_state(gpu, tensors, pnames, back);
+  for (std::size_t k = 0; k < n; ++k)
+    CHECK(back.step_count(pnames[k]) == (k == 1 ? 4 : 5));
+}
+
+}  // namespace
+
+TEST_CASE("cuda checkpoints: a tensor that skipped a step keeps its own count across backends") {
+  SUBCASE("Adam, fp32, torch") {
+    lagging_counts<cuda::CpuAdam<state::Fp32>, cuda::MultiTensorAdam<state::Fp32>>({}, {}, 4);
+  }
+  SUBCASE("GWT, Haar 2 levels, no limiter") {
+    cuda::CpuGwt<transforms::Haar, 2>::Options o;
+    o.residual.limiter_gamma = 0.0;
+    cuda::MultiTensorGwt<transforms::Haar, 2>::Options go;
+    go.rule = o.rule;
+    go.residual = o.residual;
+    lagging_counts<cuda::CpuGwt<transforms::Haar, 2>, cuda::MultiTensorGwt<transforms::Haar, 2>>(
+        o, go, 3);
   }
 }
 

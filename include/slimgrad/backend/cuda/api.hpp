@@ -174,6 +174,8 @@ class MultiTensorAdam {
   std::int64_t tensor_steps(index_t tensor) const;
   /// Sets tensor k's own count (0 <= steps <= steps(); a checkpoint's count), synchronously.
   void set_tensor_steps(index_t tensor, std::int64_t steps);
+  /// Whether tensors may lag (Options::check_finite skips them).
+  bool check_finite() const { return options_.check_finite; }
 
  private:
   /// Device state of the finite check: per tensor the check's flag (cleared by the step that
@@ -266,6 +268,8 @@ class MultiTensorGwt {
   /// Sets tensor k's own count (0 <= steps <= steps(); below steps() only with check_finite),
   /// synchronously.
   void set_tensor_steps(index_t tensor, std::int64_t steps);
+  /// Whether tensors may lag (Options::check_finite skips them).
+  bool check_finite() const { return options_.check_finite; }
 
  private:
   Options options_;

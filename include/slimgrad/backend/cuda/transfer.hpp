@@ -15,6 +15,7 @@
 // tensor_id(names[k]), as the CPU engine names a parameter's random words (stochastic rounding).
 #pragma once
 
+#include <algorithm>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -67,6 +68,31 @@ void check_buffer(const Buffer& b, const MomentBuffers& mb, const std::string& n
               (mb.quantized ? " 8-bit" : "") + " on the GPU (different shapes or store options)");
 }
 
+/// The CPU's per-parameter step counts, checked for the GPU engine `to`: the engine's count is
+/// the largest, and a parameter may lag behind it (skipped steps) only when `to` skips too.
+template <class Cpu, class Engine>
+std::int64_t engine_steps(const Cpu& from, std::span<const std::string> names, const Engine& to) {
+  std::int64_t steps = 0;
+  for (const auto& name : names)
+    steps = std::max(steps, from.step_count(name));
+  for (const auto& name : names)
+    require(from.step_count(name) == steps || to.check_finite(),
+            "cuda::copy_state: '" + name + "' has taken " + std::to_string(from.step_count(name)) +
+                " steps and another parameter " + std::to_string(steps) +
+                "; without check_finite the GPU steps every tensor together");
+  return steps;
+}
+
+/// Gives every tensor of `to` its CPU count, after the moments (set_tensor_steps follows
+/// set_steps).
+template <class Cpu, class Engine>
+void set_engine_steps(const Cpu& from, std::span<const std::string> names, std::int64_t steps,
+                      Engine& to) {
+  to.set_steps(steps);
+  for (std::size_t k = 0; k < names.size(); ++k)
+    to.set_tensor_steps(static_cast<index_t>(k), from.step_count(names[k]));
+}
+
 }  // namespace detail
 
 /// GPU → CPU: `to` takes every tensor's moments and the step count (creating the state of a
@@ -96,34 +122,30 @@ void copy_state(const MultiTensorAdam<Store>& from, std::span<const Tensor> tens
     const auto [m, ma] = detail::host_moment(rs.m);
     const auto [v, va] = detail::host_moment(rs.v);
     from.read_moments(static_cast<index_t>(k), m, v, ma, va);
-    to.set_step_count(names[k], from.steps());
+    to.set_step_count(names[k], from.tensor_steps(static_cast<index_t>(k)));
   }
 }
 
-/// CPU → GPU: `to` takes the moments of names[k] for its tensor k and the step count, which
-/// must be the same for every parameter (the GPU steps all its tensors together).
+/// CPU → GPU: `to` takes the moments of names[k] for its tensor k and each parameter's own step
+/// count (they may differ only when `to` has check_finite, as after skipped steps).
 template <class Store, class Residual>
 void copy_state(const CpuAdam<Store, Residual>& from, std::span<const std::string> names,
                 MultiTensorAdam<Store>& to) {
   detail::check_transfer(to, names.size(), names.size());
   require(!names.empty(), "cuda::copy_state: no parameters");
-  const std::int64_t steps = from.step_count(names[0]);
   for (std::size_t k = 0; k < names.size(); ++k) {
     const auto& rs = from.rule_state(names[k]);  // Error if the CPU has no state for it
     detail::check_buffer(rs.m, to.moments(static_cast<index_t>(k)), names[k]);
     detail::check_buffer(rs.v, to.moments(static_cast<index_t>(k)), names[k]);
-    require(from.step_count(names[k]) == steps,
-            "cuda::copy_state: '" + names[k] + "' has taken " +
-                std::to_string(from.step_count(names[k])) + " steps and '" + names[0] + "' " +
-                std::to_string(steps) + "; the GPU steps every tensor together");
   }
+  const std::int64_t steps = detail::engine_steps(from, names, to);
   for (std::size_t k = 0; k < names.size(); ++k) {
     const auto& rs = from.rule_state(names[k]);
     const auto [m, ma] = detail::host_moment(rs.m);
     const auto [v, va] = detail::host_moment(rs.v);
     to.write_moments(static_cast<index_t>(k), m, v, ma, va);
   }
-  to.set_steps(steps);
+  detail::set_engine_steps(from, names, steps, to);
 }
 
 /// The CPU optimizer whose checkpoints a MultiTensorGwt<Wavelet, Levels> shares (recipes::Gwt
@@ -167,26 +189,21 @@ void copy_state(const MultiTensorGwt<Wavelet, Levels>& from, std::span<const Ten
   }
 }
 
-/// CPU → GPU for GWT; every parameter must have the same step count.
+/// CPU → GPU for GWT; the step counts as for Adam.
 template <class Wavelet, int Levels>
 void copy_state(const CpuGwt<Wavelet, Levels>& from, std::span<const std::string> names,
                 MultiTensorGwt<Wavelet, Levels>& to) {
   detail::check_transfer(to, names.size(), names.size());
   require(!names.empty(), "cuda::copy_state: no parameters");
-  const std::int64_t steps = from.step_count(names[0]);
-  for (std::size_t k = 0; k < names.size(); ++k) {
+  for (std::size_t k = 0; k < names.size(); ++k)
     detail::check_gwt(from, to.moments(static_cast<index_t>(k)), names[k]);
-    require(from.step_count(names[k]) == steps,
-            "cuda::copy_state: '" + names[k] + "' has taken " +
-                std::to_string(from.step_count(names[k])) + " steps and '" + names[0] + "' " +
-                std::to_string(steps) + "; the GPU steps every tensor together");
-  }
+  const std::int64_t steps = detail::engine_steps(from, names, to);
   for (std::size_t k = 0; k < names.size(); ++k) {
     const auto& rs = from.rule_state(names[k]);
     to.write_state(static_cast<index_t>(k), rs.m.data.data(), rs.v.data.data(),
                    from.limiter_state(names[k]));
   }
-  to.set_steps(steps);
+  detail::set_engine_steps(from, names, steps, to);
 }
 
 }  // namespace slimgrad::cuda
