@@ -614,3 +614,119 @@ TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the mo
     }
   }
 }
+
+namespace {
+
+// Steps [from, to) on the GPU (weights in `dev`) and on the CPU (weights in `w`).
+template <class Gpu>
+void gpu_steps(Gpu& gpu, DeviceSet& dev, int from, int to, const Poison& p) {
+  for (int k = from; k < to; ++k)
+    dev.step(gpu, gradients(k, p));
+}
+template <class Cpu>
+void cpu_steps(Cpu& cpu, std::vector<std::vector<float>>& w, int from, int to, const Poison& p) {
+  for (int k = from; k < to; ++k) {
+    const std::vector<std::vector<float>> g = gradients(k, p);
+    std::vector<Param> hp;
+    for (std::size_t i = 0; i < names.size(); ++i)
+      hp.push_back({names[i], host_view(w[i].data(), shapes[i].rows, shapes[i].cols),
+                    host_view<const float>(g[i].data(), shapes[i].rows, shapes[i].cols)});
+    cpu.step(hp);
+  }
+}
+// A checkpoint's provisional flag of `name` (-1: absent).
+std::int64_t provisional_flag(const io::TensorFile& f, const char* name) {
+  const io::StateReader r(f, name);
+  return r.has("provisional") ? r.i64("provisional") : -1;
+}
+// max |a − b| <= ulps · 2^-23 · max |b|.
+bool within_ulps(const std::vector<float>& a, const std::vector<float>& b, double ulps) {
+  double d = 0, ref = 0;
+  for (std::size_t j = 0; j < a.size(); ++j) {
+    d = std::max(d, std::fabs(double(a[j]) - b[j]));
+    ref = std::max(ref, std::fabs(double(b[j])));
+  }
+  return d <= ulps * 0x1p-23 * ref;
+}
+
+}  // namespace
+
+TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first SVD") {
+  // As the case above: "a" and "c" get the identity basis at k = 0 (zero gradients: the GPU's
+  // randomized SVD breaks down; the CPU's two SVDs are made to fail). Saved after k = 1, the
+  // file must keep the mark so that k = 2 of the resumed run, on either backend, runs the SVD
+  // again as the straight run does; before the flag was saved, it tracked from the identity.
+  auto o = recipes::subtrack_options(true);
+  o.transform.rank = 8;
+  o.transform.update_gap = 2;
+  o.transform.eta = 5.0;
+  o.transform.init_method = transforms::SvdMethod::randomized;
+  o.residual.projection_aware = true;
+  o.fallback.min_size = 0;
+  const auto dev = device_options(true, true, false);
+  const auto fp32 = cuda::Precision::fp32;
+  const Poison zero = [](int step, std::vector<std::vector<float>>& g) {
+    if (step != 0) return;
+    std::fill(g[0].begin(), g[0].end(), 0.0f);
+    std::fill(g[2].begin(), g[2].end(), 0.0f);
+  };
+  const Poison zero_cpu = [zero](int step, std::vector<std::vector<float>>& g) {
+    zero(step, g);
+    if (step == 0) cpu::detail::svd_injected_failures = 4;  // both methods, "a" and "c"
+  };
+  const int k = 2, n = 5;
+  recipes::SubTrack<backend::cuda> gpu_straight(o, nullptr, dev);
+  DeviceSet d1(fp32, initial_weights());
+  gpu_steps(gpu_straight, d1, 0, n, zero);
+  recipes::SubTrack<> cpu_straight(o);
+  std::vector<std::vector<float>> w1 = initial_weights();
+  cpu_steps(cpu_straight, w1, 0, n, zero_cpu);
+  REQUIRE(cpu::detail::svd_injected_failures == 0);
+
+  recipes::SubTrack<backend::cuda> gpu_half(o, nullptr, dev);
+  DeviceSet d2(fp32, initial_weights());
+  gpu_steps(gpu_half, d2, 0, k, zero);
+  recipes::SubTrack<> cpu_half(o);
+  std::vector<std::vector<float>> w2 = initial_weights();
+  cpu_steps(cpu_half, w2, 0, k, zero_cpu);
+  REQUIRE(cpu::detail::svd_injected_failures == 0);
+  const io::TensorFile from_gpu = gpu_half.to_checkpoint(), from_cpu = cpu_half.to_checkpoint();
+  for (const char* name : {"a", "c"}) {
+    CAPTURE(name);
+    CHECK(provisional_flag(from_gpu, name) == 1);
+    CHECK(provisional_flag(from_cpu, name) == 1);
+  }
+  CHECK(io::StateReader(from_gpu, "a").i64("last_refresh_status") ==
+        static_cast<std::int64_t>(transforms::RefreshStatus::identity_basis));
+
+  SUBCASE("GPU file -> a fresh GPU optimizer: the straight run's bits") {
+    recipes::SubTrack<backend::cuda> resumed(o, nullptr, dev);
+    resumed.from_checkpoint(from_gpu);
+    gpu_steps(resumed, d2, k, n, zero);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      CAPTURE(names[i]);
+      CHECK(test::max_ulp(d2.weights(i), d1.weights(i)) == 0);
+    }
+    CHECK(same_tensors(resumed.to_checkpoint(), gpu_straight.to_checkpoint()));
+    CHECK(provisional_flag(resumed.to_checkpoint(), "a") == 0);
+  }
+  SUBCASE("GPU file -> CPU, CPU file -> GPU: the other backend's straight run") {
+    recipes::SubTrack<> cpu_resumed(o);
+    cpu_resumed.from_checkpoint(from_gpu);
+    std::vector<std::vector<float>> w3;
+    for (std::size_t i = 0; i < names.size(); ++i)
+      w3.push_back(d2.weights(i));
+    cpu_steps(cpu_resumed, w3, k, n, zero);
+    recipes::SubTrack<backend::cuda> gpu_resumed(o, nullptr, dev);
+    gpu_resumed.from_checkpoint(from_cpu);
+    DeviceSet d4(fp32, w2);
+    gpu_steps(gpu_resumed, d4, k, n, zero);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      CAPTURE(names[i]);
+      CHECK(within_ulps(w3[i], d1.weights(i), 64.0 * n));  // as the case above: 64 per step
+      CHECK(within_ulps(d4.weights(i), w1[i], 64.0 * n));
+    }
+    CHECK(cpu_resumed.transform_state("a").last_refresh_status == transforms::RefreshStatus::ok);
+    CHECK(!cpu_resumed.transform_state("a").provisional);
+  }
+}

@@ -189,3 +189,69 @@ TEST_CASE("bad checkpoints are refused and leave the optimizer as it was") {
     unchanged();
   }
 }
+
+TEST_CASE("resume after a failed first SVD retries it at the next due step, as the straight run") {
+  // Both SVD methods of both compressed tensors fail at k = 0: the identity basis is installed
+  // and marked provisional; SubTrack runs the SVD again at k = 4 instead of tracking. The save
+  // at k = 3 must keep the mark, or the resumed run tracks from the identity and leaves the
+  // straight run.
+  auto o = recipes::subtrack_options(true);
+  o.transform.rank = 8;
+  o.transform.update_gap = 4;
+  o.fallback.min_size = 0;
+  const int k = 3;
+  using SubTrack = recipes::SubTrack<>;
+  auto failing_first = [](SubTrack& opt, Model& m, int to) {
+    cpu::detail::svd_injected_failures = 4;  // randomized and exact, "attn.q" and "mlp.down"
+    run_steps(opt, m, 0, 1);
+    REQUIRE(cpu::detail::svd_injected_failures == 0);
+    run_steps(opt, m, 1, to);
+  };
+  Model straight, resumed;
+  SubTrack a(o);
+  failing_first(a, straight, 2 * k);
+  const auto& sa = a.transform_state("layers.0.attn.q");
+  CHECK(sa.last_refresh_status == transforms::RefreshStatus::ok);
+  CHECK(sa.last_refresh_step == 4);
+  CHECK(sa.tracking_count == 0);
+  CHECK(!sa.provisional);
+
+  SubTrack b(o);
+  failing_first(b, resumed, k);
+  CHECK(b.transform_state("layers.0.attn.q").provisional);
+  CHECK(b.transform_state("layers.0.mlp.down").provisional);
+  const io::TensorFile f = b.to_checkpoint();
+  const io::StateReader saved(f, "layers.0.attn.q");
+  CHECK((saved.has("provisional") && saved.i64("provisional") == 1));
+  SUBCASE("the flag is kept") {
+    SubTrack c(o);
+    c.from_checkpoint(io::parse(io::serialize(f)));
+    CHECK(c.transform_state("layers.0.attn.q").provisional);
+    run_steps(c, resumed, k, 2 * k);
+    CHECK(straight.a == resumed.a);
+    CHECK(straight.b == resumed.b);
+    CHECK(straight.bias == resumed.bias);
+    CHECK(io::serialize(c.to_checkpoint()) == io::serialize(a.to_checkpoint()));
+  }
+  SUBCASE("a file without the flag (written before it existed) loads as not provisional") {
+    auto old = f;
+    for (const char* name : {"layers.0.attn.q", "layers.0.mlp.down"})
+      old.tensors.erase(std::string(name) + "/provisional");
+    old.metadata["checksum"] = std::to_string(io::checksum(old));
+    SubTrack c(o);
+    c.from_checkpoint(old);
+    CHECK(!c.transform_state("layers.0.attn.q").provisional);
+    run_steps(c, resumed, k, 2 * k);  // tracks from the identity at k = 4: another run
+    CHECK(c.transform_state("layers.0.attn.q").tracking_count == 1);
+    CHECK(straight.a != resumed.a);
+  }
+  SUBCASE("a bad flag is refused with nothing changed") {
+    auto bad = f;
+    const std::int64_t two = 2;
+    std::memcpy(bad.tensors.at("layers.0.attn.q/provisional").data.data(), &two, 8);
+    bad.metadata["checksum"] = std::to_string(io::checksum(bad));
+    const auto before = io::serialize(b.to_checkpoint());
+    CHECK_THROWS_WITH_AS(b.from_checkpoint(bad), doctest::Contains("provisional"), Error);
+    CHECK(io::serialize(b.to_checkpoint()) == before);
+  }
+}

@@ -6,6 +6,11 @@
 // parameter list and a 64-bit checksum over all tensor bytes. Random projections are stored as
 // their epoch (the seed is a hyper-parameter), never as matrices.
 //
+// Version 1 grew one optional field, so the version did not change: "NAME/provisional" (i64,
+// 0 or 1; SVD-based bases) marks the identity basis of a failed first refresh, which SubTrack's
+// next due step replaces by a new SVD. A file without it (written before it existed) loads as
+// not provisional; an older build reading a newer file ignores it (and resumes as it used to).
+//
 // Reading is strict: every tensor must exist with the dtype and shape the optimizer expects,
 // and the checksum must match, else slimgrad::Error names what is wrong. The optimizer builds
 // the whole new state aside and swaps it in only when everything has been read.

@@ -470,6 +470,7 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
       w.i64("last_refresh_step", ts.last_refresh_step);
       w.i64("last_refresh_status", static_cast<std::int64_t>(ts.last_refresh_status));
       w.i64("last_failure", static_cast<std::int64_t>(ts.last_failure));
+      w.i64("provisional", ts.provisional ? 1 : 0);
     }
     if constexpr (requires { ts.tracking_count, ts.last_angle, ts.last_sigma; }) {
       w.i64("tracking_count", static_cast<std::int64_t>(ts.tracking_count));
@@ -504,6 +505,13 @@ class Optimizer<Rule, Transform, Store, backend::cpu, Residual> {
               "checkpoint: refresh status out of range");
       ts.last_refresh_status = static_cast<transforms::RefreshStatus>(status);
       ts.last_failure = static_cast<transforms::RefreshFailure>(failure);
+      // Files written before the flag was saved lack it: their bases count as final.
+      const std::int64_t provisional = r.has("provisional") ? r.i64("provisional") : 0;
+      require(provisional == 0 || provisional == 1,
+              "checkpoint: provisional flag out of range (0 or 1)");
+      require(provisional == 0 || ts.basis.size() > 0,
+              "checkpoint: a provisional basis is flagged but the basis is empty");
+      ts.provisional = provisional == 1;
     }
     if constexpr (requires { ts.tracking_count, ts.last_angle, ts.last_sigma; }) {
       ts.tracking_count = static_cast<std::uint64_t>(r.i64("tracking_count"));

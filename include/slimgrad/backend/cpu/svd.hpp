@@ -109,6 +109,7 @@ struct BasisState {
   index_t last_refresh_step = -1;  ///< k of the last refresh that ran
   /// True while the basis is the identity fallback of a failed first refresh: Grassmann then
   /// runs the SVD again at its next due step instead of tracking from coordinate vectors.
+  /// Checkpoints keep it (NAME/provisional), so a resumed run retries as the straight one.
   bool provisional = false;
 
   /// True once a basis exists (forward/inverse may run).

@@ -403,9 +403,15 @@ class MultiTensorLowRank {
   Shape basis_shape(index_t tensor) const;  ///< m×r (left) or r×n (right)
   Shape coeff_shape(index_t tensor) const;  ///< r×n (left) or m×r (right)
   /// Synchronous copies in the CPU state's layout (checkpoints, tests): the basis as
-  /// BasisState::basis stores it; writing one marks the tensor's basis as present.
+  /// BasisState::basis stores it; writing one marks the tensor's basis as present and final
+  /// (not provisional).
   void read_basis(index_t tensor, float* host) const;
   void write_basis(index_t tensor, const float* host);
+  /// BasisState::provisional of `tensor` (synchronous): its basis is the identity of a failed
+  /// first refresh, which Grassmann's next due step replaces by a new SVD. Checkpoints keep it;
+  /// set_provisional(true) needs a basis (after write_basis).
+  bool provisional(index_t tensor) const;
+  void set_provisional(index_t tensor, bool provisional);
   void read_moments(index_t tensor, float* m, float* v) const;
   void write_moments(index_t tensor, const float* m, const float* v);
   /// The limiter's remembered norm of Λ (recovery scaling with limiter_gamma > 0; −1: unset or
@@ -417,7 +423,9 @@ class MultiTensorLowRank {
   /// that step (weights, moments, basis and its own step count untouched; its later steps take
   /// the bias corrections of its own count). The flags stay on the device; these reads
   /// synchronise, so a steady step never waits for the host. Deviation: the refresh schedule
-  /// (and the refresh's Philox epoch) follows steps(), not the tensor's own count.
+  /// (and the refresh's Philox epoch) follows steps(), not the tensor's own count: the counts
+  /// live on the device, and the host, which launches a refresh (cuSOLVER, lane threads), would
+  /// have to read them before every step to find a lagging tensor's due step.
   /// The tensors the last step skipped (ascending indices).
   std::vector<index_t> last_skipped() const;
   /// Steps tensor `tensor` has taken (steps() minus its skips).
@@ -428,7 +436,12 @@ class MultiTensorLowRank {
   /// The last refresh's outcome for `tensor`, as the CPU's state keeps it: a failed refresh
   /// (Cholesky or eigensolver breakdown, a non-finite result) keeps the previous basis
   /// (kept_previous) or, with none yet, installs the first r coordinate vectors
-  /// (identity_basis); it never installs a non-finite basis.
+  /// (identity_basis, provisional: Grassmann retries the SVD at its next due step); it never
+  /// installs a non-finite basis. Deviation: the CPU first tries the other SVD method (exact ↔
+  /// randomized; status fallback_method); here the workspace holds the configured method's
+  /// buffers only (the exact refresh's dim0² Gram and eigensolver workspace per lane, or the
+  /// randomized batch's sketches), and the verdict is known only on the device, so the identity
+  /// is installed at once.
   std::pair<transforms::RefreshStatus, transforms::RefreshFailure> refresh_status(
       index_t tensor) const;
 

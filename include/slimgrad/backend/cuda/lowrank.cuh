@@ -726,7 +726,8 @@ struct MultiTensorLowRank<Transform>::State {
   int* skips = nullptr;
   int* status = nullptr;
   int* provisional = nullptr;      // per tensor: the identity basis of a failed first refresh
-  bool maybe_provisional = false;  // host: an SVD refresh ran since the flags were last read
+  bool maybe_provisional = false;  // host: an SVD refresh ran (or a checkpoint set a flag)
+                                   // since the flags were last read
   detail::TensorScalars* tscal = nullptr;
   index_t* offsets_d = nullptr;  // tensors + 1
   const float** coeff_ptrs = nullptr;
@@ -2029,9 +2030,30 @@ void MultiTensorLowRank<Transform>::write_basis(index_t tensor, const float* hos
   detail::check(cudaMemcpy(e.basis, host, static_cast<std::size_t>(s_->rank * e.dim0) * 4,
                            cudaMemcpyHostToDevice),
                 "cudaMemcpy");
-  // As the CPU's loaded state: not provisional (its checkpoint does not keep the flag).
+  // A written basis is final unless set_provisional() says otherwise (a checkpoint's flag).
   detail::check(cudaMemset(s_->provisional + tensor, 0, sizeof(int)), "cudaMemset");
   e.ready = true;
+}
+template <class Transform>
+bool MultiTensorLowRank<Transform>::provisional(index_t tensor) const {
+  (void)detail::lowrank_entry(*s_, tensor);
+  int p = 0;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(&p, s_->provisional + tensor, sizeof(int), cudaMemcpyDeviceToHost),
+                "cudaMemcpy");
+  return p != 0;
+}
+template <class Transform>
+void MultiTensorLowRank<Transform>::set_provisional(index_t tensor, bool provisional) {
+  const auto& e = detail::lowrank_entry(*s_, tensor);
+  require(!provisional || e.ready,
+          "cuda::MultiTensorLowRank: a provisional basis needs a basis (write_basis first)");
+  const int p = provisional ? 1 : 0;
+  detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  detail::check(cudaMemcpy(s_->provisional + tensor, &p, sizeof(int), cudaMemcpyHostToDevice),
+                "cudaMemcpy");
+  // The next tracking step reads the flags (one synchronisation) and retries the SVD.
+  if (provisional) s_->maybe_provisional = true;
 }
 template <class Transform>
 void MultiTensorLowRank<Transform>::read_moments(index_t tensor, float* m, float* v) const {

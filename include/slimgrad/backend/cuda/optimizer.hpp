@@ -333,6 +333,7 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
           ts.refresh_count = static_cast<std::uint64_t>((steps_ + gap - 1) / gap);
           ts.last_refresh_step = (steps_ - 1) / gap * gap;
           std::tie(ts.last_refresh_status, ts.last_failure) = engine.refresh_status(e.index);
+          ts.provisional = engine.provisional(e.index);
         }
         if constexpr (recovery) holder->set_limiter_state(e.name, engine.read_limiter(e.index));
       }
@@ -667,7 +668,10 @@ class Optimizer<Rule, Transform, Store, backend::cuda, Residual> {
         engine.write_moments(e.index, rs.m.data.data(), rs.v.data.data());
         engine.set_tensor_steps(e.index, holder.step_count(e.name));
         const auto& ts = holder.transform_state(e.name);
-        if (ts.basis.size() > 0) engine.write_basis(e.index, ts.basis.data());
+        if (ts.basis.size() > 0) {
+          engine.write_basis(e.index, ts.basis.data());
+          engine.set_provisional(e.index, ts.provisional);
+        }
         if constexpr (recovery) engine.write_limiter(e.index, holder.limiter_state(e.name));
       }
     }
