@@ -159,6 +159,17 @@ typename Opt::Override override_of(double lr_scale, std::optional<double> weight
   o.weight_decay = weight_decay;
   return o;
 }
+// SubTrack (SubTrack++ with plus_plus) for the small shapes: rank 8, tracking every second step
+// with η = 5, no parameter left plain.
+recipes::SubTrack<>::Options small_subtrack_options(bool plus_plus, double lr) {
+  auto o = recipes::subtrack_options(plus_plus);
+  o.rule.lr = lr;
+  o.transform.rank = 8;
+  o.transform.update_gap = 2;
+  o.transform.eta = 5.0;
+  o.fallback.min_size = 0;
+  return o;
+}
 cuda::DeviceOptions device_options(bool check_finite, bool report_skips, bool tf32 = true) {
   cuda::DeviceOptions d;
   d.check_finite = check_finite;
@@ -471,12 +482,7 @@ TEST_CASE("cuda facade: bf16 parameters and fp32 master weights against the CPU"
     CHECK(gpu.step_count("c") == 3);
   }
   SUBCASE("subtrack++, fp32 master weights, bf16 gradients and model copy") {
-    auto o = recipes::subtrack_options(true);
-    o.rule.lr = 0.01;
-    o.transform.rank = 8;
-    o.transform.update_gap = 2;
-    o.transform.eta = 5.0;
-    o.fallback.min_size = 0;
+    const auto o = small_subtrack_options(true, 0.01);
     recipes::SubTrack<> cpu(o);
     recipes::SubTrack<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
     // Random gradients: with low_rank_part, the tracking's direction (B = (I − SSᵀ)W, noise
@@ -485,12 +491,7 @@ TEST_CASE("cuda facade: bf16 parameters and fp32 master weights against the CPU"
     CHECK(gpu.is_compressed("c"));
   }
   SUBCASE("subtrack, bf16 weights and gradients") {
-    auto o = recipes::subtrack_options();
-    o.rule.lr = 0.1;
-    o.transform.rank = 8;
-    o.transform.update_gap = 2;
-    o.transform.eta = 5.0;
-    o.fallback.min_size = 0;
+    const auto o = small_subtrack_options(false, 0.1);
     recipes::SubTrack<> cpu(o);
     recipes::SubTrack<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
     compare(gpu, cpu, run(5, low_rank_part, cuda::Precision::bf16, 64));

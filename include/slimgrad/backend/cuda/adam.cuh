@@ -170,7 +170,7 @@ __device__ inline std::uint8_t q8_quantize(const Q8Map& map, bool is_signed, flo
 // 4 blocks of 256 threads per multiprocessor (at most 64 registers): the 8-bit step is bound
 // by latency and instruction issue, and 3 blocks (80 registers) left the schedulers idle.
 // Check: the finite check ran (check_finite), so each tensor's skip and scalars come from
-// `tensors` (adam_tensor_kernel); without it the kernel is the one of the unchecked step.
+// `tensors` (tensor_step_kernel); without it the kernel is the one of the unchecked step.
 template <class Store, Precision P, bool Check>
 __global__ void __launch_bounds__(256, 4)
     adam_kernel(const AdamEntry* __restrict__ entries, const index_t* __restrict__ unit_begin,
@@ -420,38 +420,6 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int j = 0; j < finite_units; ++j)  // of[j] is the same on every lane
       if (of[j] >= 0 && __any_sync(0xFFFFFFFFu, !ok[j]) && lane == 0) bad[of[j]] = 1;
-  }
-}
-
-/// check_finite, one thread per tensor after the check: the tensor's skip (its flag cleared for
-/// the next step, its skips counted) or the scalars of its own step t − skips: the kernel's
-/// arguments, or, for a tensor that lags, optim::Adam::step_scalars on the device.
-/// device_scalars (graph replays): t = epoch + 1 and lr from there.
-__global__ void adam_tensor_kernel(std::int32_t* __restrict__ bad,
-                                   std::int32_t* __restrict__ skipped,
-                                   std::int32_t* __restrict__ skips,
-                                   AdamTensorStep* __restrict__ out, int ntensors,
-                                   optim::Adam::Options rule, long long t,
-                                   const StepScalars* __restrict__ device_scalars) {
-  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (k >= ntensors) return;
-  if (device_scalars != nullptr) {
-    t = static_cast<long long>(device_scalars->epoch) + 1;
-    rule.lr = device_scalars->lr;
-  }
-  const std::int32_t skip = bad[k] != 0 ? 1 : 0;
-  bad[k] = 0;
-  skipped[k] = skip;
-  if (skip) {
-    ++skips[k];
-    out[k].mode = 1;
-  } else if (skips[k] == 0) {
-    out[k].mode = 0;  // the kernel's own arguments
-  } else {
-    const long long own = t - skips[k];
-    out[k].mode = 2;
-    out[k].adam = optim::Adam::step_scalars(rule, own);
-    out[k].epoch = static_cast<std::uint32_t>(own - 1);
   }
 }
 
@@ -757,10 +725,9 @@ void MultiTensorAdam<Store>::launch(stream_t stream, const StepScalars& sc,
           finite_needed < index_t{sms} * 8 ? finite_needed : index_t{sms} * 8);
       finite_kernel<<<finite_blocks, threads, 0, stream>>>(entries, begin, n, units_, flags_.bad);
       detail::check_launch("MultiTensorAdam::step (finite check)");
-      detail::adam_tensor_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
-          flags_.bad, flags_.skipped, flags_.skips, flags_.steps, n, options_.rule,
-          static_cast<long long>(t_), device_scalars);
-      detail::check_launch("MultiTensorAdam::step (tensor scalars)");
+      detail::launch_tensor_step(flags_.bad, flags_.skipped, flags_.skips, flags_.steps, n,
+                                 options_.rule, static_cast<long long>(t_), device_scalars, stream,
+                                 "MultiTensorAdam::step (tensor scalars)");
     }
     const std::size_t smem = detail::is_q8<Store>::value ? detail::q8_smem_bytes : 0;
     (check ? checked_kernel : kernel)<<<blocks, threads, smem, stream>>>(

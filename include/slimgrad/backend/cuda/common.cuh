@@ -88,6 +88,65 @@ __device__ inline int find_tensor(const index_t* begin, int count, index_t u) {
   return lo;
 }
 
+// ---- check_finite's per-tensor step counts (MultiTensorAdam and MultiTensorGwt) ---------------
+// A tensor whose gradient was not finite skips the step and keeps its own count, so after skips[k]
+// skipped steps it takes the bias corrections (and stochastic-rounding epoch) of its own step
+// t − skips[k], as on the CPU. No host synchronisation: the counts live on the device.
+
+/// One thread per tensor, before the step kernel reads `out`. With `bad` (MultiTensorAdam, after
+/// its finite pass) it also decides the tensor's skip: bad[k] is cleared for the next step,
+/// skipped[k] set and the skip counted (mode 1); without it (MultiTensorGwt: the step kernel
+/// counts a skip its first pass found) no tensor skips here. Otherwise mode 0 (the step kernel's
+/// own arguments) or, for a tensor that lags, mode 2 with optim::Adam::step_scalars on the
+/// device. device_scalars (graph replays): t = epoch + 1 and lr from there.
+__global__ void tensor_step_kernel(std::int32_t* __restrict__ bad,
+                                   std::int32_t* __restrict__ skipped,
+                                   std::int32_t* __restrict__ skips,
+                                   AdamTensorStep* __restrict__ out, int ntensors,
+                                   optim::Adam::Options rule, long long t,
+                                   const StepScalars* __restrict__ device_scalars) {
+  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (k >= ntensors) return;
+  if (device_scalars != nullptr) {
+    t = static_cast<long long>(device_scalars->epoch) + 1;
+    rule.lr = device_scalars->lr;
+  }
+  if (bad != nullptr) {
+    const std::int32_t skip = bad[k] != 0 ? 1 : 0;
+    bad[k] = 0;
+    skipped[k] = skip;
+    if (skip) {
+      ++skips[k];
+      out[k].mode = 1;
+      return;
+    }
+  }
+  if (skips[k] == 0) {
+    out[k].mode = 0;
+    return;
+  }
+  const long long own = t - skips[k];
+  out[k].mode = 2;
+  out[k].adam = optim::Adam::step_scalars(rule, own);
+  out[k].epoch = static_cast<std::uint32_t>(own - 1);
+}
+
+/// Launches tensor_step_kernel for n tensors on `stream`.
+inline void launch_tensor_step(std::int32_t* bad, std::int32_t* skipped, std::int32_t* skips,
+                               AdamTensorStep* out, int n, const optim::Adam::Options& rule,
+                               long long t, const StepScalars* device_scalars, cudaStream_t stream,
+                               const char* what) {
+  tensor_step_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+      bad, skipped, skips, out, n, rule, t, device_scalars);
+  check_launch(what);
+}
+
+/// In a step kernel, tensor k's scalars: its own step's when it lags (mode 2; `own` null without
+/// check_finite), else the kernel's `s`.
+__device__ inline void own_scalars(const AdamTensorStep* own, int k, optim::AdamStep& s) {
+  if (own != nullptr && own[k].mode == 2) s = own[k].adam;
+}
+
 // ---- 4 consecutive elements [i, i+4) of a tensor of n elements --------------------------------
 // `vec`: the pointer is aligned for one 16-byte (fp32) or 8-byte (bf16) access at i (i % 4 == 0)
 // and i + 4 <= n; otherwise element by element, masked at n. Masked lanes read as 0.

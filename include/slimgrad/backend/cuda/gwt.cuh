@@ -289,8 +289,8 @@ __global__ void __launch_bounds__(gwt_threads)
   using PG = typename Params<P>::G;
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
-  const auto k = static_cast<int>(unit_tensor[u]);          // one load, not a search: short blocks
-  if (own != nullptr && own[k].mode == 2) s = own[k].adam;  // the tensor lags: its own step
+  const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
+  own_scalars(own, k, s);                           // the tensor lags: its own step
   const GwtEntry<L>& e = entries[k];
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
@@ -344,30 +344,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-/// check_finite, one thread per tensor before the step: a tensor that skipped earlier steps
-/// (skips[k] > 0) takes the scalars of its own step t − skips[k] (mode 2, optim::Adam's
-/// step_scalars on the device, as adam_tensor_kernel); the others the kernels' arguments
-/// (mode 0). device_scalars (graph replays): t = epoch + 1 and lr from there.
-__global__ void gwt_tensor_kernel(const std::int32_t* __restrict__ skips,
-                                  AdamTensorStep* __restrict__ out, int ntensors,
-                                  optim::Adam::Options rule, long long t,
-                                  const StepScalars* __restrict__ device_scalars) {
-  const int k = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (k >= ntensors) return;
-  if (device_scalars != nullptr) {
-    t = static_cast<long long>(device_scalars->epoch) + 1;
-    rule.lr = device_scalars->lr;
-  }
-  if (skips[k] == 0) {
-    out[k].mode = 0;
-    return;
-  }
-  const long long own = t - skips[k];
-  out[k].mode = 2;
-  out[k].adam = optim::Adam::step_scalars(rule, own);
-  out[k].epoch = static_cast<std::uint32_t>(own - 1);
-}
-
 /// One group's update from its forward transform (x[0] = the approximation coefficient, d the
 /// details) and the group's new moments: x ← u = α·IDWT(N/ρ, details/(D·ρ)) with N = M/D (nj).
 /// The two-pass step's operations; with ρ = 1 the same bits in pass A and pass B.
@@ -414,7 +390,7 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
     if (skips != nullptr && threadIdx.x == 0 && u == unit_begin[k]) ++skips[k];  // its count
     return;
   }
-  if (own != nullptr && own[k].mode == 2) s = own[k].adam;  // the tensor lags: its own step
+  own_scalars(own, k, s);  // the tensor lags: its own step
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
   if (gi < e.rows * e.na) {
@@ -800,9 +776,9 @@ void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars&
   detail::AdamTensorStep* own = check ? own_ : nullptr;
   std::int32_t* skips = check ? skips_ : nullptr;
   if (check) {
-    detail::gwt_tensor_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
-        skips_, own_, n, options_.rule, static_cast<long long>(t_), device_scalars);
-    detail::check_launch("MultiTensorGwt::step (tensor scalars)");
+    detail::launch_tensor_step(nullptr, nullptr, skips_, own_, n, options_.rule,
+                               static_cast<long long>(t_), device_scalars, stream,
+                               "MultiTensorGwt::step (tensor scalars)");
   }
   auto run = [&](auto norm_kernel, auto finite_kernel, auto step_kernel, auto pass_a_kernel,
                  auto limit_kernel) {
