@@ -290,7 +290,6 @@ __global__ void __launch_bounds__(gwt_threads)
   constexpr int G = 1 << L;
   const index_t u = blockIdx.x;
   const auto k = static_cast<int>(unit_tensor[u]);  // one load, not a search: short blocks
-  own_scalars(own, k, s);                           // the tensor lags: its own step
   const GwtEntry<L>& e = entries[k];
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
@@ -304,6 +303,7 @@ __global__ void __launch_bounds__(gwt_threads)
       nonfinite |= (numeric::float_bits(x[j]) & 0x7f800000u) == 0x7f800000u;
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float mt = e.m[gi], vt = e.v[gi];
+    own_scalars(own, k, s);  // a lagging tensor's own step, selected after the loads are issued
     optim::adam_moments(x[0], mt, vt, s);
     const float nj = mt / optim::adam_denominator(vt, s);
     sum = static_cast<double>(nj) * nj;
@@ -390,7 +390,6 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
     if (skips != nullptr && threadIdx.x == 0 && u == unit_begin[k]) ++skips[k];  // its count
     return;
   }
-  own_scalars(own, k, s);  // the tensor lags: its own step
   const index_t gi = (u - unit_begin[k]) * gwt_threads + threadIdx.x;
   double sum = 0.0;
   if (gi < e.rows * e.na) {
@@ -403,6 +402,7 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
     load_group<L>(wrow, grp, e.cols, vec, w);
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float m = e.m[gi], v = e.v[gi];
+    own_scalars(own, k, s);  // a lagging tensor's own step, selected after the loads are issued
     optim::adam_moments(x[0], m, v, s);
     e.m[gi] = m;
     e.v[gi] = v;
