@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../../optim/adam.hpp"
@@ -277,8 +278,9 @@ __device__ inline double gwt_block_sum(double sum) {
 
 /// The first pass of the two-pass step (limiter and finite check): per unit, ‖N‖² of the
 /// would-be normalised approximation and whether any gradient sample is not finite. Writes only
-/// the two per-unit results.
-template <class W, int L, Precision P>
+/// the two per-unit results. Own: under check_finite, a tensor that lags takes the scalars of its
+/// own step from `own` (a separate instance, so the unchecked step's code is untouched).
+template <class W, int L, Precision P, bool Own>
 __global__ void __launch_bounds__(gwt_threads)
     gwt_norm_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
@@ -303,7 +305,7 @@ __global__ void __launch_bounds__(gwt_threads)
       nonfinite |= (numeric::float_bits(x[j]) & 0x7f800000u) == 0x7f800000u;
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float mt = e.m[gi], vt = e.v[gi];
-    own_scalars(own, k, s);  // a lagging tensor's own step, selected after the loads are issued
+    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before them: 1.5% slower)
     optim::adam_moments(x[0], mt, vt, s);
     const float nj = mt / optim::adam_denominator(vt, s);
     sum = static_cast<double>(nj) * nj;
@@ -370,8 +372,8 @@ __device__ inline void gwt_group_update(float (&x)[1 << L], float (&d)[1 << L], 
 /// (Sum: pass A): ρ = 1, and ‖N‖² is summed per unit into `partial` in the two-pass step's order
 /// (ρ and the limiter's memory keep their bits); a separate instance, since the sum's registers
 /// cost the plain step a block per SM (46 against 38). A tensor flagged in `skipped` is left
-/// untouched.
-template <class W, int L, Precision P, bool Sum>
+/// untouched. Own: as in gwt_norm_kernel (never with Sum: the optimistic step has no finite check).
+template <class W, int L, Precision P, bool Sum, bool Own>
 __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 40 registers
     gwt_step_kernel(const GwtEntry<L>* __restrict__ entries, const index_t* __restrict__ unit_begin,
                     const std::uint32_t* __restrict__ unit_tensor, optim::AdamStep s, bool periodic,
@@ -402,7 +404,7 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
     load_group<L>(wrow, grp, e.cols, vec, w);
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float m = e.m[gi], v = e.v[gi];
-    own_scalars(own, k, s);  // a lagging tensor's own step, selected after the loads are issued
+    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before them: 1.5% slower)
     optim::adam_moments(x[0], m, v, s);
     e.m[gi] = m;
     e.v[gi] = v;
@@ -822,27 +824,26 @@ void MultiTensorGwt<Wavelet, Levels>::launch(stream_t stream, const StepScalars&
   };
   using W = Wavelet;
   constexpr int L = Levels;
+  auto in = [&](auto precision) {
+    constexpr Precision P = decltype(precision)::value;
+    if (check)
+      run(detail::gwt_norm_kernel<W, L, P, true>, detail::gwt_finite_kernel<L, P>,
+          detail::gwt_step_kernel<W, L, P, false, true>,
+          detail::gwt_step_kernel<W, L, P, true, false>, detail::gwt_limit_kernel<W, L, P>);
+    else
+      run(detail::gwt_norm_kernel<W, L, P, false>, detail::gwt_finite_kernel<L, P>,
+          detail::gwt_step_kernel<W, L, P, false, false>,
+          detail::gwt_step_kernel<W, L, P, true, false>, detail::gwt_limit_kernel<W, L, P>);
+  };
   switch (options_.precision) {
     case Precision::fp32:
-      run(detail::gwt_norm_kernel<W, L, Precision::fp32>,
-          detail::gwt_finite_kernel<L, Precision::fp32>,
-          detail::gwt_step_kernel<W, L, Precision::fp32, false>,
-          detail::gwt_step_kernel<W, L, Precision::fp32, true>,
-          detail::gwt_limit_kernel<W, L, Precision::fp32>);
+      in(std::integral_constant<Precision, Precision::fp32>{});
       break;
     case Precision::bf16:
-      run(detail::gwt_norm_kernel<W, L, Precision::bf16>,
-          detail::gwt_finite_kernel<L, Precision::bf16>,
-          detail::gwt_step_kernel<W, L, Precision::bf16, false>,
-          detail::gwt_step_kernel<W, L, Precision::bf16, true>,
-          detail::gwt_limit_kernel<W, L, Precision::bf16>);
+      in(std::integral_constant<Precision, Precision::bf16>{});
       break;
     case Precision::fp32_master:
-      run(detail::gwt_norm_kernel<W, L, Precision::fp32_master>,
-          detail::gwt_finite_kernel<L, Precision::fp32_master>,
-          detail::gwt_step_kernel<W, L, Precision::fp32_master, false>,
-          detail::gwt_step_kernel<W, L, Precision::fp32_master, true>,
-          detail::gwt_limit_kernel<W, L, Precision::fp32_master>);
+      in(std::integral_constant<Precision, Precision::fp32_master>{});
       break;
   }
 }
