@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(gwt_threads)
       nonfinite |= (numeric::float_bits(x[j]) & 0x7f800000u) == 0x7f800000u;
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float mt = e.m[gi], vt = e.v[gi];
-    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before them: 1.5% slower)
+    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before: 1.3-1.5% slower)
     optim::adam_moments(x[0], mt, vt, s);
     const float nj = mt / optim::adam_denominator(vt, s);
     sum = static_cast<double>(nj) * nj;
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(gwt_threads, 6)  // 6 blocks per SM: at most 4
     load_group<L>(wrow, grp, e.cols, vec, w);
     haar_group_forward<W, L>(x, d, grp, e.len, periodic);
     float m = e.m[gi], v = e.v[gi];
-    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before them: 1.5% slower)
+    if constexpr (Own) own_scalars(own, k, s);  // after the loads (before: 1.3-1.5% slower)
     optim::adam_moments(x[0], m, v, s);
     e.m[gi] = m;
     e.v[gi] = v;
