@@ -581,8 +581,9 @@ TEST_CASE("cuda facade: DeviceOptions::refresh_batch is checked") {
 }
 
 TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the moments as the CPU") {
-  // A zero gradient of "a" and "c" at k = 0: the GPU's randomized SVD breaks down (a zero Gram
-  // has no Cholesky factor); the CPU's two SVDs (randomized, then exact) are made to fail. Both
+  // A tiny gradient (1e-30) of "a" and "c" at k = 0: the GPU's randomized SVD breaks down (the
+  // sketch's Gram underflows to zero and has no Cholesky factor; a zero gradient is no failure,
+  // see the last case); the CPU's two SVDs (randomized, then exact) are made to fail. Both
   // install the identity basis; at k = 2 both run the SVD again instead of tracking, and carry
   // the moments of steps 0-1 into the new basis (C = S_newᵀ I); k = 4 tracks. Before the GPU
   // retried, it tracked from the identity at k = 2 and its weights left the CPU's.
@@ -597,13 +598,13 @@ TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the mo
     o.fallback.min_size = 0;
     recipes::SubTrack<> cpu(o);
     recipes::SubTrack<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
-    auto zero_first = [](int step, std::vector<std::vector<float>>& g) {
+    auto tiny_first = [](int step, std::vector<std::vector<float>>& g) {
       if (step != 0) return;
-      std::fill(g[0].begin(), g[0].end(), 0.0f);
-      std::fill(g[2].begin(), g[2].end(), 0.0f);
+      std::fill(g[0].begin(), g[0].end(), 1e-30f);
+      std::fill(g[2].begin(), g[2].end(), 1e-30f);
       cpu::detail::svd_injected_failures = 4;  // both methods, "a" and "c"
     };
-    compare(gpu, cpu, run(5, zero_first, cuda::Precision::fp32, 64));
+    compare(gpu, cpu, run(5, tiny_first, cuda::Precision::fp32, 64));
     CHECK(cpu::detail::svd_injected_failures == 0);
     cpu::detail::svd_injected_failures = 0;
     const io::TensorFile f = gpu.to_checkpoint();
@@ -653,7 +654,7 @@ bool within_ulps(const std::vector<float>& a, const std::vector<float>& b, doubl
 }  // namespace
 
 TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first SVD") {
-  // As the case above: "a" and "c" get the identity basis at k = 0 (zero gradients: the GPU's
+  // As the case above: "a" and "c" get the identity basis at k = 0 (tiny gradients: the GPU's
   // randomized SVD breaks down; the CPU's two SVDs are made to fail). Saved after k = 1, the
   // file must keep the mark so that k = 2 of the resumed run, on either backend, runs the SVD
   // again as the straight run does; before the flag was saved, it tracked from the identity.
@@ -668,8 +669,8 @@ TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first
   const auto fp32 = cuda::Precision::fp32;
   const Poison zero = [](int step, std::vector<std::vector<float>>& g) {
     if (step != 0) return;
-    std::fill(g[0].begin(), g[0].end(), 0.0f);
-    std::fill(g[2].begin(), g[2].end(), 0.0f);
+    std::fill(g[0].begin(), g[0].end(), 1e-30f);
+    std::fill(g[2].begin(), g[2].end(), 1e-30f);
   };
   const Poison zero_cpu = [zero](int step, std::vector<std::vector<float>>& g) {
     zero(step, g);
@@ -729,5 +730,80 @@ TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first
     }
     CHECK(cpu_resumed.transform_state("a").last_refresh_status == transforms::RefreshStatus::ok);
     CHECK(!cpu_resumed.transform_state("a").provisional);
+  }
+}
+
+TEST_CASE("cuda facade: a zero gradient at the first SVD is a success on both backends") {
+  // "a" and "c" are all zeros at k = 0. Every direction is then a singular vector: the CPU's
+  // SVD returned whichever coordinate vectors Eigen picked (for these shapes not the leading
+  // ones), and the GPU's randomized SVD broke down (a zero sketch has no Cholesky factor) and
+  // installed the leading ones as provisional, so that SubTrack retried the SVD at k = 2 where
+  // the CPU tracked. Now both install the first r coordinate vectors with status ok, not
+  // provisional, and the runs agree: GaLore keeps that basis (one refresh), SubTrack++ tracks it.
+  const Poison zero_first = [](int step, std::vector<std::vector<float>>& g) {
+    if (step == 0) {
+      std::fill(g[0].begin(), g[0].end(), 0.0f);
+      std::fill(g[2].begin(), g[2].end(), 0.0f);
+    } else {
+      low_rank_part(step, g);
+    }
+  };
+  const auto dev = device_options(true, true, false);
+  // After k = 0 on fresh optimizers: the outcome of the zero gradient's refresh.
+  auto check_first = [&](auto& gpu, auto& cpu) {
+    compare(gpu, cpu, run(1, zero_first, cuda::Precision::fp32, 64));
+    const io::TensorFile f = gpu.to_checkpoint();
+    for (const char* name : {"a", "c"}) {
+      CAPTURE(name);
+      CHECK(io::StateReader(f, name).i64("last_refresh_status") ==
+            static_cast<std::int64_t>(transforms::RefreshStatus::ok));
+      CHECK(io::StateReader(f, name).i64("last_failure") ==
+            static_cast<std::int64_t>(transforms::RefreshFailure::none));
+      CHECK(provisional_flag(f, name) == 0);
+      CHECK(cpu.transform_state(name).last_refresh_status == transforms::RefreshStatus::ok);
+      CHECK(!cpu.transform_state(name).provisional);
+      const cpu::RowMatrix& b = cpu.transform_state(name).basis;  // S (64×8) or P = Sᵀ (8×64)
+      CHECK(b == cpu::RowMatrix::Identity(b.rows(), b.cols()));
+    }
+  };
+  for (const auto method : {transforms::SvdMethod::randomized, transforms::SvdMethod::exact}) {
+    CAPTURE(static_cast<int>(method));
+    auto o = recipes::galore_options();
+    o.transform.rank = 8;
+    o.transform.update_gap = 200;  // one refresh: the run keeps the zero gradient's basis
+    o.transform.method = method;
+    o.fallback.min_size = 0;
+    {
+      recipes::GaLore<> cpu(o);
+      recipes::GaLore<backend::cuda> gpu(o, nullptr, dev);
+      check_first(gpu, cpu);
+    }
+    recipes::GaLore<> cpu(o);
+    recipes::GaLore<backend::cuda> gpu(o, nullptr, dev);
+    compare(gpu, cpu, run(5, zero_first, cuda::Precision::fp32, 64));
+  }
+  for (const bool aware : {true, false}) {
+    CAPTURE(aware);
+    auto o = recipes::subtrack_options(true);
+    o.transform.rank = 8;
+    o.transform.update_gap = 2;
+    o.transform.eta = 5.0;
+    o.transform.init_method = transforms::SvdMethod::randomized;
+    o.residual.projection_aware = aware;
+    o.fallback.min_size = 0;
+    {
+      recipes::SubTrack<> cpu(o);
+      recipes::SubTrack<backend::cuda> gpu(o, nullptr, dev);
+      check_first(gpu, cpu);
+    }
+    recipes::SubTrack<> cpu(o);
+    recipes::SubTrack<backend::cuda> gpu(o, nullptr, dev);
+    compare(gpu, cpu, run(5, zero_first, cuda::Precision::fp32, 64));
+    const io::TensorFile f = gpu.to_checkpoint();
+    for (const char* name : {"a", "c"}) {
+      CAPTURE(name);
+      CHECK(provisional_flag(f, name) == 0);
+      CHECK(!cpu.transform_state(name).provisional);
+    }
   }
 }

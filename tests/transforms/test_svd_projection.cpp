@@ -464,6 +464,36 @@ TEST_CASE("svd projection: rotation output C = S_new^T S_old and the previous ba
   }
 }
 
+TEST_CASE("svd projection: a zero gradient gives the first r coordinate vectors, as a success") {
+  // Eigen's SVD of zero picks other coordinate vectors at these sizes (BDCSVD's deflation above
+  // 16 columns; the randomized path's ℓ = 18 small SVD): the refresh fixes the choice, so that
+  // the CUDA backend can make the same one.
+  for (SvdMethod method : {SvdMethod::exact, SvdMethod::randomized})
+    for (const Shape shape : {Shape{96, 64}, Shape{64, 96}}) {
+      CAPTURE(static_cast<int>(method));
+      CAPTURE(shape.rows);
+      Svd svd({.rank = 8, .method = method});
+      const std::vector<float> zero(static_cast<std::size_t>(shape.size()), 0.0f);
+      const auto g = gaussian(shape.rows, shape.cols, 82);
+      auto s = svd.init(shape, 1);
+      for (const index_t k : {0, 200}) {  // the first refresh, and one with a basis to replace
+        CAPTURE(k);
+        CHECK(svd.refresh(s, host_view(zero.data(), shape.rows, shape.cols), k));
+        CHECK(s.last_refresh_status == RefreshStatus::ok);
+        CHECK(s.last_failure == RefreshFailure::none);
+        CHECK(!s.provisional);
+        CHECK(s.basis == cpu::RowMatrix::Identity(s.basis.rows(), s.basis.cols()));
+        svd.refresh_now(s, host_view(g.data(), shape.rows, shape.cols), k + 1, {});
+        CHECK(s.basis != cpu::RowMatrix::Identity(s.basis.rows(), s.basis.cols()));
+      }
+      // -0 is zero too.
+      std::vector<float> negative_zero = zero;
+      negative_zero[7] = -0.0f;
+      CHECK(svd.refresh(s, host_view(negative_zero.data(), shape.rows, shape.cols), 400));
+      CHECK(s.basis == cpu::RowMatrix::Identity(s.basis.rows(), s.basis.cols()));
+    }
+}
+
 TEST_CASE("svd projection: zero and rank-deficient gradients give an orthonormal basis") {
   const Shape shape{30, 20};
   for (SvdMethod method : {SvdMethod::exact, SvdMethod::randomized}) {

@@ -107,6 +107,26 @@ inline bool all_finite(HostView<const float> v) {
   return bad == 0;
 }
 
+/// True when every element of `v` is ±0 (bits other than the sign all clear), by the same
+/// integer OR as all_finite.
+inline bool all_zero(HostView<const float> v) {
+  std::uint32_t bits = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for reduction(| : bits) schedule(static) if (v.size() > (1 << 16))
+#endif
+  for (index_t i = 0; i < v.rows; ++i) {
+    const float* r = v.row(i);
+    std::uint32_t row_bits = 0;
+    for (index_t j = 0; j < v.cols; ++j) {
+      std::uint32_t b;
+      std::memcpy(&b, r + j, sizeof b);
+      row_bits |= b & 0x7fffffffu;
+    }
+    bits |= row_bits;
+  }
+  return bits == 0;
+}
+
 /// Σ x² of a row in double, in the one order every norm of the library takes: eight partial
 /// sums (element j into lane j mod 8, each lane in order of j), combined as
 /// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). Eight independent chains keep the

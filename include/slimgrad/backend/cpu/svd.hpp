@@ -197,7 +197,8 @@ transforms::RefreshFailure randomized_top_singular_vectors(const GHat& ghat, ind
 /// The first r coordinate vectors (dim0×r): the documented last-resort basis when the first
 /// refresh cannot compute one (non-finite gradient, or both SVD methods failed). Orthonormal and
 /// finite, so training continues (as plain projected SGD/Adam on the leading coordinates) until
-/// the next refresh replaces it.
+/// the next refresh replaces it. Also the basis of a zero gradient, as a success (every
+/// direction is then a singular vector; both backends pick these).
 inline void identity_basis(index_t dim0, index_t rank, ColMatrix& u) {
   u.setIdentity(dim0, rank);
 }

@@ -110,6 +110,13 @@ struct impl<transforms::SvdProjection, backend::cpu> {
     RefreshStatus status = RefreshStatus::ok;
     if (!cpu::all_finite(g)) {
       failure = RefreshFailure::non_finite_gradient;
+    } else if (cpu::all_zero(g)) {
+      // Every direction of a zero gradient is a singular vector (σ = 0): the SVD would return
+      // whichever coordinate vectors its internals pick (Eigen's BDCSVD: the leading ones below
+      // 16 columns, others from its deflation above), so the basis is fixed here, on both
+      // backends, as the first r coordinate vectors. A success, not provisional: a later
+      // gradient has nothing better to retry.
+      cpu::identity_basis(projected_dim(s.shape, s.side), s.rank, u_);
     } else {
       failure = compute(s, g, k, options.method);
       if (failure != RefreshFailure::none && !s.ready()) {

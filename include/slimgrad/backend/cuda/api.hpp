@@ -441,7 +441,9 @@ class MultiTensorLowRank {
   /// randomized; status fallback_method); here the workspace holds the configured method's
   /// buffers only (the exact refresh's dim0² Gram and eigensolver workspace per lane, or the
   /// randomized batch's sketches), and the verdict is known only on the device, so the identity
-  /// is installed at once.
+  /// is installed at once. An all-zero (finite) gradient is no failure, as on the CPU: every
+  /// direction is a singular vector, and both backends install the first r coordinate vectors
+  /// with status ok, not provisional (the device decides from the refresh's gradient scan).
   std::pair<transforms::RefreshStatus, transforms::RefreshFailure> refresh_status(
       index_t tensor) const;
 

@@ -124,22 +124,29 @@ __global__ void __launch_bounds__(256)
 }
 
 /// flags[k] ← 1 where one of the `counts[k]` floats at ptrs[k] (stride `stride`) is a NaN or
-/// an infinity (blockIdx.y is the tensor; the flags were zeroed before). A NaN or an infinity in
-/// G makes every coefficient that sums over it non-finite (NaN and ±Inf propagate through every
-/// product, ±Inf·0 included, and every sum), so the steady step checks one coefficient per
-/// gradient row (right side: R[:, 0]) or column (left side: R[0, :]): 1/(r·dim0) of G's reads.
+/// an infinity (blockIdx.y is the tensor; the flags were zeroed before); with `nonzero` (the
+/// refresh's scan of whole gradients), nonzero[k] ← 1 where one of them is not ±0. A NaN or an
+/// infinity in G makes every coefficient that sums over it non-finite (NaN and ±Inf propagate
+/// through every product, ±Inf·0 included, and every sum), so the steady step checks one
+/// coefficient per gradient row (right side: R[:, 0]) or column (left side: R[0, :]): 1/(r·dim0) of
+/// G's reads.
 __global__ void __launch_bounds__(256)
     nonfinite_kernel(const float* const* __restrict__ ptrs, const index_t* __restrict__ counts,
-                     index_t stride_right, const int* __restrict__ left, int* __restrict__ flags) {
+                     index_t stride_right, const int* __restrict__ left, int* __restrict__ flags,
+                     int* __restrict__ nonzero) {
   const int k = static_cast<int>(blockIdx.y);
   const float* p = ptrs[k];
   const index_t n = counts[k];
   const index_t stride = left != nullptr && !left[k] ? stride_right : 1;
-  bool bad = false;
+  bool bad = false, nz = false;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    bad = bad || !isfinite(p[i * stride]);
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const float x = p[i * stride];
+    bad = bad || !isfinite(x);
+    nz = nz || x != 0.0f;
+  }
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[k] = 1;
+  if (nonzero != nullptr && __syncthreads_or(nz) && threadIdx.x == 0) nonzero[k] = 1;
 }
 
 /// The scalars of step t of Adam::step_scalars (same formulas; device pow, so equal to the
@@ -249,11 +256,14 @@ enum : int { install_candidate = 0, keep_basis = 1, install_identity = 2 };
 /// and its status; one without gets the identity basis, as the CPU's refresh of a non-finite
 /// gradient). provisional (BasisState::provisional): 1 while the basis is the identity of a failed
 /// first refresh (Grassmann then retries the SVD instead of tracking), 0 once a candidate is
-/// installed; a kept basis keeps it. One block.
+/// installed; a kept basis keeps it. nonzero (an SVD refresh's; null for a tracking step): 0
+/// when the finite gradient is all zeros, which installs the identity basis as a success (the
+/// CPU's refresh_now: every direction is a singular vector), whatever the factorisations said
+/// (the Cholesky-QR of a zero sketch breaks down). One block.
 __global__ void __launch_bounds__(256)
     verdict_kernel(const float* __restrict__ cand, index_t n, int* __restrict__ info,
-                   const int* __restrict__ skip, bool ready, int* __restrict__ status,
-                   int* __restrict__ provisional) {
+                   const int* __restrict__ skip, const int* __restrict__ nonzero, bool ready,
+                   int* __restrict__ status, int* __restrict__ provisional) {
   bool bad = false;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
     bad = bad || !isfinite(cand[i]);
@@ -266,6 +276,8 @@ __global__ void __launch_bounds__(256)
   RefreshFailure fail = RefreshFailure::none;
   if (*skip) {
     fail = RefreshFailure::non_finite_gradient;
+  } else if (nonzero != nullptr && *nonzero == 0) {
+    decision = install_identity;
   } else if (info[1] != 0) {
     fail = RefreshFailure::no_convergence;
   } else if (bad) {
@@ -277,7 +289,7 @@ __global__ void __launch_bounds__(256)
   }
   info[2] = decision;
   if (*skip && ready) return;  // the CPU skips the tensor before its refresh
-  if (decision != keep_basis) *provisional = decision == install_identity ? 1 : 0;
+  if (decision != keep_basis) *provisional = st == RefreshStatus::identity_basis ? 1 : 0;
   status[0] = static_cast<int>(st);
   status[1] = static_cast<int>(fail);
 }
@@ -728,6 +740,7 @@ struct MultiTensorLowRank<Transform>::State {
   int* provisional = nullptr;      // per tensor: the identity basis of a failed first refresh
   bool maybe_provisional = false;  // host: an SVD refresh ran (or a checkpoint set a flag)
                                    // since the flags were last read
+  int* nonzero = nullptr;  // per tensor: the refresh's gradient has an element other than ±0
   detail::TensorScalars* tscal = nullptr;
   index_t* offsets_d = nullptr;  // tensors + 1
   const float** coeff_ptrs = nullptr;
@@ -954,6 +967,7 @@ struct MultiTensorLowRank<Transform>::State {
     int* skips = c.take<int>(nt);
     int* status = c.take<int>(2 * nt);
     int* provisional = c.take<int>(nt);
+    int* nonzero = c.take<int>(nt);
     auto* tscal = c.take<detail::TensorScalars>(nt);
     auto* offsets_d = c.take<index_t>(nt + 1);
     auto* coeff_ptrs = c.take<const float*>(nt);
@@ -1020,6 +1034,7 @@ struct MultiTensorLowRank<Transform>::State {
     s.skips = skips;
     s.status = status;
     s.provisional = provisional;
+    s.nonzero = nonzero;
     s.tscal = tscal;
     s.offsets_d = offsets_d;
     s.coeff_ptrs = coeff_ptrs;
@@ -1168,15 +1183,16 @@ struct MultiTensorLowRank<Transform>::State {
   /// The verdict on a candidate (dim0×width col-major) of tensor i; see verdict_kernel. info:
   /// the tensor's Lane::info.
   void verdict(cudaStream_t st, int* info, const Entry& e, std::size_t i, const float* cand,
-               index_t width) const {
-    detail::verdict_kernel<<<1, 256, 0, st>>>(cand, e.dim0 * width, info, skip + i, e.ready,
+               index_t width, bool svd_refresh) const {
+    detail::verdict_kernel<<<1, 256, 0, st>>>(cand, e.dim0 * width, info, skip + i,
+                                              svd_refresh ? nonzero + i : nullptr, e.ready,
                                               status + 2 * i, provisional + i);
     detail::check_launch("verdict_kernel");
   }
 
   /// The candidate's top r columns (or the identity, or nothing: the verdict decides).
   void install(cudaStream_t st, int* info, Entry& e, std::size_t i, const float* u, index_t width) {
-    verdict(st, info, e, i, u, width);
+    verdict(st, info, e, i, u, width, true);
     detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, st>>>(
         u, e.dim0, width, rank, e.side == Side::left, info + 2, e.basis);
     detail::check_launch("install_basis_kernel");
@@ -1447,7 +1463,7 @@ struct MultiTensorLowRank<Transform>::State {
       else  // S_oldᵀ = Sc (r×d0)
         detail::gemm(l.blas, true, true, r, r, d0, 1.0f, l.s, d0, e.basis, r, 0.0f, c, r, false);
     }
-    verdict(l.stream, l.info, e, k, l.s, r);
+    verdict(l.stream, l.info, e, k, l.s, r, false);
     detail::store_tracked_kernel<<<64, 256, 0, l.stream>>>(l.s, d0, r, e.side == Side::left,
                                                            l.info + 2, e.basis);
     detail::check_launch("store_tracked_kernel");
@@ -1494,9 +1510,11 @@ struct MultiTensorLowRank<Transform>::State {
   void check_finite(cudaStream_t stream, bool gradients, bool clear) {
     const auto nt = static_cast<unsigned>(entries.size());
     if (clear) detail::check(cudaMemsetAsync(skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
+    if (gradients)
+      detail::check(cudaMemsetAsync(nonzero, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
     detail::nonfinite_kernel<<<dim3(gradients ? 64u : 4u, nt), 256, 0, stream>>>(
         gradients ? grad_ptrs : coeff_ptrs, gradients ? grad_counts : coeff_counts, rank,
-        gradients ? nullptr : left_d, skip);
+        gradients ? nullptr : left_d, skip, gradients ? nonzero : nullptr);
     detail::check_launch("nonfinite_kernel");
   }
 
