@@ -229,6 +229,16 @@ void check_block_codes(Tables tables, std::uint32_t sign, int& bad, std::size_t&
   }
 }
 
+// The tables of the fused quantiser's clamped form (session 5), which the unclamped formulas
+// must not take.
+const cpu::q8::PieceTables& clamped_form_tables(const state::q8::CodeMap& map) {
+  static const cpu::q8::PieceTables s =
+      cpu::q8::build_piece_tables(state::q8::signed_code_map(), true);
+  static const cpu::q8::PieceTables u =
+      cpu::q8::build_piece_tables(state::q8::unsigned_code_map(), true);
+  return &map == &state::q8::signed_code_map() ? s : u;
+}
+
 // quantize_block_avx512 against q8::quantize() on blocks of `values` (absmax taken over each
 // block, as the fused step does), every block length in `lengths` from each block start.
 void check_block_quantizer(bool is_signed, const std::vector<float>& values, int& bad,
@@ -279,6 +289,17 @@ TEST_CASE("fused 8-bit quantiser: unflagged codes hold for every float within 4 
   flagged = n = 0;
   check_block_codes<true>(cpu::q8::piece_tables, 0u, bad_store, flagged, n);
   CHECK(bad_store > 0);
+  // It fails with the tables of the clamped form too (bounds at powers of two next to the run
+  // above): the formula of the run below, unclamped, reaches a code too far across the gap.
+  for (bool is_signed : {true, false}) {
+    int bad_clamped = 0;
+    flagged = n = 0;
+    if (is_signed)
+      check_block_codes<true>(clamped_form_tables, 0u, bad_clamped, flagged, n);
+    else
+      check_block_codes<false>(clamped_form_tables, 0u, bad_clamped, flagged, n);
+    CHECK(bad_clamped > 0);
+  }
 }
 
 TEST_CASE("fused 8-bit quantiser equals quantize() on midpoints, zeros, denormals, extremes") {

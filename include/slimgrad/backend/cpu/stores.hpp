@@ -208,7 +208,8 @@ struct PieceTables {
   bool usable = false;
 };
 
-inline PieceTables build_piece_tables(const state::q8::CodeMap& m, bool keep_away = false) {
+inline PieceTables build_piece_tables(const state::q8::CodeMap& m, bool keep_away = false,
+                                      bool low_bounds = false) {
   constexpr int last = state::q8::map_size - 2;  // index of the last midpoint
   PieceTables p{};
   int j0 = 0;  // first positive midpoint
@@ -236,10 +237,23 @@ inline PieceTables build_piece_tables(const state::q8::CodeMap& m, bool keep_awa
   // which side), else the gap's middle. With keep_away, a power of two within 64 ulp of a
   // midpoint is not taken (signed mid[160] and unsigned mid[66] are 2^-6 exactly): the clamp to
   // the piece's range would hide that midpoint from a value a few ulp off (the fused Adam
-  // kernel's quantiser, adam8bit_fused.hpp, sees such values).
+  // kernel's quantiser, adam8bit_fused.hpp, sees such values). With low_bounds (which ignores
+  // keep_away), each boundary lies next to the run below, whose spacing is the smaller.
   std::vector<float> bounds;
   for (std::size_t k = 0; k + 1 < runs.size(); ++k) {
     const float below = m.mid[runs[k].b], above = m.mid[runs[k + 1].a];
+    if (low_bounds) {
+      // Half a spacing of the run below past its last midpoint, or a power of two before that:
+      // then no piece's formula reaches past its range inside the piece (checked offline for
+      // the fused quantiser, which takes no clamp: tests/reference/check_block_codes.cpp).
+      const int a = runs[k].a, b = runs[k].b;
+      const double spacing = b > a ? (static_cast<double>(m.mid[b]) - m.mid[a]) / (b - a)
+                                   : static_cast<double>(above) - below;
+      const float reach = static_cast<float>(below + 0.5 * spacing);
+      const float power = std::ldexp(1.0f, std::ilogb(below) + 1);
+      bounds.push_back(power <= reach && power < above ? power : reach);
+      continue;
+    }
     const float power = std::ldexp(1.0f, std::ilogb(above));
     const float room = 0x1p-17f * power;  // 64 ulp of power
     const bool away = power - room > below && power + room < above;
