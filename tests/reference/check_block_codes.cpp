@@ -4,9 +4,9 @@
 // tests/optim/test_gwt_fused.cpp): on every float x with |x| ≤ 1 + 8 ulp (both signs for the
 // signed map, x ≥ +0 for the unsigned one), each lane that the current form leaves unflagged
 // must be unflagged in the proven form with the same code. Then the proof carries over.
-// Build and run (AVX-512 F/DQ/BW; 3 × 2^30 floats, about 2 s on the dev machine):
-//   g++ -std=c++20 -O2 -fopenmp -Iinclude -isystem /usr/include/eigen3 \
-//     tests/reference/check_block_codes.cpp -o /tmp/check_block_codes
+// Build from the repository root, and run (AVX-512 F/DQ/BW; 3 × 2^30 floats, about 2 s here):
+//   g++ -std=c++20 -O2 -fopenmp -Iinclude -isystem /usr/include/eigen3 -o /tmp/check_block_codes
+//     tests/reference/check_block_codes.cpp
 //   /tmp/check_block_codes
 #include <cstdio>
 #include <slimgrad/backend/cpu/adam8bit_fused.hpp>
