@@ -1,15 +1,21 @@
 // Offline exhaustive check of the fused 8-bit Adam quantiser's codes (backend/cpu/
-// adam8bit_fused.hpp, block_codes_avx512) against the form whose flags were proven offline in
-// session 5 (every unflagged lane's code is the exact code of every float within 4 ulp; sampled in
-// tests/optim/test_gwt_fused.cpp): on every float x with |x| ≤ 1 + 8 ulp (both signs for the
-// signed map, x ≥ +0 for the unsigned one), each lane that the current form leaves unflagged
-// must be unflagged in the proven form with the same code. Then the proof carries over.
-// Build from the repository root, and run (AVX-512 F/DQ/BW; 3 × 2^30 floats, about 2 s here):
+// adam8bit_fused.hpp, block_codes_avx512) on every float x with |x| ≤ 1 + 8 ulp (both signs for
+// the signed map, x ≥ +0 for the unsigned one), in two ways:
+//  1. against session 5's form (binades, clamps to the piece's range, the tables of
+//     build_piece_tables(map, true)): each lane the current form leaves unflagged is unflagged
+//     there with the same code;
+//  2. the property the fused step needs, directly: each unflagged lane's code is q8::quantize()'s
+//     (the store's, the generic path's) for every float of its sign within 4 ulp of x,
+//     magnitudes clamped to 1.
+// Both fail on the clamped form's tables (8,161,795 signed and 428,775 unsigned lanes wrong).
+// Build from the repository root, and run (AVX-512 F/DQ/BW/VL; about 14 s and 1 GB here):
 //   g++ -std=c++20 -O2 -fopenmp -Iinclude -isystem /usr/include/eigen3 -o /tmp/check_block_codes
 //     tests/reference/check_block_codes.cpp
 //   /tmp/check_block_codes
+#include <algorithm>
 #include <cstdio>
 #include <slimgrad/backend/cpu/adam8bit_fused.hpp>
+#include <vector>
 
 using namespace slimgrad;
 using cpu::q8::PieceRegs;
@@ -86,10 +92,60 @@ __attribute__((target("avx512f,avx512dq,avx512bw"))) void check(std::uint32_t si
   if (bad) std::printf("FAILED\n");
 }
 
+// The property itself, directly: each unflagged lane's code is the store's code (q8::quantize,
+// the generic path's) of every float of its sign within 4 ulp, magnitudes clamped to 1.
+template <bool Signed>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void check_within_4ulp(
+    std::uint32_t sign) {
+  const state::q8::CodeMap& map =
+      Signed ? state::q8::signed_code_map() : state::q8::unsigned_code_map();
+  const PieceRegs regs = cpu::q8::piece_regs(cpu::q8::block_piece_tables(map));
+  const std::uint32_t one = numeric::float_bits(1.0f), last = one + 8;
+  // ref[k] = the code of the float with magnitude bits min(max(k − 4, 0), one).
+  std::vector<std::uint8_t> ref(std::size_t{last} + 40);
+  std::vector<float> xs(1 << 16);
+  for (std::size_t k = 0; k < ref.size(); k += xs.size()) {
+    const std::size_t n = std::min(xs.size(), ref.size() - k);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::int64_t u = std::clamp<std::int64_t>(static_cast<std::int64_t>(k + i) - 4, 0, one);
+      xs[i] = numeric::float_from_bits(static_cast<std::uint32_t>(u) | sign);
+    }
+    cpu::q8::quantize(cpu::q8::best_isa(), map, Signed, xs.data(), static_cast<index_t>(n), 1.0f,
+                      ref.data() + k);
+  }
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  std::uint64_t bad = 0;
+  for (std::uint32_t u = 0; u <= last; u += 16) {
+    const __mmask16 valid =
+        static_cast<__mmask16>(last - u >= 15 ? 0xFFFF : (2u << (last - u)) - 1u);
+    const __m512 x = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(u)), lanes),
+                        _mm512_set1_epi32(static_cast<int>(sign))));
+    __mmask16 a = 0;
+    const __m128i c =
+        _mm512_maskz_cvtepi32_epi8(0xFFFF, cpu::q8::block_codes_avx512<Signed>(regs, x, a));
+    __mmask16 off = 0;
+    for (std::uint32_t d = 0; d <= 8; ++d)
+      off = static_cast<__mmask16>(
+          off | _mm_cmpneq_epi8_mask(
+                    c, _mm_loadu_si128(reinterpret_cast<const __m128i*>(ref.data() + u + d))));
+    const __mmask16 wrong = static_cast<__mmask16>(valid & ~a & off);
+    if (wrong && bad < 5) std::printf("  wrong near x = %a\n", _mm512_cvtss_f32(x));
+    bad += static_cast<std::uint64_t>(__builtin_popcount(wrong));
+  }
+  std::printf("%s map, sign %s: %llu unflagged lanes whose code some float within 4 ulp lacks\n",
+              Signed ? "signed" : "unsigned", sign ? "-" : "+",
+              static_cast<unsigned long long>(bad));
+  if (bad) std::printf("FAILED\n");
+}
+
 }  // namespace
 
 int main() {
   check<true>(0u);
   check<true>(0x80000000u);
   check<false>(0u);
+  check_within_4ulp<true>(0u);
+  check_within_4ulp<true>(0x80000000u);
+  check_within_4ulp<false>(0u);
 }

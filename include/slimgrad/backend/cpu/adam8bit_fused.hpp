@@ -133,9 +133,9 @@ inline void adam_block_avx512(Isa isa, const float* g, float* w, float* m, float
 // (AVX512DQ), the mirror of negative values by a saturating byte subtraction (AVX512BW). With
 // block_piece_tables' bounds, z needs no clamp to the piece's range (two permutes, a max and a
 // min fewer than session 5's form, ~10% of the step's cycles) and all permutes are of the
-// integer kind (vpermi2ps takes twice vpermi2d's time here). Codes and flags equal session 5's
-// form (clamped, on the tables of build_piece_tables(map, true)) on every float of the domain:
-// tests/reference/check_block_codes.cpp, offline, so the 4-ulp property carries over.
+// integer kind (vpermi2ps takes twice vpermi2d's time here). Checked offline on every float of
+// the domain (tests/reference/check_block_codes.cpp): codes and flags as in session 5's form
+// (clamped, on the tables of build_piece_tables(map, true)), and the 4-ulp property itself.
 template <bool Signed>
 SLIMGRAD_Q8_TARGET("avx512f,avx512dq,avx512bw")
 __attribute__((always_inline)) inline __m512i
