@@ -581,12 +581,12 @@ TEST_CASE("cuda facade: DeviceOptions::refresh_batch is checked") {
 }
 
 TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the moments as the CPU") {
-  // A tiny gradient (1e-30) of "a" and "c" at k = 0: the GPU's randomized SVD breaks down (the
-  // sketch's Gram underflows to zero and has no Cholesky factor; a zero gradient is no failure,
-  // see the last case); the CPU's two SVDs (randomized, then exact) are made to fail. Both
-  // install the identity basis; at k = 2 both run the SVD again instead of tracking, and carry
-  // the moments of steps 0-1 into the new basis (C = S_newᵀ I); k = 4 tracks. Before the GPU
-  // retried, it tracked from the identity at k = 2 and its weights left the CPU's.
+  // At k = 0 the GPU's SVD refreshes are made to break down and the CPU's two SVDs (randomized,
+  // then exact) of "a" and "c" to fail (the test hooks; a zero or tiny gradient is no failure,
+  // see the last cases). Both install the identity basis; at k = 2 both run the SVD again instead
+  // of tracking, and carry the moments of steps 0-1 into the new basis (C = S_newᵀ I); k = 4
+  // tracks. Before the GPU retried, it tracked from the identity at k = 2 and its weights left the
+  // CPU's.
   for (const bool aware : {true, false}) {
     CAPTURE(aware);
     auto o = recipes::subtrack_options(true);
@@ -598,13 +598,11 @@ TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the mo
     o.fallback.min_size = 0;
     recipes::SubTrack<> cpu(o);
     recipes::SubTrack<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
-    auto tiny_first = [](int step, std::vector<std::vector<float>>& g) {
-      if (step != 0) return;
-      std::fill(g[0].begin(), g[0].end(), 1e-30f);
-      std::fill(g[2].begin(), g[2].end(), 1e-30f);
-      cpu::detail::svd_injected_failures = 4;  // both methods, "a" and "c"
+    auto fail_first = [](int step, std::vector<std::vector<float>>&) {
+      cuda::detail::svd_injected_failures = step == 0 ? ~std::uint64_t{0} : 0;  // every tensor
+      if (step == 0) cpu::detail::svd_injected_failures = 4;  // both methods, "a" and "c"
     };
-    compare(gpu, cpu, run(5, tiny_first, cuda::Precision::fp32, 64));
+    compare(gpu, cpu, run(5, fail_first, cuda::Precision::fp32, 64));
     CHECK(cpu::detail::svd_injected_failures == 0);
     cpu::detail::svd_injected_failures = 0;
     const io::TensorFile f = gpu.to_checkpoint();
@@ -654,8 +652,8 @@ bool within_ulps(const std::vector<float>& a, const std::vector<float>& b, doubl
 }  // namespace
 
 TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first SVD") {
-  // As the case above: "a" and "c" get the identity basis at k = 0 (tiny gradients: the GPU's
-  // randomized SVD breaks down; the CPU's two SVDs are made to fail). Saved after k = 1, the
+  // As the case above: "a" and "c" get the identity basis at k = 0 (both backends' SVDs are made
+  // to fail). Saved after k = 1, the
   // file must keep the mark so that k = 2 of the resumed run, on either backend, runs the SVD
   // again as the straight run does; before the flag was saved, it tracked from the identity.
   auto o = recipes::subtrack_options(true);
@@ -667,13 +665,10 @@ TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first
   o.fallback.min_size = 0;
   const auto dev = device_options(true, true, false);
   const auto fp32 = cuda::Precision::fp32;
-  const Poison zero = [](int step, std::vector<std::vector<float>>& g) {
-    if (step != 0) return;
-    std::fill(g[0].begin(), g[0].end(), 1e-30f);
-    std::fill(g[2].begin(), g[2].end(), 1e-30f);
+  const Poison zero = [](int step, std::vector<std::vector<float>>&) {
+    cuda::detail::svd_injected_failures = step == 0 ? ~std::uint64_t{0} : 0;  // every tensor
   };
-  const Poison zero_cpu = [zero](int step, std::vector<std::vector<float>>& g) {
-    zero(step, g);
+  const Poison zero_cpu = [](int step, std::vector<std::vector<float>>&) {
     if (step == 0) cpu::detail::svd_injected_failures = 4;  // both methods, "a" and "c"
   };
   const int k = 2, n = 5;
@@ -805,5 +800,95 @@ TEST_CASE("cuda facade: a zero gradient at the first SVD is a success on both ba
       CHECK(provisional_flag(f, name) == 0);
       CHECK(!cpu.transform_state(name).provisional);
     }
+  }
+}
+
+namespace {
+
+// The GPU checkpoint's basis of `name`.
+std::vector<float> basis_of(const io::TensorFile& f, const char* name) {
+  const io::StateReader r(f, name);
+  const auto& shape = r.shape("basis");
+  REQUIRE(shape.size() == 2);
+  std::vector<float> b(static_cast<std::size_t>(shape[0] * shape[1]));
+  r.values<float>("basis", std::span<float>(b));
+  return b;
+}
+
+// "a" and "c" scaled by `scale` (a power of two) at k = 0 (see the case below); with the CPU
+// (`cpu_too`), its first refresh must succeed too and the runs agree over five steps.
+template <template <class> class Recipe>
+void scaled_case(const typename Recipe<backend::cpu>::Options& o, float scale, bool cpu_too) {
+  const auto dev = device_options(true, true, false);
+  const auto fp32 = cuda::Precision::fp32;
+  const Poison scaled = [scale](int step, std::vector<std::vector<float>>& g) {
+    low_rank_part(step, g);
+    if (step != 0) return;
+    for (const std::size_t t : {std::size_t{0}, std::size_t{2}})
+      for (float& x : g[t])
+        x *= scale;
+  };
+  // After k = 0: the unscaled gradient's GPU basis, then the scaled one's against it.
+  Recipe<backend::cuda> plain(o, nullptr, dev);
+  DeviceSet d(fp32, initial_weights());
+  gpu_steps(plain, d, 0, 1, Poison(low_rank_part));
+  const io::TensorFile fp = plain.to_checkpoint();
+  Recipe<backend::cpu> cpu(o);
+  Recipe<backend::cuda> gpu(o, nullptr, dev);
+  if (cpu_too) {
+    compare(gpu, cpu, run(1, scaled, fp32, 64));
+  } else {
+    DeviceSet ds(fp32, initial_weights());
+    gpu_steps(gpu, ds, 0, 1, scaled);
+  }
+  const io::TensorFile f = gpu.to_checkpoint();
+  for (const char* name : {"a", "c"}) {
+    CAPTURE(name);
+    CHECK(io::StateReader(f, name).i64("last_refresh_status") ==
+          static_cast<std::int64_t>(transforms::RefreshStatus::ok));
+    CHECK(io::StateReader(f, name).i64("last_failure") ==
+          static_cast<std::int64_t>(transforms::RefreshFailure::none));
+    CHECK(provisional_flag(f, name) == 0);
+    CHECK(basis_of(f, name) == basis_of(fp, name));  // the same bits
+    if (!cpu_too) continue;
+    CHECK(cpu.transform_state(name).last_refresh_status == transforms::RefreshStatus::ok);
+    CHECK(!cpu.transform_state(name).provisional);
+  }
+  if (!cpu_too) return;
+  Recipe<backend::cpu> cpu5(o);
+  Recipe<backend::cuda> gpu5(o, nullptr, dev);
+  compare(gpu5, cpu5, run(5, scaled, fp32, 64));
+}
+
+}  // namespace
+
+TEST_CASE(
+    "cuda facade: a gradient scaled by 2^-100 or 2^80 at the first SVD refreshes as unscaled") {
+  // "a" and "c" (a dominant rank-8 part) scaled by 2^-100 or 2^80 at k = 0: finite and nonzero,
+  // but the randomized SVD's Grams (YᵀY of the sketch Y = ĜΩ ~ |G|) underflowed to zero or
+  // overflowed to Inf, so the GPU's refresh broke down and installed the identity as provisional.
+  // The GPU now scales its products with Ĝ by an exact power of two from the gradient's largest
+  // |x| (here 2^100 and 2^-80): the refresh runs on the unscaled gradient's very numbers and
+  // installs its basis, bit for bit, with status ok, not provisional. At 2^-100 the CPU's SVD
+  // succeeds too and the runs agree over five steps; at 2^80 the CPU's randomized SVD overflows
+  // (it already does from 2^62: it falls back to the exact SVD, status fallback_method) and
+  // Adam's second moment g² overflows on both backends, so that scale is checked on the GPU only.
+  for (const float scale : {0x1p-100f, 0x1p80f}) {
+    CAPTURE(scale);
+    const bool cpu_too = scale < 1.0f;
+    auto o = recipes::galore_options();
+    o.transform.rank = 8;
+    o.transform.update_gap = 200;  // one refresh
+    o.transform.method = transforms::SvdMethod::randomized;
+    o.fallback.min_size = 0;
+    scaled_case<recipes::GaLore>(o, scale, cpu_too);
+    auto s = recipes::subtrack_options(true);
+    s.transform.rank = 8;
+    s.transform.update_gap = 2;
+    s.transform.eta = 5.0;
+    s.transform.init_method = transforms::SvdMethod::randomized;
+    s.residual.projection_aware = true;
+    s.fallback.min_size = 0;
+    scaled_case<recipes::SubTrack>(s, scale, cpu_too);
   }
 }

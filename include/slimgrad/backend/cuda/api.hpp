@@ -103,6 +103,12 @@ struct AdamTensorStep {
   std::uint32_t epoch;
   optim::AdamStep adam;
 };
+
+/// Test hook, not an API (as cpu::detail::svd_injected_failures): bit k set makes the next SVD
+/// refresh of MultiTensorLowRank's tensor k report a breakdown (as a failed Cholesky factor) and
+/// clears the bit. It lets the tests reach the failure paths that a real breakdown (rare,
+/// input-dependent) would take.
+inline thread_local std::uint64_t svd_injected_failures = 0;
 }  // namespace detail
 
 /// Adam (any convention: torch, hf, bnb) over a list of tensors, one launch per step for all of

@@ -124,29 +124,63 @@ __global__ void __launch_bounds__(256)
 }
 
 /// flags[k] ← 1 where one of the `counts[k]` floats at ptrs[k] (stride `stride`) is a NaN or
-/// an infinity (blockIdx.y is the tensor; the flags were zeroed before); with `nonzero` (the
-/// refresh's scan of whole gradients), nonzero[k] ← 1 where one of them is not ±0. A NaN or an
-/// infinity in G makes every coefficient that sums over it non-finite (NaN and ±Inf propagate
-/// through every product, ±Inf·0 included, and every sum), so the steady step checks one
-/// coefficient per gradient row (right side: R[:, 0]) or column (left side: R[0, :]): 1/(r·dim0) of
-/// G's reads.
+/// an infinity (blockIdx.y is the tensor; the flags were zeroed before); with `amax` (the
+/// refresh's scan of whole gradients, zeroed before), amax[k] ← the bits of the largest finite
+/// |x| (0: all ±0; non-negative floats order as their bits). A NaN or an infinity in G makes
+/// every coefficient that sums over it non-finite (NaN and ±Inf propagate through every product,
+/// ±Inf·0 included, and every sum), so the steady step checks one coefficient per gradient row
+/// (right side: R[:, 0]) or column (left side: R[0, :]): 1/(r·dim0) of G's reads.
 __global__ void __launch_bounds__(256)
     nonfinite_kernel(const float* const* __restrict__ ptrs, const index_t* __restrict__ counts,
                      index_t stride_right, const int* __restrict__ left, int* __restrict__ flags,
-                     int* __restrict__ nonzero) {
+                     unsigned* __restrict__ amax) {
   const int k = static_cast<int>(blockIdx.y);
   const float* p = ptrs[k];
   const index_t n = counts[k];
   const index_t stride = left != nullptr && !left[k] ? stride_right : 1;
-  bool bad = false, nz = false;
+  bool bad = false;
+  unsigned mx = 0;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const float x = p[i * stride];
-    bad = bad || !isfinite(x);
-    nz = nz || x != 0.0f;
+    const bool finite = isfinite(x);
+    bad = bad || !finite;
+    if (finite) mx = max(mx, __float_as_uint(fabsf(x)));
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[k] = 1;
-  if (nonzero != nullptr && __syncthreads_or(nz) && threadIdx.x == 0) nonzero[k] = 1;
+  if (amax == nullptr) return;
+  for (int o = 16; o > 0; o /= 2)
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0 && mx != 0) atomicMax(amax + k, mx);
+}
+
+/// The power of two 2^e by which an SVD refresh scales every product with Ĝ (the sketch Y = ĜΩ,
+/// the power iterations' ĜᵀQ and ĜZ, Bᵀ = ĜᵀQ) so that the Grams formed from them neither
+/// underflow (|G| ~ 1e-30: YᵀY ~ 1e-60 flushes to 0, and the Cholesky-QR breaks down) nor
+/// overflow (|G| ~ 1e25: YᵀY = Inf), where the CPU's SVD, which scales internally, succeeds.
+/// amax: the bits of the gradient's largest |x| (nonfinite_kernel). e is a multiple of 20,
+/// −20·floor((⌊log2 amax⌋ + 10)/20): 0 for every gradient whose largest |x| is in [2^-10, 2^10), so
+/// those refreshes run on the very numbers they ran on before (scaling by 2^0 = 1 is the
+/// identity), and the scaled products of any other gradient are brought within 2^±10 of 1.
+/// Scaling by a power of two is exact (no rounding, barring subnormal results), and the products
+/// of G·2^(20j) scaled by 2^(−20j) are therefore bit-identical to those of G: the refresh of a
+/// gradient scaled by a power of 2^20 installs the same basis as the refresh of the gradient.
+__device__ inline int refresh_exponent(unsigned amax) {
+  if (amax == 0) return 0;
+  int e = 0;
+  frexpf(__uint_as_float(amax), &e);  // amax = f·2^e, f in [1/2, 1): log2(amax) in [e−1, e)
+  const int q = (e - 1 + 10 >= 0) ? (e - 1 + 10) / 20 : -((-(e - 1 + 10) + 19) / 20);
+  return -20 * q;  // q = floor((log2(amax) + 10) / 20)
+}
+
+/// y[i] ← y[i]·2^refresh_exponent(*amax) for i < n (exact; nothing when the exponent is 0).
+__global__ void __launch_bounds__(256)
+    pow2_scale_kernel(float* __restrict__ y, index_t n, const unsigned* __restrict__ amax) {
+  const int e = refresh_exponent(*amax);
+  if (e == 0) return;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    y[i] = ldexpf(y[i], e);
 }
 
 /// The scalars of step t of Adam::step_scalars (same formulas; device pow, so equal to the
@@ -256,13 +290,13 @@ enum : int { install_candidate = 0, keep_basis = 1, install_identity = 2 };
 /// and its status; one without gets the identity basis, as the CPU's refresh of a non-finite
 /// gradient). provisional (BasisState::provisional): 1 while the basis is the identity of a failed
 /// first refresh (Grassmann then retries the SVD instead of tracking), 0 once a candidate is
-/// installed; a kept basis keeps it. nonzero (an SVD refresh's; null for a tracking step): 0
+/// installed; a kept basis keeps it. amax (an SVD refresh's; null for a tracking step): 0
 /// when the finite gradient is all zeros, which installs the identity basis as a success (the
 /// CPU's refresh_now: every direction is a singular vector), whatever the factorisations said
 /// (the Cholesky-QR of a zero sketch breaks down). One block.
 __global__ void __launch_bounds__(256)
     verdict_kernel(const float* __restrict__ cand, index_t n, int* __restrict__ info,
-                   const int* __restrict__ skip, const int* __restrict__ nonzero, bool ready,
+                   const int* __restrict__ skip, const unsigned* __restrict__ amax, bool ready,
                    int* __restrict__ status, int* __restrict__ provisional) {
   bool bad = false;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -276,7 +310,7 @@ __global__ void __launch_bounds__(256)
   RefreshFailure fail = RefreshFailure::none;
   if (*skip) {
     fail = RefreshFailure::non_finite_gradient;
-  } else if (nonzero != nullptr && *nonzero == 0) {
+  } else if (amax != nullptr && *amax == 0) {
     decision = install_identity;
   } else if (info[1] != 0) {
     fail = RefreshFailure::no_convergence;
@@ -740,7 +774,7 @@ struct MultiTensorLowRank<Transform>::State {
   int* provisional = nullptr;      // per tensor: the identity basis of a failed first refresh
   bool maybe_provisional = false;  // host: an SVD refresh ran (or a checkpoint set a flag)
                                    // since the flags were last read
-  int* nonzero = nullptr;  // per tensor: the refresh's gradient has an element other than ±0
+  unsigned* amax = nullptr;  // per tensor: the bits of the refresh's largest finite |G| (0: zero)
   detail::TensorScalars* tscal = nullptr;
   index_t* offsets_d = nullptr;  // tensors + 1
   const float** coeff_ptrs = nullptr;
@@ -967,7 +1001,7 @@ struct MultiTensorLowRank<Transform>::State {
     int* skips = c.take<int>(nt);
     int* status = c.take<int>(2 * nt);
     int* provisional = c.take<int>(nt);
-    int* nonzero = c.take<int>(nt);
+    auto* amax = c.take<unsigned>(nt);
     auto* tscal = c.take<detail::TensorScalars>(nt);
     auto* offsets_d = c.take<index_t>(nt + 1);
     auto* coeff_ptrs = c.take<const float*>(nt);
@@ -1034,7 +1068,7 @@ struct MultiTensorLowRank<Transform>::State {
     s.skips = skips;
     s.status = status;
     s.provisional = provisional;
-    s.nonzero = nonzero;
+    s.amax = amax;
     s.tscal = tscal;
     s.offsets_d = offsets_d;
     s.coeff_ptrs = coeff_ptrs;
@@ -1159,6 +1193,20 @@ struct MultiTensorLowRank<Transform>::State {
     else
       detail::gemm(hb, false, false, n, w, mm, 1.0f, g, n, x, mm, 0.0f, y, n, tf32);
   }
+  /// The randomized refresh's products with Ĝ of tensor i, scaled by 2^refresh_exponent (see
+  /// there): Y (dim0×w) = 2^e Ĝ X, or (transposed) Y (dim1×w) = 2^e Ĝᵀ X.
+  void scaled_ghat_times(cudaStream_t stream, std::size_t i, const float* x, float* y, index_t w,
+                         bool transposed) const {
+    const Entry& e = entries[i];
+    if (transposed)
+      ghatT_times(blas, e, x, y, w, options.tf32);
+    else
+      ghat_times(blas, e, x, y, w, options.tf32);
+    const index_t n = (transposed ? e.dim1 : e.dim0) * w;
+    detail::pow2_scale_kernel<<<static_cast<unsigned>(std::min<index_t>((n + 255) / 256, 256)), 256,
+                                0, stream>>>(y, n, amax + i);
+    detail::check_launch("pow2_scale_kernel");
+  }
 
   /// X (rows×w, col-major) ← an orthonormal basis of its span: R from the Cholesky factor of
   /// XᵀX, X ← X R⁻¹. R has a positive diagonal.
@@ -1185,13 +1233,17 @@ struct MultiTensorLowRank<Transform>::State {
   void verdict(cudaStream_t st, int* info, const Entry& e, std::size_t i, const float* cand,
                index_t width, bool svd_refresh) const {
     detail::verdict_kernel<<<1, 256, 0, st>>>(cand, e.dim0 * width, info, skip + i,
-                                              svd_refresh ? nonzero + i : nullptr, e.ready,
+                                              svd_refresh ? amax + i : nullptr, e.ready,
                                               status + 2 * i, provisional + i);
     detail::check_launch("verdict_kernel");
   }
 
   /// The candidate's top r columns (or the identity, or nothing: the verdict decides).
   void install(cudaStream_t st, int* info, Entry& e, std::size_t i, const float* u, index_t width) {
+    if (i < 64 && (detail::svd_injected_failures >> i & 1u) != 0) {  // the test hook
+      detail::svd_injected_failures &= ~(std::uint64_t{1} << i);
+      detail::check(cudaMemsetAsync(info + 1, 1, sizeof(int), st), "cudaMemsetAsync");
+    }
     verdict(st, info, e, i, u, width, true);
     detail::install_basis_kernel<<<static_cast<unsigned>(rank), 256, 0, st>>>(
         u, e.dim0, width, rank, e.side == Side::left, info + 2, e.basis);
@@ -1264,7 +1316,6 @@ struct MultiTensorLowRank<Transform>::State {
   void range_finder(cudaStream_t stream, const std::vector<std::size_t>& idx, std::size_t b0,
                     std::size_t c0, std::size_t c1, std::int64_t k) {
     const detail::RefreshBatch& b = batch;
-    const bool tf32 = options.tf32;
     const Entry& f = entries[idx[c0]];
     const index_t ell = f.ell, d0 = f.dim0, d1 = f.dim1;
     const int n = static_cast<int>(c1 - c0);
@@ -1285,7 +1336,7 @@ struct MultiTensorLowRank<Transform>::State {
                       &one, b.omega, static_cast<int>(ell), &zero, z_of(c), static_cast<int>(d1),
                       z_of(c), static_cast<int>(d1)),
           "cublasSgeam");
-      ghat_times(blas, e, z_of(c), q_of(c), ell, tf32);
+      scaled_ghat_times(stream, idx[c], z_of(c), q_of(c), ell, false);
     }
     // Shifted Cholesky-QR between products: enough to keep the sketch from collapsing onto the
     // top singular vector; the shift (ℓ·ε·‖X‖²_F) keeps a rank-deficient sketch factorisable.
@@ -1294,16 +1345,16 @@ struct MultiTensorLowRank<Transform>::State {
     for (index_t it = 0; it < svd.power_iterations; ++it) {
       batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, shift);
       for (std::size_t c = c0; c < c1; ++c)
-        ghatT_times(blas, entries[idx[c]], q_of(c), z_of(c), ell, tf32);
+        scaled_ghat_times(stream, idx[c], q_of(c), z_of(c), ell, true);
       batched_cholesky_qr(stream, b.z, b.z_stride, d1, ell, n, h0, info0, shift);
       for (std::size_t c = c0; c < c1; ++c)
-        ghat_times(blas, entries[idx[c]], z_of(c), q_of(c), ell, tf32);
+        scaled_ghat_times(stream, idx[c], z_of(c), q_of(c), ell, false);
     }
     // Cholesky-QR2: Q orthonormal to working accuracy.
     batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, shift);
     batched_cholesky_qr(stream, q0, b.q_stride, d0, ell, n, h0, info0, eps);
     for (std::size_t c = c0; c < c1; ++c)  // Bᵀ = ĜᵀQ (dim1×ℓ)
-      ghatT_times(blas, entries[idx[c]], q_of(c), z_of(c), ell, tf32);
+      scaled_ghat_times(stream, idx[c], q_of(c), z_of(c), ell, true);
     const int ie = static_cast<int>(ell), i1 = static_cast<int>(d1);
     detail::check_cublas(cublasGemmStridedBatchedEx(
                              blas, CUBLAS_OP_T, CUBLAS_OP_N, ie, ie, i1, &one, b.z, CUDA_R_32F, i1,
@@ -1511,10 +1562,10 @@ struct MultiTensorLowRank<Transform>::State {
     const auto nt = static_cast<unsigned>(entries.size());
     if (clear) detail::check(cudaMemsetAsync(skip, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
     if (gradients)
-      detail::check(cudaMemsetAsync(nonzero, 0, nt * sizeof(int), stream), "cudaMemsetAsync");
+      detail::check(cudaMemsetAsync(amax, 0, nt * sizeof(unsigned), stream), "cudaMemsetAsync");
     detail::nonfinite_kernel<<<dim3(gradients ? 64u : 4u, nt), 256, 0, stream>>>(
         gradients ? grad_ptrs : coeff_ptrs, gradients ? grad_counts : coeff_counts, rank,
-        gradients ? nullptr : left_d, skip, gradients ? nonzero : nullptr);
+        gradients ? nullptr : left_d, skip, gradients ? amax : nullptr);
     detail::check_launch("nonfinite_kernel");
   }
 
