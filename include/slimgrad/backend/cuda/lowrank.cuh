@@ -1252,7 +1252,9 @@ struct MultiTensorLowRank<Transform>::State {
   }
 
   /// The exact refresh of tensor i on a lane: the top-r eigenvectors of H = ĜĜᵀ (fp32
-  /// products: the Gram squares the spectrum).
+  /// products: the Gram squares the spectrum). Not scaled as the randomized refresh is (that
+  /// needs Ĝ·2^e as a GEMM operand: a copy of G), so a gradient whose largest |x| is below about
+  /// 2^-75 or above 2^60 still under- or overflows H here.
   void exact_refresh(const detail::Lane& l, Entry& e, std::size_t i) {
     detail::check(cudaMemsetAsync(l.info, 0, 4 * sizeof(int), l.stream), "cudaMemsetAsync");
     const auto* g = static_cast<const float*>(e.t.grad);
