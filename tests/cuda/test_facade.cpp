@@ -865,12 +865,9 @@ TEST_CASE(
   // overflowed to Inf, so the GPU's refresh broke down and installed the identity as provisional.
   // The GPU now scales its products with Ĝ by an exact power of two from the gradient's largest
   // |x| (here 2^100 and 2^-80): the refresh runs on the unscaled gradient's very numbers and
-  // installs its basis, bit for bit, with status ok, not provisional. At 2^-100 the CPU's SVD
-  // reports success too and step 0 agrees, but no later step: the CPU's randomized SVD (Householder
-  // QR of the sketch, whose squared norms underflow) returns another subspace than for the
-  // unscaled gradient, so the runs part from k = 1 (a CPU defect, not fixed here). At 2^80 the
-  // CPU's randomized SVD overflows (it does from 2^62: it falls back to the exact SVD, status
-  // fallback_method) and Adam's g² overflows on both backends: that scale is checked on the GPU.
+  // installs its basis, bit for bit, with status ok, not provisional. At 2^-100 the CPU's refresh
+  // (which scales its products the same way, cpu::refresh_exponent) succeeds too and step 0
+  // agrees; at 2^80 Adam's g² overflows on both backends, so that scale is checked on the GPU.
   for (const float scale : {0x1p-100f, 0x1p80f}) {
     CAPTURE(scale);
     const bool cpu_too = scale < 1.0f;

@@ -494,6 +494,38 @@ TEST_CASE("svd projection: a zero gradient gives the first r coordinate vectors,
     }
 }
 
+TEST_CASE("svd projection: the randomized basis of G·2^-100 and G·2^80 is G's, bit for bit") {
+  // Finite, nonzero, but the sketch's squared norms under- or overflow in fp32: without the
+  // power-of-two scaling (cpu::refresh_exponent) the Householder QR of a 2^-100 sketch returned
+  // another subspace and that of a 2^80 one failed (the first refresh fell back to the exact SVD).
+  CHECK(cpu::refresh_exponent(0.5f) == 0);
+  CHECK(cpu::refresh_exponent(0x1p-10f) == 0);
+  CHECK(cpu::refresh_exponent(0x1.fffffep9f) == 0);
+  CHECK(cpu::refresh_exponent(0x1p10f) == -20);
+  CHECK(cpu::refresh_exponent(0x1.fffffep-11f) == 20);
+  CHECK(cpu::refresh_exponent(0x1p-101f) == 100);
+  CHECK(cpu::refresh_exponent(0x1p79f) == -80);
+  CHECK(cpu::refresh_exponent(0.0f) == 0);
+  for (const Shape shape : {Shape{96, 64}, Shape{64, 96}}) {
+    CAPTURE(shape.rows);
+    Svd svd({.rank = 8, .method = SvdMethod::randomized});
+    const auto g = gaussian(shape.rows, shape.cols, 83);
+    auto ref = svd.init(shape, 1);
+    REQUIRE(svd.refresh(ref, host_view(g.data(), shape.rows, shape.cols), 0));
+    for (const float scale : {0x1p-100f, 0x1p80f}) {
+      CAPTURE(scale);
+      std::vector<float> gs = g;
+      for (float& x : gs)
+        x *= scale;
+      auto s = svd.init(shape, 1);
+      CHECK(svd.refresh(s, host_view(gs.data(), shape.rows, shape.cols), 0));
+      CHECK(s.last_refresh_status == RefreshStatus::ok);
+      CHECK(!s.provisional);
+      CHECK(s.basis == ref.basis);
+    }
+  }
+}
+
 TEST_CASE("svd projection: zero and rank-deficient gradients give an orthonormal basis") {
   const Shape shape{30, 20};
   for (SvdMethod method : {SvdMethod::exact, SvdMethod::randomized}) {

@@ -149,6 +149,21 @@ inline transforms::RefreshFailure exact_top_singular_vectors(HostView<const floa
   return RefreshFailure::none;
 }
 
+/// The power of two 2^e by which the randomized SVD scales its products with Ĝ, from Ĝ's largest
+/// |x| (as the CUDA backend's refresh_exponent): a multiple of 20, −20·floor((⌊log2 amax⌋ +
+/// 10)/20), so 0 (no scaling: the numbers of before) for amax in [2^-10, 2^10). Without it the
+/// Householder QR of the sketch of a tiny gradient (2^-100: squared norms underflow) returns
+/// another subspace, and that of a huge one (from about 2^62) overflows; with it a gradient
+/// scaled by 2^(20j) is refreshed from the unscaled gradient's very numbers (exact scaling).
+inline int refresh_exponent(float amax) {
+  if (!(amax > 0.0f) || !std::isfinite(amax)) return 0;
+  int e = 0;
+  std::frexp(amax, &e);  // amax = f·2^e, f in [1/2, 1): ⌊log2 amax⌋ = e − 1
+  const int t = e - 1 + 10;
+  const int q = t >= 0 ? t / 20 : -((-t + 19) / 20);  // floor(t / 20)
+  return -20 * q;
+}
+
 /// Randomized top-r left singular vectors of `ghat` (dim0×dim1; an Eigen expression such as a
 /// map of G or its transpose) into `u` (dim0×r), canonical signs (HMT 2011, Alg. 4.4 with
 /// Alg. 5.1): Ω (dim1×ℓ, ℓ = min(r + p, min(m, n))) ~ N(0, 1) from Philox keyed by `key`;
@@ -168,19 +183,28 @@ transforms::RefreshFailure randomized_top_singular_vectors(const GHat& ghat, ind
   const index_t dim0 = ghat.rows(), dim1 = ghat.cols();
   const index_t ell = transforms::SvdProjection::sketch_width({dim0, dim1}, rank, oversampling);
 
+  const int e = dim0 * dim1 > 0 ? refresh_exponent(ghat.cwiseAbs().maxCoeff()) : 0;
+  auto scaled = [e](ColMatrix& x) {  // x ← x·2^e, exact
+    if (e != 0) x = x.unaryExpr([e](float v) { return std::ldexp(v, e); });
+  };
+
   ws.omega.resize(dim1, ell);
   random::fill_gaussian(as_view(ws.omega), key, 1.0);
   ws.y.resize(dim0, ell);
   ws.y.noalias() = ghat * ws.omega;
+  scaled(ws.y);
   ws.z.resize(dim1, ell);
   for (index_t it = 0; it < power_iterations; ++it) {
     orthonormalize_columns(ws.y, ws.qr, ws.q);
     ws.z.noalias() = ghat.transpose() * ws.y;
+    scaled(ws.z);
     orthonormalize_columns(ws.z, ws.qr, ws.q);
     ws.y.noalias() = ghat * ws.z;
+    scaled(ws.y);
   }
   orthonormalize_columns(ws.y, ws.qr, ws.q);
   ws.z.noalias() = ghat.transpose() * ws.y;  // Bᵀ
+  scaled(ws.z);
   if (!all_finite_dense(ws.z)) return RefreshFailure::non_finite_result;
   ws.qr.compute(ws.z);
   ws.r = ws.qr.matrixQR().topRows(ell).template triangularView<Eigen::Upper>();

@@ -157,7 +157,8 @@ __global__ void __launch_bounds__(256)
 /// The power of two 2^e by which an SVD refresh scales every product with Ĝ (the sketch Y = ĜΩ,
 /// the power iterations' ĜᵀQ and ĜZ, Bᵀ = ĜᵀQ) so that the Grams formed from them neither
 /// underflow (|G| ~ 1e-30: YᵀY ~ 1e-60 flushes to 0, and the Cholesky-QR breaks down) nor
-/// overflow (|G| ~ 1e25: YᵀY = Inf), where the CPU's SVD, which scales internally, succeeds.
+/// overflow (|G| ~ 1e25: YᵀY = Inf); the CPU's randomized SVD scales the same way
+/// (cpu::refresh_exponent).
 /// amax: the bits of the gradient's largest |x| (nonfinite_kernel). e is a multiple of 20,
 /// −20·floor((⌊log2 amax⌋ + 10)/20): 0 for every gradient whose largest |x| is in [2^-10, 2^10), so
 /// those refreshes run on the very numbers they ran on before (scaling by 2^0 = 1 is the
