@@ -170,6 +170,14 @@ recipes::SubTrack<>::Options small_subtrack_options(bool plus_plus, double lr) {
   o.fallback.min_size = 0;
   return o;
 }
+// SubTrack++ for the cases around a first SVD refresh: the small shapes' set-up with the recipe's
+// lr, the first SVD randomized, projection-aware moments as `aware`.
+recipes::SubTrack<>::Options first_refresh_options(bool aware) {
+  auto o = small_subtrack_options(true, recipes::subtrack_options(true).rule.lr);
+  o.transform.init_method = transforms::SvdMethod::randomized;
+  o.residual.projection_aware = aware;
+  return o;
+}
 cuda::DeviceOptions device_options(bool check_finite, bool report_skips, bool tf32 = true) {
   cuda::DeviceOptions d;
   d.check_finite = check_finite;
@@ -589,13 +597,7 @@ TEST_CASE("cuda facade: subtrack++ retries a failed first SVD and rotates the mo
   // CPU's.
   for (const bool aware : {true, false}) {
     CAPTURE(aware);
-    auto o = recipes::subtrack_options(true);
-    o.transform.rank = 8;
-    o.transform.update_gap = 2;
-    o.transform.eta = 5.0;
-    o.transform.init_method = transforms::SvdMethod::randomized;
-    o.residual.projection_aware = aware;
-    o.fallback.min_size = 0;
+    const auto o = first_refresh_options(aware);
     recipes::SubTrack<> cpu(o);
     recipes::SubTrack<backend::cuda> gpu(o, nullptr, device_options(true, true, false));
     auto fail_first = [](int step, std::vector<std::vector<float>>&) {
@@ -656,13 +658,7 @@ TEST_CASE("cuda facade: checkpoints keep the provisional basis of a failed first
   // to fail). Saved after k = 1, the
   // file must keep the mark so that k = 2 of the resumed run, on either backend, runs the SVD
   // again as the straight run does; before the flag was saved, it tracked from the identity.
-  auto o = recipes::subtrack_options(true);
-  o.transform.rank = 8;
-  o.transform.update_gap = 2;
-  o.transform.eta = 5.0;
-  o.transform.init_method = transforms::SvdMethod::randomized;
-  o.residual.projection_aware = true;
-  o.fallback.min_size = 0;
+  const auto o = first_refresh_options(true);
   const auto dev = device_options(true, true, false);
   const auto fp32 = cuda::Precision::fp32;
   const Poison zero = [](int step, std::vector<std::vector<float>>&) {
@@ -779,13 +775,7 @@ TEST_CASE("cuda facade: a zero gradient at the first SVD is a success on both ba
   }
   for (const bool aware : {true, false}) {
     CAPTURE(aware);
-    auto o = recipes::subtrack_options(true);
-    o.transform.rank = 8;
-    o.transform.update_gap = 2;
-    o.transform.eta = 5.0;
-    o.transform.init_method = transforms::SvdMethod::randomized;
-    o.residual.projection_aware = aware;
-    o.fallback.min_size = 0;
+    const auto o = first_refresh_options(aware);
     {
       recipes::SubTrack<> cpu(o);
       recipes::SubTrack<backend::cuda> gpu(o, nullptr, dev);
@@ -816,7 +806,7 @@ std::vector<float> basis_of(const io::TensorFile& f, const char* name) {
 }
 
 // "a" and "c" scaled by `scale` (a power of two) at k = 0 (see the case below); with the CPU
-// (`cpu_too`), its first refresh must succeed too and step 0 agree.
+// (`cpu_too`), its first refresh must succeed too and five steps agree.
 template <template <class> class Recipe>
 void scaled_case(const typename Recipe<backend::cpu>::Options& o, float scale, bool cpu_too) {
   const auto dev = device_options(true, true, false);
@@ -854,6 +844,11 @@ void scaled_case(const typename Recipe<backend::cpu>::Options& o, float scale, b
     CHECK(cpu.transform_state(name).last_refresh_status == transforms::RefreshStatus::ok);
     CHECK(!cpu.transform_state(name).provisional);
   }
+  if (cpu_too) {  // and the steps after it
+    Recipe<backend::cpu> cpu5(o);
+    Recipe<backend::cuda> gpu5(o, nullptr, dev);
+    compare(gpu5, cpu5, run(5, scaled, fp32, 64));
+  }
 }
 
 }  // namespace
@@ -866,8 +861,8 @@ TEST_CASE(
   // The GPU now scales its products with Ĝ by an exact power of two from the gradient's largest
   // |x| (here 2^100 and 2^-80): the refresh runs on the unscaled gradient's very numbers and
   // installs its basis, bit for bit, with status ok, not provisional. At 2^-100 the CPU's refresh
-  // (which scales its products the same way, cpu::refresh_exponent) succeeds too and step 0
-  // agrees; at 2^80 Adam's g² overflows on both backends, so that scale is checked on the GPU.
+  // (which scales its products the same way, cpu::refresh_exponent) succeeds too and five steps
+  // agree; at 2^80 Adam's g² overflows on both backends, so that scale is checked on the GPU.
   for (const float scale : {0x1p-100f, 0x1p80f}) {
     CAPTURE(scale);
     const bool cpu_too = scale < 1.0f;
@@ -877,13 +872,6 @@ TEST_CASE(
     o.transform.method = transforms::SvdMethod::randomized;
     o.fallback.min_size = 0;
     scaled_case<recipes::GaLore>(o, scale, cpu_too);
-    auto s = recipes::subtrack_options(true);
-    s.transform.rank = 8;
-    s.transform.update_gap = 2;
-    s.transform.eta = 5.0;
-    s.transform.init_method = transforms::SvdMethod::randomized;
-    s.residual.projection_aware = true;
-    s.fallback.min_size = 0;
-    scaled_case<recipes::SubTrack>(s, scale, cpu_too);
+    scaled_case<recipes::SubTrack>(first_refresh_options(true), scale, cpu_too);
   }
 }
