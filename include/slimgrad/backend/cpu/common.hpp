@@ -87,44 +87,37 @@ inline void sqrt_n(const float* in, float* out, index_t n) {
     out[i] = std::sqrt(in[i]);
 }
 
-/// True when every element of `v` is finite. Tests the exponent bits (all ones: Inf or NaN) with
-/// an integer OR, which vectorises; std::isfinite in a short-circuit loop does not.
-inline bool all_finite(HostView<const float> v) {
-  std::uint32_t bad = 0;
+/// The OR over every element of `v` of `test(its bits)`: an integer reduction, which vectorises
+/// where std::isfinite or a comparison in a short-circuit loop does not.
+template <class BitTest>
+std::uint32_t or_of_bits(HostView<const float> v, BitTest test) {
+  std::uint32_t acc = 0;
 #if defined(_OPENMP)
-#pragma omp parallel for reduction(| : bad) schedule(static) if (v.size() > (1 << 16))
+#pragma omp parallel for reduction(| : acc) schedule(static) if (v.size() > (1 << 16))
 #endif
   for (index_t i = 0; i < v.rows; ++i) {
     const float* r = v.row(i);
-    std::uint32_t row_bad = 0;
+    std::uint32_t row_acc = 0;
     for (index_t j = 0; j < v.cols; ++j) {
       std::uint32_t b;
       std::memcpy(&b, r + j, sizeof b);
-      row_bad |= static_cast<std::uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+      row_acc |= test(b);
     }
-    bad |= row_bad;
+    acc |= row_acc;
   }
-  return bad == 0;
+  return acc;
 }
 
-/// True when every element of `v` is ±0 (bits other than the sign all clear), by the same
-/// integer OR as all_finite.
+/// True when every element of `v` is finite (exponent bits not all ones: Inf or NaN).
+inline bool all_finite(HostView<const float> v) {
+  return or_of_bits(v, [](std::uint32_t b) {
+           return static_cast<std::uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+         }) == 0;
+}
+
+/// True when every element of `v` is ±0 (bits other than the sign all clear).
 inline bool all_zero(HostView<const float> v) {
-  std::uint32_t bits = 0;
-#if defined(_OPENMP)
-#pragma omp parallel for reduction(| : bits) schedule(static) if (v.size() > (1 << 16))
-#endif
-  for (index_t i = 0; i < v.rows; ++i) {
-    const float* r = v.row(i);
-    std::uint32_t row_bits = 0;
-    for (index_t j = 0; j < v.cols; ++j) {
-      std::uint32_t b;
-      std::memcpy(&b, r + j, sizeof b);
-      row_bits |= b & 0x7fffffffu;
-    }
-    bits |= row_bits;
-  }
-  return bits == 0;
+  return or_of_bits(v, [](std::uint32_t b) { return b & 0x7fffffffu; }) == 0;
 }
 
 /// Σ x² of a row in double, in the one order every norm of the library takes: eight partial
