@@ -141,8 +141,8 @@ void run_case(optim::AdamConvention convention, cuda::Precision precision,
     for (std::size_t k = 0; k < dims.size(); ++k) {
       const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
       const auto off = static_cast<std::size_t>(offset[k]);
-      std::vector<float> g =
-          test::random_floats(n, static_cast<std::uint32_t>(1000 * step + k), 0.5f);
+      std::vector<float> g = test::random_floats(
+          n, static_cast<std::uint32_t>(1000 * static_cast<std::size_t>(step) + k), 0.5f);
       if (g_half) {
         const auto bits = to_bf16(g);
         test::upload(g_dev.as<std::uint16_t>(off), bits);
@@ -258,7 +258,8 @@ void resume_case(optim::AdamConvention convention) {
   };
   auto grad = [&](int step, std::size_t k) {
     return test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
-                               static_cast<std::uint32_t>(77 * step + k), 0.5f);
+                               static_cast<std::uint32_t>(77 * static_cast<std::size_t>(step) + k),
+                               0.5f);
   };
   for (int step = 1; step <= 3; ++step)
     for (std::size_t k = 0; k < dims.size(); ++k)

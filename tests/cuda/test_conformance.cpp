@@ -75,8 +75,9 @@ auto grads_from(int first) {
   return [first](int k) {
     std::vector<Matrix> g = initial();
     for (std::size_t i = 0; i < g.size(); ++i)
-      g[i].v = test::random_floats(g[i].v.size(),
-                                   static_cast<std::uint32_t>(1000 * (first + k) + i), 0.1f);
+      g[i].v = test::random_floats(
+          g[i].v.size(), static_cast<std::uint32_t>(1000 * static_cast<std::size_t>(first + k) + i),
+          0.1f);
     return g;
   };
 }

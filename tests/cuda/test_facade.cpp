@@ -39,8 +39,9 @@ using Poison = std::function<void(int step, std::vector<std::vector<float>>& g)>
 std::vector<std::vector<float>> gradients(int step, const Poison& poison) {
   std::vector<std::vector<float>> g;
   for (std::size_t i = 0; i < shapes.size(); ++i)
-    g.push_back(test::random_floats(static_cast<std::size_t>(shapes[i].size()),
-                                    static_cast<std::uint32_t>(500 * step + i), 0.1f));
+    g.push_back(test::random_floats(
+        static_cast<std::size_t>(shapes[i].size()),
+        static_cast<std::uint32_t>(500 * static_cast<std::size_t>(step) + i), 0.1f));
   if (poison) poison(step, g);
   return g;
 }

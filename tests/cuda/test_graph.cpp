@@ -41,8 +41,8 @@ struct Params {
   void set_grads(std::int64_t t, cudaStream_t stream) {
     for (std::size_t k = 0; k < shapes.size(); ++k) {
       const auto n = static_cast<std::size_t>(shapes[k].first * shapes[k].second);
-      const std::vector<float> grad =
-          test::random_floats(n, static_cast<std::uint32_t>(1000 * t + k), 0.1f);
+      const std::vector<float> grad = test::random_floats(
+          n, static_cast<std::uint32_t>(1000 * static_cast<std::size_t>(t) + k), 0.1f);
       cuda_check(cudaMemcpyAsync(g[k]->ptr, grad.data(), n * 4, cudaMemcpyHostToDevice, stream),
                  "grads");
       cuda_check(cudaStreamSynchronize(stream), "sync");

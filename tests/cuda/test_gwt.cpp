@@ -171,8 +171,8 @@ GwtResult run_gwt(const GwtCase& c, int steps, std::int64_t tolerance) {
     }
     for (std::size_t k = 0; k < dims.size(); ++k) {
       const auto n = static_cast<std::size_t>(dims[k].rows * dims[k].cols);
-      std::vector<float> g =
-          test::random_floats(n, static_cast<std::uint32_t>(500 * step + k), 0.3f);
+      std::vector<float> g = test::random_floats(
+          n, static_cast<std::uint32_t>(500 * static_cast<std::size_t>(step) + k), 0.3f);
       if (c.inject_nan && step == 2 && k == 1) g[n / 2] = std::numeric_limits<float>::quiet_NaN();
       if (g_half) {
         std::vector<std::uint16_t> bits(n);

@@ -70,8 +70,9 @@ void compare_with_cpu(typename CpuOpt::Options co,
   auto grads = [&](int s) {
     std::vector<std::vector<float>> g;
     for (std::size_t k = 0; k < dims.size(); ++k)
-      g.push_back(test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
-                                      static_cast<std::uint32_t>(1000 + 37 * s + k), grad_scale));
+      g.push_back(test::random_floats(
+          static_cast<std::size_t>(dims[k].rows * dims[k].cols),
+          static_cast<std::uint32_t>(1000 + 37 * static_cast<std::size_t>(s) + k), grad_scale));
     return g;
   };
   auto cpu_step = [&](const std::vector<std::vector<float>>& g) {
@@ -578,7 +579,8 @@ TEST_CASE("cuda galore: the steady step captured in a CUDA graph replays as dire
       auto set_grads = [&](int step) {
         for (std::size_t k = 0; k < ds.size(); ++k) {
           const auto n = static_cast<std::size_t>(ds[k].rows * ds[k].cols);
-          auto g = test::random_floats(n, static_cast<std::uint32_t>(100 * step + k), 0.1f);
+          auto g = test::random_floats(
+              n, static_cast<std::uint32_t>(100 * static_cast<std::size_t>(step) + k), 0.1f);
           if (step == nan_step && k == 1) g[3] = std::numeric_limits<float>::infinity();
           dev.set_grad(k, g);
         }

@@ -26,7 +26,8 @@ const std::vector<Dims> dims = {{64, 100}, {33, 257}, {70, 300}, {3, 5}};
 
 std::vector<float> grad(int step, std::size_t k) {
   return test::random_floats(static_cast<std::size_t>(dims[k].rows * dims[k].cols),
-                             static_cast<std::uint32_t>(100 * step + k), 0.05f);
+                             static_cast<std::uint32_t>(100 * static_cast<std::size_t>(step) + k),
+                             0.05f);
 }
 
 template <class Opt>
