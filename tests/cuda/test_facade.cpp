@@ -642,6 +642,15 @@ std::int64_t provisional_flag(const io::TensorFile& f, const char* name) {
   const io::StateReader r(f, name);
   return r.has("provisional") ? r.i64("provisional") : -1;
 }
+// The GPU checkpoint `f` says `name`'s last SVD refresh succeeded: status ok, no failure, not
+// provisional.
+void check_refresh_succeeded(const io::TensorFile& f, const char* name) {
+  CHECK(io::StateReader(f, name).i64("last_refresh_status") ==
+        static_cast<std::int64_t>(transforms::RefreshStatus::ok));
+  CHECK(io::StateReader(f, name).i64("last_failure") ==
+        static_cast<std::int64_t>(transforms::RefreshFailure::none));
+  CHECK(provisional_flag(f, name) == 0);
+}
 // max |a − b| <= ulps · 2^-23 · max |b|.
 bool within_ulps(const std::vector<float>& a, const std::vector<float>& b, double ulps) {
   double d = 0, ref = 0;
@@ -747,11 +756,7 @@ TEST_CASE("cuda facade: a zero gradient at the first SVD is a success on both ba
     const io::TensorFile f = gpu.to_checkpoint();
     for (const char* name : {"a", "c"}) {
       CAPTURE(name);
-      CHECK(io::StateReader(f, name).i64("last_refresh_status") ==
-            static_cast<std::int64_t>(transforms::RefreshStatus::ok));
-      CHECK(io::StateReader(f, name).i64("last_failure") ==
-            static_cast<std::int64_t>(transforms::RefreshFailure::none));
-      CHECK(provisional_flag(f, name) == 0);
+      check_refresh_succeeded(f, name);
       CHECK(cpu.transform_state(name).last_refresh_status == transforms::RefreshStatus::ok);
       CHECK(!cpu.transform_state(name).provisional);
       const cpu::RowMatrix& b = cpu.transform_state(name).basis;  // S (64×8) or P = Sᵀ (8×64)
@@ -835,11 +840,7 @@ void scaled_case(const typename Recipe<backend::cpu>::Options& o, float scale, b
   const io::TensorFile f = gpu.to_checkpoint();
   for (const char* name : {"a", "c"}) {
     CAPTURE(name);
-    CHECK(io::StateReader(f, name).i64("last_refresh_status") ==
-          static_cast<std::int64_t>(transforms::RefreshStatus::ok));
-    CHECK(io::StateReader(f, name).i64("last_failure") ==
-          static_cast<std::int64_t>(transforms::RefreshFailure::none));
-    CHECK(provisional_flag(f, name) == 0);
+    check_refresh_succeeded(f, name);
     CHECK(basis_of(f, name) == basis_of(fp, name));  // the same bits
     if (!cpu_too) continue;
     CHECK(cpu.transform_state(name).last_refresh_status == transforms::RefreshStatus::ok);
