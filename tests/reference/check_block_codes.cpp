@@ -23,6 +23,19 @@ using cpu::q8::PieceTables;
 
 namespace {
 
+// The floats whose bits are u, u + 1, ..., u + 15, with `sign` OR-ed in.
+__attribute__((target("avx512f"))) __m512 sixteen_floats(std::uint32_t u, std::uint32_t sign) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(u)), lanes),
+                      _mm512_set1_epi32(static_cast<int>(sign))));
+}
+
+// The lanes of sixteen_floats(u, ·) whose bits are at most `last`.
+__mmask16 lanes_up_to(std::uint32_t u, std::uint32_t last) {
+  return static_cast<__mmask16>(last - u >= 15 ? 0xFFFF : (2u << (last - u)) - 1u);
+}
+
 // The proven form (session 5), verbatim but for its name.
 template <bool Signed>
 __attribute__((target("avx512f,avx512dq,avx512bw"), always_inline)) inline __m512i proven_codes(
@@ -64,14 +77,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw"))) void check(std::uint32_t si
   const PieceRegs regs = cpu::q8::piece_regs(cpu::q8::block_piece_tables(map));
   const PieceRegs proven = cpu::q8::piece_regs(cpu::q8::build_piece_tables(map, true));
   const std::uint32_t last = numeric::float_bits(1.0f) + 8;
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   std::uint64_t bad = 0, flagged = 0, proven_flagged = 0, n = 0;
   for (std::uint32_t u = 0; u <= last; u += 16) {
-    const __mmask16 valid =
-        static_cast<__mmask16>(last - u >= 15 ? 0xFFFF : (2u << (last - u)) - 1u);
-    const __m512 x = _mm512_castsi512_ps(
-        _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(u)), lanes),
-                        _mm512_set1_epi32(static_cast<int>(sign))));
+    const __mmask16 valid = lanes_up_to(u, last);
+    const __m512 x = sixteen_floats(u, sign);
     __mmask16 a = 0, b = 0;
     const __m512i c = cpu::q8::block_codes_avx512<Signed>(regs, x, a);
     const __m512i d = proven_codes<Signed>(proven, x, b);
@@ -113,14 +122,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void check_within_
     cpu::q8::quantize(cpu::q8::best_isa(), map, Signed, xs.data(), static_cast<index_t>(n), 1.0f,
                       ref.data() + k);
   }
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   std::uint64_t bad = 0;
   for (std::uint32_t u = 0; u <= last; u += 16) {
-    const __mmask16 valid =
-        static_cast<__mmask16>(last - u >= 15 ? 0xFFFF : (2u << (last - u)) - 1u);
-    const __m512 x = _mm512_castsi512_ps(
-        _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(u)), lanes),
-                        _mm512_set1_epi32(static_cast<int>(sign))));
+    const __mmask16 valid = lanes_up_to(u, last);
+    const __m512 x = sixteen_floats(u, sign);
     __mmask16 a = 0;
     const __m128i c =
         _mm512_maskz_cvtepi32_epi8(0xFFFF, cpu::q8::block_codes_avx512<Signed>(regs, x, a));
